@@ -1,0 +1,133 @@
+"""`flm <command>`: parses arguments and calls the packages; holds no logic of its own.
+
+User mistakes (FlmError) print one line and exit 2; Ctrl-C exits 130 and leaves the last checkpoint
+intact (checkpoints are written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flm.errors import FlmError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set train.lr=1e-3 (repeatable)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from flm.config import load_config
+    from flm.data import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    data = prepare(cfg.data)
+    print(f"prepared {data.train_tokens:,} train and {data.val_tokens:,} validation tokens "
+          f"(vocab {data.vocab_size}) in {data.dir}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from flm.config import load_config
+    from flm.data import prepare
+    from flm.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    prepare(cfg.data)  # reuses the shards when they are already there
+    trainer = Trainer(cfg)
+    if args.resume:
+        if not trainer.resume(args.resume):
+            print(f"no checkpoint in {trainer.ckpt_root}: starting from scratch")
+    print(trainer.describe())
+    summary = trainer.train(until_step=args.until_step)
+    if trainer.step >= cfg.train.max_steps and cfg.train.sample_tokens:
+        print(f"sample: {trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)!r}")
+    print(f"validation loss {summary['val_loss']:.4f} at step {summary['step']}; "
+          f"run folder {trainer.run_dir} (checkpoint {summary['checkpoint']}, metrics.jsonl, loss.png)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from flm.model import generate
+    from flm.train.checkpoint import load_for_inference
+    from flm.train.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    model, tok, _ = load_for_inference(args.checkpoint, device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, tok.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, eot_id=tok.eot_id, generator=gen,
+                   vocab_limit=tok.vocab_size)
+    print(args.prompt + tok.decode([t for t in out if t != tok.eot_id]))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from flm.config import load_config, model_config_from_dict
+    from flm.model import flops_per_token, param_count
+
+    if args.preset:
+        model = model_config_from_dict({"preset": args.preset})
+        seq_len = args.seq_len or model.max_seq_len
+    else:
+        cfg = load_config(args.config, args.overrides)
+        model, seq_len = cfg.model, args.seq_len or cfg.train.seq_len
+    if model.vocab_size is None:
+        raise FlmError("the model's vocab_size comes from the prepared data; set model.vocab_size to count it")
+    info = {"n_layers": model.n_layers, "d_model": model.d_model, "n_heads": model.n_heads,
+            "head_dim": model.head_dim, "ffn_dim": model.ffn_dim, "vocab_size": model.vocab_size,
+            "parameters": param_count(model), "parameters_without_embedding": param_count(model, False),
+            "seq_len": seq_len, "train_flops_per_token": flops_per_token(model, seq_len)}
+    print(json.dumps(info, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flm", description="Grow language models on a budget.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenise a corpus into binary shards")
+    _config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train (prepares the data first if needed)")
+    _config_args(p)
+    p.add_argument("--resume", metavar="auto|CHECKPOINT", help="continue from the newest checkpoint of the run, or a given one")
+    p.add_argument("--until-step", type=int, metavar="N", help="stop after step N (the schedule still spans max_steps)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--prompt", "-p", default="In the beginning")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameter and FLOP counts of a config or preset")
+    _config_args(p)
+    p.add_argument("--preset", help="a named shape, e.g. flm-101b")
+    p.add_argument("--seq-len", type=int)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Typed, validated configuration loaded from TOML (stdlib only)."""
+
+from flm.config.load import config_from_dict, config_to_dict, load_config, model_config_from_dict
+from flm.config.presets import PRESETS
+from flm.config.schema import Config, DataConfig, ModelConfig, TrainConfig
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "TrainConfig", "PRESETS",
+    "config_from_dict", "config_to_dict", "load_config", "model_config_from_dict",
+]

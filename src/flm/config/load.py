@@ -1,0 +1,120 @@
+"""TOML -> typed dataclasses, with one-line errors for unknown keys, wrong types and bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from flm.config.presets import PRESETS
+from flm.config.schema import Config, ModelConfig
+from flm.errors import FlmError
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_value(where: str, value: Any, tp: Any) -> Any:
+    """Return `value` coerced to `tp` (int -> float only), or raise a one-line FlmError."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check_value(where, value, args[0])
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise FlmError(f"config error: {where} must be {_TYPE_NAMES.get(tp, tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise FlmError(f"config error: [{prefix}] must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise FlmError(f"config error: unknown key '{prefix}.{key}'{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, f"{prefix}.{key}" if prefix else key)
+        else:
+            kwargs[key] = _check_value(f"{prefix}.{key}" if prefix else key, value, hints[key])
+    return cls(**kwargs)
+
+
+def model_config_from_dict(table: dict[str, Any], prefix: str = "model") -> ModelConfig:
+    """Build a ModelConfig, expanding `preset = "name"` first so explicit keys override it."""
+    table = dict(table)
+    preset = table.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise FlmError(f"config error: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        table = {**PRESETS[preset], **table}
+    cfg = _build(ModelConfig, table, prefix)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    unknown = set(raw) - {"model", "data", "train"}
+    if unknown:
+        raise FlmError(f"config error: unknown section '{sorted(unknown)[0]}' (sections: model, data, train)")
+    model = model_config_from_dict(raw.pop("model", {}))
+    cfg = _build(Config, raw, "")
+    cfg.model = model
+    cfg.validate()
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001). Values are TOML; bare words are strings."""
+    if "=" not in text:
+        raise FlmError(f"bad override {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise FlmError(f"bad override {text!r}: the key must be section.key, e.g. train.lr=1e-3")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return parts, parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FlmError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise FlmError(f"config error: {path}: {e}") from None
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise FlmError(f"bad override {text!r}: '{section}' is not a table")
+        table[key] = value
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> TOML/JSON-friendly dict (None values dropped: TOML has no null)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        elif value is not None:
+            out[f.name] = value
+    return out

@@ -1,0 +1,150 @@
+"""Typed configuration: what a run is made of. Plain dataclasses, validated once, at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flm.errors import FlmError
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise FlmError(f"config error: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and parametrisation of one FLM decoder (REFERENCE.md §1).
+
+    `n_heads * head_dim` need not equal `d_model`: attention has its own inner width, which lets
+    head growth keep the head dim fixed while the residual width changes independently.
+    """
+
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    head_dim: int = 32
+    d_ff: int | None = None  # None: 4 * d_model
+    vocab_size: int | None = None  # None: taken from the prepared data's tokenizer
+    max_seq_len: int = 256
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+    ln_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    xpos_scale_base: float = 512.0
+    # Readout: logits = lm_head(h) * output_mult * (base_width / d_model if mup else 1).
+    output_mult: float = 1.0
+    base_width: int = 256
+    mup: bool = False
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def attn_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def validate(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "head_dim", "max_seq_len", "base_width"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        _require(self.head_dim % 2 == 0, f"model.head_dim must be even for rotary pairs, got {self.head_dim}")
+        _require(self.ffn_dim > 0, f"model.d_ff must be positive, got {self.d_ff}")
+        _require(self.vocab_size is None or self.vocab_size > 0, f"model.vocab_size must be positive, got {self.vocab_size}")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _require(self.init_std > 0, f"model.init_std must be positive, got {self.init_std}")
+        _require(self.ln_eps > 0, f"model.ln_eps must be positive, got {self.ln_eps}")
+        _require(self.rope_theta > 1, f"model.rope_theta must be > 1, got {self.rope_theta}")
+        _require(self.xpos_scale_base > 0, f"model.xpos_scale_base must be positive, got {self.xpos_scale_base}")
+        _require(self.output_mult > 0, f"model.output_mult must be positive, got {self.output_mult}")
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from, how it is tokenised, and where the shards go."""
+
+    corpus: str = "bundled"  # "bundled" (kjv + zh-idioms), "kjv", "zh-idioms", or a path to .txt/.jsonl files
+    dir: str = "data/bundled"  # output folder of `flm prepare`, input of `flm train`
+    tokenizer: str = "bpe"  # "bpe" (train byte-level BPE here), a tokenizer.json path, or "tiktoken:PATH"
+    vocab_size: int = 8192  # for tokenizer = "bpe"
+    val_fraction: float = 0.01
+    shard_tokens: int = 50_000_000
+    max_chars: int | None = None  # cap on corpus characters (None: everything), for quick runs
+
+    def validate(self) -> None:
+        _require(bool(self.corpus), "data.corpus must not be empty")
+        _require(bool(self.dir), "data.dir must not be empty")
+        _require(bool(self.tokenizer), "data.tokenizer must not be empty")
+        _require(self.vocab_size >= 260, f"data.vocab_size must be at least 260 (256 bytes + specials), got {self.vocab_size}")
+        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _require(self.shard_tokens > 0, f"data.shard_tokens must be positive, got {self.shard_tokens}")
+        _require(self.max_chars is None or self.max_chars > 0, f"data.max_chars must be positive, got {self.max_chars}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: batch, schedule, precision, logging and checkpoints."""
+
+    run_dir: str = "runs/demo"
+    seed: int = 1337
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    compile: bool = False
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1
+    seq_len: int = 128
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_last: int = 3
+    sample_prompt: str = "In the beginning"
+    sample_tokens: int = 48
+    tensorboard: bool = True
+    progress: bool = True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "log_every", "eval_every",
+                     "eval_batches", "ckpt_every", "keep_last"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _require(self.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
+        _require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, lr], got {self.min_lr}")
+        _require(0 <= self.warmup_steps <= self.max_steps, f"train.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        _require(self.adam_eps > 0, f"train.adam_eps must be positive, got {self.adam_eps}")
+        _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+
+
+@dataclass
+class Config:
+    """A whole run: model, data and training loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        _require(self.train.seq_len <= self.model.max_seq_len,
+                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")

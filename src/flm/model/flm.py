@@ -1,0 +1,193 @@
+"""The FLM decoder, for one device, readable top to bottom (REFERENCE.md §1).
+
+GPT-3-style block kept on purpose: pre-LayerNorm with bias, fused QKV and every linear with bias,
+GeLU(tanh) MLP, a final LayerNorm, untied or tied LM head with a μP readout multiplier, and rotary
+positions with xPos decay instead of learned position embeddings.
+
+Parallelism, growth and training live elsewhere and act on this module from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flm.config import ModelConfig
+from flm.errors import FlmError
+
+
+def readout_multiplier(cfg: ModelConfig) -> float:
+    """The factor on the logits: `output_mult · base_width / d_model` under μP, `output_mult` otherwise.
+
+    Computed from the config (never stored on tensors) so FSDP and torch.compile see a plain float.
+    """
+    return cfg.output_mult * (cfg.base_width / cfg.d_model if cfg.mup else 1.0)
+
+
+def xpos_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """Rotary tables with the xPos decay folded in, for positions 0..max_seq_len-1.
+
+    Returns (cos_q, sin_q, cos_k, sin_k), each [max_seq_len, head_dim]. A query at position n is
+    scaled by ζ^((n-c)/B) and a key at m by ζ^(-(m-c)/B), so q·k carries ζ^((n-m)/B): relative only.
+    The fixed centre c = max_seq_len // 2 keeps the factors near 1 (uncentred, they overflow fp16 by
+    position ~8k) and, being the same for queries and cached keys, keeps KV-cache logits identical.
+    Rotary pairs are (i, i + head_dim/2) with θ_i = θ^(-2i/d) and ζ_i = (2i + 0.4d) / (1.4d).
+    """
+    d, n = cfg.head_dim, cfg.max_seq_len
+    i = torch.arange(d // 2, device=device, dtype=torch.float64)
+    inv_freq = cfg.rope_theta ** (-2.0 * i / d)
+    zeta = (2.0 * i + 0.4 * d) / (1.4 * d)
+    pos = torch.arange(n, device=device, dtype=torch.float64)
+    angle = pos[:, None] * inv_freq[None, :]
+    scale = zeta[None, :] ** ((pos[:, None] - n // 2) / cfg.xpos_scale_base)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    tables = (cos * scale, sin * scale, cos / scale, sin / scale)
+    return tuple(torch.cat([t, t], dim=-1).float() for t in tables)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i+d/2) of x [B, H, T, d] by the angles in cos/sin [T, d] (scales included)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: [layers, batch, heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions already filled
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim)  # rows: [q heads | k heads | v heads]
+        self.proj = nn.Linear(cfg.attn_dim, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos_q, sin_q, cos_k, sin_k = rope
+        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            # Query i sits at absolute position start+i and may see keys 0..start+i.
+            mask = None
+            if T > 1:
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LN: x += Attn(LN1(x)); x += MLP(LN2(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), rope, cache, layer))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class FLM(nn.Module):
+    """Decoder-only FLM language model. `forward(tokens, targets)` -> (logits, loss or None)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise FlmError("model.vocab_size is not set: take it from the prepared data or a preset")
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg)):
+            self.register_buffer(name, table, persistent=False)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise parameters and recompute the rotary tables (also after `to_empty` from meta).
+
+        Matrices ~ N(0, init_std), residual-stream writers (attn.proj, mlp.fc2) scaled by 1/sqrt(2L)
+        as in GPT-2/3, biases 0, LayerNorm γ = 1, β = 0.
+        """
+        cfg, std = self.cfg, self.cfg.init_std
+        for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg, self.cos_q.device)):
+            getattr(self, name).copy_(table)
+        nn.init.normal_(self.embed.weight, std=std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            for ln in (block.ln1, block.ln2):
+                nn.init.ones_(ln.weight)
+                nn.init.zeros_(ln.bias)
+            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                out_proj = lin is block.attn.proj or lin is block.mlp.fc2
+                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * cfg.n_layers) if out_proj else std)
+                nn.init.zeros_(lin.bias)
+        nn.init.ones_(self.ln_f.weight)
+        nn.init.zeros_(self.ln_f.bias)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [B, T] -> logits [B, T, V]. With targets, also the mean cross-entropy over targets != -100.
+
+        With a cache, `tokens` continue the cached sequence at position `cache.length`.
+        """
+        T = tokens.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise FlmError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        rope = tuple(t[start:start + T] for t in (self.cos_q, self.sin_q, self.cos_k, self.sin_k))
+        x = self.drop(self.embed(tokens))
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.ln_f(x))
+        mult = readout_multiplier(self.cfg)
+        if mult != 1.0:  # skip a pass over the [B, T, V] logits when it would change nothing
+            logits = logits * mult
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss

@@ -1,0 +1,199 @@
+"""Checkpoints as plain files: safetensors for tensors, JSON for the rest (nothing is ever unpickled).
+
+A checkpoint is a folder `step_NNNNNNNN/` holding `model.safetensors`, `train_state.safetensors`
+(Adam moments and step counts by parameter name, RNG states) and `meta.json` (step, config, data
+position, ...). It is written in a hidden temporary folder and renamed into place in one step, so a
+crash at any moment leaves the previous checkpoints intact and never a half-written one that looks
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flm.errors import FlmError
+
+_NAME = re.compile(r"^step_(\d{8})$")
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's persistent state, each shared tensor once (a tied head is saved as the embedding)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape) if t.device.type != "meta" else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam state keyed `opt.<param name>.<exp_avg|exp_avg_sq|step>` (needs groups with 'names')."""
+    out = {}
+    for group in optimizer.param_groups:
+        for name, p in zip(group["names"], group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                out[f"opt.{name}.{key}"] = value.detach().contiguous().cpu()
+    return out
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = state
+    return out
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    meta: dict[str, Any], keep_last: int, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `root/step_<step>/` atomically, then delete all but the newest `keep_last` checkpoints.
+
+    `write_extra(folder)` adds files (the tokenizer) so that a checkpoint folder stands on its own.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    for stale in root.glob(".step_*"):  # left by a crash mid-write (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    save_file({**optimizer_tensors(optimizer), **rng_tensors()}, str(tmp / "train_state.safetensors"))
+    if write_extra is not None:
+        write_extra(tmp)
+    (tmp / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step: move the old one aside first, so one of them always exists
+        old = root / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    for stale in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(stale)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary folders are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_file = Path(path) / "meta.json"
+    if not meta_file.is_file():
+        raise FlmError(f"not a checkpoint (no meta.json): {path}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise FlmError(f"corrupt checkpoint metadata {meta_file}: {e}") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise FlmError(f"checkpoint {path} has format {meta.get('format')}, this flm reads {FORMAT_VERSION}")
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise FlmError(f"cannot read {path}: {e}") from None
+
+
+def load_model_state(path: Path, model: nn.Module) -> None:
+    """Copy a checkpoint's weights into `model` (shapes must match)."""
+    tensors = _load_tensors(Path(path) / "model.safetensors")
+    expected = model_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise FlmError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise FlmError(f"checkpoint {path}: {name} has shape {tuple(t.shape)}, model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore Adam moments by parameter name, and the RNG states."""
+    tensors = _load_tensors(Path(path) / "train_state.safetensors")
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            name, field = key[len("opt."):].rsplit(".", 1)
+            by_param.setdefault(name, {})[field] = value
+    for group in optimizer.param_groups:
+        for name, p in zip(group["names"], group["params"]):
+            if name in by_param:
+                optimizer.state[p] = {k: (v if k == "step" else v.to(p.device)) for k, v in by_param[name].items()}
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def resolve_checkpoint(spec: str, root: Path) -> Path | None:
+    """'auto' -> the newest checkpoint under root (or None); anything else must be a checkpoint folder."""
+    if spec == "auto":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(spec)
+    read_meta(path)
+    return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder / checkpoints folder (-> its newest checkpoint)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FlmError(f"no checkpoint found at {path}")
+
+
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, tokenizer, meta) from a checkpoint or run folder; needs nothing else."""
+    from flm.config import model_config_from_dict
+    from flm.data.tokenizer import load_tokenizer_dir
+    from flm.model import FLM
+
+    ckpt = find_checkpoint(path)
+    meta = read_meta(ckpt)
+    model = FLM(model_config_from_dict(meta["model"]))
+    load_model_state(ckpt, model)
+    return model.to(device).eval(), load_tokenizer_dir(ckpt), meta

@@ -1,0 +1,70 @@
+"""Config loading: typed values, one-line errors, presets and command-line overrides."""
+
+import subprocess
+import sys
+
+import pytest
+
+from flm.config import config_to_dict, load_config
+from flm.errors import FlmError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_presets_and_overrides(tmp_path):
+    path = write(tmp_path, '[model]\npreset = "flm-101b"\nn_layers = 2\n[train]\nlr = 1\nseq_len = 64\n')
+    cfg = load_config(path, ["train.batch_size=3", "data.corpus=kjv", "train.sample_prompt='a=b'"])
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.vocab_size) == (2, 10240, 100352)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert (cfg.train.batch_size, cfg.data.corpus, cfg.train.sample_prompt) == (3, "kjv", "a=b")
+
+
+def test_config_round_trips_through_dict():
+    cfg = load_config(None, ["model.d_ff=300"])
+    from flm.config import config_from_dict
+
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[model]\nn_layer = 3\n", "unknown key 'model.n_layer' (did you mean 'n_layers'?)"),
+    ("[modle]\n", "unknown section 'modle'"),
+    ("[model]\nn_layers = 'four'\n", "model.n_layers must be an integer, got 'four'"),
+    ("[model]\nn_layers = true\n", "model.n_layers must be an integer, got True"),
+    ("[model]\nn_layers = 0\n", "model.n_layers must be positive"),
+    ("[model]\nhead_dim = 15\n", "model.head_dim must be even"),
+    ("[model]\npreset = 'flm-7t'\n", "unknown preset 'flm-7t'"),
+    ("[train]\nseq_len = 4096\n", "exceeds model.max_seq_len"),
+    ("[train]\ndtype = 'fp8'\n", "train.dtype must be"),
+    ("[train]\nlr = 1e-3\nmin_lr = 1e-2\n", "train.min_lr must be in [0, lr]"),
+    ("[train\n", "config error"),
+])
+def test_bad_configs_give_one_line_errors(tmp_path, text, message):
+    with pytest.raises(FlmError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr", "expected section.key=value"),
+    ("lr=3", "the key must be section.key"),
+    ("train.lrr=3", "unknown key 'train.lrr'"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(FlmError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_cli_reports_user_errors_in_one_line_with_exit_2(tmp_path):
+    bad = write(tmp_path, "[train]\nbatch_size = -1\n")
+    for args in (["train", "--config", str(tmp_path / "missing.toml")], ["train", "--config", str(bad)],
+                 ["generate", str(tmp_path)]):
+        proc = subprocess.run([sys.executable, "-m", "flm.cli.main", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
