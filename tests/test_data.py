@@ -366,7 +366,8 @@ def test_loader_seeds(stream_shards):
     a = _batches(TokenLoader(stream_shards, 4, SEQ, seed=7), 30)
     assert _same(a, _batches(TokenLoader(stream_shards, 4, SEQ, seed=7), 30))
     assert not _same(a, _batches(TokenLoader(stream_shards, 4, SEQ, seed=8), 30))
-    starts = [int(x) for inputs, _ in a + _batches(TokenLoader(stream_shards, 4, SEQ, seed=7), 50)[30:] for x in inputs[:, 0]]
+    more = _batches(TokenLoader(stream_shards, 4, SEQ, seed=7), 50)[30:]
+    starts = [int(x) for inputs, _ in a + more for x in inputs[:, 0]]
     epoch0, epoch1 = starts[:100], starts[100:200]
     assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # each epoch is a fresh permutation
 

@@ -22,6 +22,13 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _check_value(where, value, args[0])
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise FlmError(f"config error: {where} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -63,9 +70,10 @@ def model_config_from_dict(table: dict[str, Any], prefix: str = "model") -> Mode
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
-    unknown = set(raw) - {"model", "data", "train"}
+    sections = [f.name for f in dataclasses.fields(Config)]
+    unknown = set(raw) - set(sections)
     if unknown:
-        raise FlmError(f"config error: unknown section '{sorted(unknown)[0]}' (sections: model, data, train)")
+        raise FlmError(f"config error: unknown section '{sorted(unknown)[0]}' (sections: {', '.join(sections)})")
     model = model_config_from_dict(raw.pop("model", {}))
     cfg = _build(Config, raw, "")
     cfg.model = model
@@ -115,6 +123,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             out[f.name] = config_to_dict(value)
+        elif isinstance(value, list):
+            out[f.name] = [config_to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         elif value is not None:
             out[f.name] = value
     return out

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from flm.config.checks import require as _require
+from flm.config.plan import PlanConfig
 from flm.errors import FlmError
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise FlmError(f"config error: {msg}")
 
 
 @dataclass
@@ -134,17 +131,73 @@ class TrainConfig:
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
 
 
+_NEW_LAYERS = ("stack", "insert", "random")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a growth schedule: the shape trained in it, its token budget and how it starts.
+
+    Shape fields left out keep the previous stage's value; the first stage starts from [model].
+    """
+
+    name: str = ""
+    n_layers: int | None = None
+    d_model: int | None = None
+    n_heads: int | None = None
+    d_ff: int | None = None
+    tokens: int = 0  # training tokens in this stage
+    lr: float | None = None  # peak LR at the stage start (None: train.lr in stage 1, inherited after)
+    warmup_steps: int = 0  # (re-)warmup at the stage start
+    ramp_steps: int = 100  # K: growth masks ramp 0 -> 1 over this many steps after growing into the stage
+    new_layers: str = "stack"  # depth growth: "stack" copies top layers, "insert" interleaves copies, "random"
+    batch_size: int | None = None  # sequences per optimizer step (None: train.batch_size * grad_accum)
+    tp: int = 1  # parallel layout while training this stage
+    pp: int = 1
+    dp: int = 1
+
+    def validate(self, where: str) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "d_ff", "batch_size"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{where}.{name} must be positive, got {value}")
+        _require(self.tokens > 0, f"{where}.tokens must be positive, got {self.tokens}")
+        _require(self.lr is None or self.lr > 0, f"{where}.lr must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0 and self.ramp_steps >= 0, f"{where}.warmup_steps and ramp_steps must be >= 0")
+        _require(self.new_layers in _NEW_LAYERS, f"{where}.new_layers must be one of {_NEW_LAYERS}, got {self.new_layers!r}")
+        _require(min(self.tp, self.pp, self.dp) > 0, f"{where}.tp, pp and dp must be positive")
+
+
 @dataclass
 class Config:
-    """A whole run: model, data and training loop."""
+    """A whole run: model, data, training loop, growth stages and planning assumptions."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+    def stage_models(self) -> list[ModelConfig]:
+        """The model shape of every stage, each stage's overrides applied to the previous shape."""
+        shapes, current = [], self.model
+        for stage in self.stages:
+            changes = {k: getattr(stage, k) for k in ("n_layers", "d_model", "n_heads", "d_ff")
+                       if getattr(stage, k) is not None}
+            current = replace(current, **changes)
+            shapes.append(current)
+        return shapes
 
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.plan.validate()
+        for i, stage in enumerate(self.stages):
+            stage.validate(f"stages[{i}]")
+        for i, shape in enumerate(self.stage_models()):
+            try:
+                shape.validate()
+            except FlmError as e:
+                raise FlmError(f"{e} (in stages[{i}])") from None
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
