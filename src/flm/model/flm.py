@@ -4,7 +4,9 @@ GPT-3-style block kept on purpose: pre-LayerNorm with bias, fused QKV and every 
 GeLU(tanh) MLP, a final LayerNorm, untied or tied LM head with a μP readout multiplier, and rotary
 positions with xPos decay instead of learned position embeddings.
 
-Parallelism, growth and training live elsewhere and act on this module from outside.
+Parallelism, growth and training live elsewhere and act on this module from outside. Growth
+(flm.growth) leaves optional mask buffers here while a freshly grown structure ramps in: they are
+None in an ordinary model, so a model without growth in progress runs the plain code path.
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """LayerNorm; with a hidden-width mask, statistics are mask-weighted and the output is masked.
+
+    μ = Σ m·x / Σ m, σ² = Σ m·(x-μ)² / Σ m, out = (γ·(x-μ)/sqrt(σ²+eps) + β)·m. At mask 0 on the new
+    coordinates this is exactly the old LayerNorm on the old ones; at mask 1 the ordinary LayerNorm.
+    """
+    if mask is None:
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    total = mask.sum()
+    mu = (x * mask).sum(-1, keepdim=True) / total
+    var = (mask * (x - mu) ** 2).sum(-1, keepdim=True) / total
+    return ((x - mu) * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias) * mask
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding: [layers, batch, heads, max_len, head_dim]."""
 
@@ -72,6 +88,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim)  # rows: [q heads | k heads | v heads]
         self.proj = nn.Linear(cfg.attn_dim, cfg.d_model)
         self.dropout = cfg.dropout
+        self.register_buffer("head_mask", None, persistent=False)  # [n_heads] while new heads ramp in
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
@@ -92,6 +109,8 @@ class Attention(nn.Module):
             if T > 1:
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if self.head_mask is not None:
+            y = y * self.head_mask.view(1, -1, 1, 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -100,13 +119,21 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.register_buffer("unit_mask", None, persistent=False)  # [ffn_dim] while new units ramp in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        h = self.fc1(x)
+        if self.unit_mask is not None:
+            h = h * self.unit_mask  # gelu(0) = 0: masked units output nothing
+        return self.fc2(F.gelu(h, approximate="tanh"))
 
 
 class Block(nn.Module):
-    """Pre-LN: x += Attn(LN1(x)); x += MLP(LN2(x))."""
+    """Pre-LN: x += Attn(LN1(x)); x += MLP(LN2(x)).
+
+    While growth ramps in: writes to the residual stream are multiplied by the hidden mask, and a new
+    block is blended with its input, out = c·Block(x) + (1-c)·x, through its `gate` buffer.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -115,11 +142,18 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("gate", None, persistent=False)  # scalar c for a newly added block
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), rope, cache, layer))
-        return x + self.drop(self.mlp(self.ln2(x)))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], hidden_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x_in = x
+        a = self.drop(self.attn(layer_norm(self.ln1, x, hidden_mask), rope, cache, layer))
+        x = x + (a if hidden_mask is None else a * hidden_mask)
+        m = self.drop(self.mlp(layer_norm(self.ln2, x, hidden_mask)))
+        x = x + (m if hidden_mask is None else m * hidden_mask)
+        if self.gate is not None:
+            x = x_in + self.gate * (x - x_in)
+        return x
 
 
 class FLM(nn.Module):
@@ -140,6 +174,7 @@ class FLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg)):
             self.register_buffer(name, table, persistent=False)
+        self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -178,12 +213,15 @@ class FLM(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise FlmError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         rope = tuple(t[start:start + T] for t in (self.cos_q, self.sin_q, self.cos_k, self.sin_k))
+        hm = self.hidden_mask
         x = self.drop(self.embed(tokens))
+        if hm is not None:
+            x = x * hm
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i)
+            x = block(x, rope, hm, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(layer_norm(self.ln_f, x, hm))
         mult = readout_multiplier(self.cfg)
         if mult != 1.0:  # skip a pass over the [B, T, V] logits when it would change nothing
             logits = logits * mult

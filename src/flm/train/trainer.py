@@ -47,6 +47,8 @@ def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
 class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
+        if cfg.stages:
+            raise FlmError("this config has [[stages]]: growth schedules are not trained by this version of flm")
         tc = cfg.train
         self.device = resolve_device(tc.device)
         use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")

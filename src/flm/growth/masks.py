@@ -1,0 +1,83 @@
+"""The masks that make growth function-preserving, their linear ramp, and folding them away.
+
+After growing from shape `old` to `new`, every new structure is multiplied by a mask value c: new
+residual coordinates (hidden mask), new FFN units (unit mask), new heads (head mask), new layers
+(depth gate). c starts at 0, where the grown model computes exactly the old function whatever the
+new weights are, and rises by 1/K per optimizer step; at c = 1 the masks change nothing and are
+removed, leaving an ordinary model of the new shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from flm.config import ModelConfig, model_config_from_dict
+from flm.growth.operators import LayerSource, check_growable, iter_grown, layer_sources
+from flm.model import FLM
+
+
+@dataclass
+class Ramp:
+    """A growth in progress: the shape grown from, which layers are new, and the ramp position."""
+
+    old: ModelConfig
+    sources: list[LayerSource]
+    ramp_steps: int  # K
+    steps_done: int = 0
+
+    @property
+    def c(self) -> float:
+        return 1.0 if self.ramp_steps == 0 else min(1.0, self.steps_done / self.ramp_steps)
+
+    def to_dict(self) -> dict:
+        return {"old": asdict(self.old), "sources": [[s.old, s.new] for s in self.sources],
+                "ramp_steps": self.ramp_steps, "steps_done": self.steps_done}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ramp":
+        old = {k: v for k, v in d["old"].items() if v is not None}
+        return cls(model_config_from_dict(old, prefix="growth.old"), [LayerSource(o, n) for o, n in d["sources"]],
+                   d["ramp_steps"], d["steps_done"])
+
+
+def _mask(size: int, old_size: int, c: float, like: torch.Tensor) -> torch.Tensor | None:
+    """1 on the first `old_size` entries, c on the rest; None when nothing is new."""
+    if size == old_size:
+        return None
+    m = torch.full((size,), c, dtype=like.dtype, device=like.device)
+    m[:old_size] = 1.0
+    return m
+
+
+def apply_masks(model: FLM, ramp: Ramp, fold: bool = True) -> None:
+    """Set the model's mask buffers for the ramp's current c; at c = 1 remove them (unless not `fold`)."""
+    new, old, c = model.cfg, ramp.old, ramp.c
+    like = model.embed.weight
+    done = fold and c >= 1.0
+    model.hidden_mask = None if done else _mask(new.d_model, old.d_model, c, like)
+    for block, src in zip(model.blocks, ramp.sources):
+        block.gate = None if done or not src.new else torch.tensor(c, dtype=like.dtype, device=like.device)
+        block.attn.head_mask = None if done else _mask(new.n_heads, old.n_heads, c, like)
+        block.mlp.unit_mask = None if done else _mask(new.ffn_dim, old.ffn_dim, c, like)
+
+
+@torch.no_grad()
+def grow_model(model: FLM, new_cfg: ModelConfig, new_layers: str = "stack", ramp_steps: int = 100) -> tuple[FLM, Ramp]:
+    """A model of shape `new_cfg` that computes exactly what `model` computes, masks at c = 0.
+
+    New entries keep the fresh initialisation of an `FLM(new_cfg)`; old tensors are written in one
+    at a time, so the extra memory is the new model plus one tensor.
+    """
+    old_cfg = model.cfg
+    check_growable(old_cfg, new_cfg)
+    sources = layer_sources(old_cfg.n_layers, new_cfg.n_layers, new_layers)
+    grown = FLM(new_cfg).to(model.embed.weight.device)
+    targets = grown.state_dict()
+    for name, tensor in iter_grown(old_cfg, model.state_dict(), new_cfg, targets, sources,
+                                   copy_new_layers=new_layers != "random"):
+        targets[name].copy_(tensor)
+    ramp = Ramp(old_cfg, sources, ramp_steps)
+    apply_masks(grown, ramp)
+    return grown, ramp

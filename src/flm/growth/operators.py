@@ -1,0 +1,143 @@
+"""Masked Structural Growth (MSG) as pure functions on tensors (REFERENCE.md §2).
+
+`grow_tensor` maps one tensor of the old model into the same-named tensor of the grown model: the
+old values land in the top-left block (per head for the fused QKV), every other entry keeps the
+value of the `template` tensor it is given (a fresh initialisation for parameters, zeros for Adam
+moments). The same mapping therefore grows parameters and optimizer state alike, and it works one
+tensor at a time, so growing never needs more extra memory than the largest single tensor.
+
+Function preservation does not come from the new values (they can be anything) but from the masks
+in `flm.growth.masks`, which hold every new structure at zero output until they ramp in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from flm.config import ModelConfig
+from flm.errors import FlmError
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
+NEW_LAYER_MODES = ("stack", "insert", "random")
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """Where layer j of the grown model comes from: an old layer (`old`), and whether it is new."""
+
+    old: int | None  # the old layer copied (None: a new layer with fresh weights)
+    new: bool  # new layers are blended in through the depth gate
+
+
+def layer_sources(old_layers: int, new_layers: int, mode: str) -> list[LayerSource]:
+    """Which old layer each new layer holds.
+
+    stack: old layers keep their places, the new top layers copy the old top layers in order.
+    insert: a copy of old layer i goes right after it, for the top (new - old) layers.
+    random: old layers keep their places, new top layers get fresh weights.
+    """
+    if mode not in NEW_LAYER_MODES:
+        raise FlmError(f"unknown new-layer mode {mode!r}; choose from {', '.join(NEW_LAYER_MODES)}")
+    if new_layers < old_layers:
+        raise FlmError(f"growth cannot remove layers ({old_layers} -> {new_layers})")
+    extra = new_layers - old_layers
+    kept = [LayerSource(i, False) for i in range(old_layers)]
+    if mode == "random":
+        return kept + [LayerSource(None, True)] * extra
+    copies = [(old_layers - extra + k) % old_layers for k in range(extra)]
+    if mode == "stack":
+        return kept + [LayerSource(i, True) for i in copies]
+    out = []
+    for i in range(old_layers):
+        out.append(LayerSource(i, False))
+        if i in copies:
+            out.extend(LayerSource(i, True) for _ in range(copies.count(i)))
+    return out
+
+
+def check_growable(old: ModelConfig, new: ModelConfig) -> None:
+    """Refuse changes that cannot be function-preserving growth, with the reason."""
+    for name in ("n_layers", "d_model", "n_heads", "ffn_dim"):
+        if getattr(new, name) < getattr(old, name):
+            raise FlmError(f"growth cannot shrink {name} ({getattr(old, name)} -> {getattr(new, name)})")
+    fixed = ("head_dim", "vocab_size", "rope_theta", "xpos_scale_base", "ln_eps", "tie_embeddings", "mup",
+             "base_width", "output_mult")
+    for name in fixed:
+        if getattr(new, name) != getattr(old, name):
+            raise FlmError(f"growth keeps {name} fixed ({getattr(old, name)} -> {getattr(new, name)}): "
+                           "changing it would change the function")
+    if new.mup and new.tie_embeddings and new.d_model != old.d_model:
+        raise FlmError("width growth of a tied μP model cannot compensate the readout multiplier; untie the head")
+
+
+def _shape_dims(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The 'logical' shape of a tensor: QKV is viewed as [3, heads, head_dim, ...] so heads grow as units."""
+    d, f, a = cfg.d_model, cfg.ffn_dim, cfg.attn_dim
+    table = {
+        "attn.qkv.weight": (3, cfg.n_heads, cfg.head_dim, d), "attn.qkv.bias": (3, cfg.n_heads, cfg.head_dim),
+        "attn.proj.weight": (d, a), "attn.proj.bias": (d,), "mlp.fc1.weight": (f, d), "mlp.fc1.bias": (f,),
+        "mlp.fc2.weight": (d, f), "mlp.fc2.bias": (d,),
+        "ln1.weight": (d,), "ln1.bias": (d,), "ln2.weight": (d,), "ln2.bias": (d,),
+    }
+    m = _LAYER.match(name)
+    if m:
+        return table[m.group(2)]
+    top = {"embed.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d),
+           "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    return top[name]
+
+
+def source_name(name: str, sources: list[LayerSource]) -> tuple[str | None, bool]:
+    """(name of the old tensor that feeds `name`, whether `name` sits in a new layer)."""
+    m = _LAYER.match(name)
+    if not m:
+        return name, False
+    src = sources[int(m.group(1))]
+    return (None if src.old is None else f"blocks.{src.old}.{m.group(2)}"), src.new
+
+
+def grow_tensor(name: str, old: torch.Tensor, template: torch.Tensor, old_cfg: ModelConfig,
+                new_cfg: ModelConfig) -> torch.Tensor:
+    """`template` with `old` written into its top-left block (per head for QKV).
+
+    The LM head of a μP model is scaled by d'/d: the readout multiplier base_width/d shrinks by d/d',
+    so the logits stay exactly the same.
+    """
+    old_dims, new_dims = _shape_dims(name, old_cfg), _shape_dims(name, new_cfg)
+    out = template.detach().clone().view(new_dims)
+    block = tuple(slice(0, n) for n in old_dims)
+    value = old.detach().view(old_dims).to(out.dtype)
+    if name == "lm_head.weight" and new_cfg.mup and template.is_floating_point():
+        value = value * (new_cfg.d_model / old_cfg.d_model)
+    out[block] = value
+    return out.view(template.shape)
+
+
+def iter_grown(old_cfg: ModelConfig, old_state: Mapping[str, torch.Tensor], new_cfg: ModelConfig,
+               templates: Mapping[str, torch.Tensor], sources: list[LayerSource], copy_new_layers: bool
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, grown tensor) one at a time, so a caller can write each in place and drop it.
+
+    `copy_new_layers` is True for parameters (new layers hold copies of old ones, by `sources`) and
+    False for optimizer moments (new layers keep the template, i.e. zero).
+    """
+    check_growable(old_cfg, new_cfg)
+    for name, template in templates.items():
+        src, in_new_layer = source_name(name, sources)
+        if src is None or (in_new_layer and not copy_new_layers):
+            yield name, template
+        elif src not in old_state:
+            raise FlmError(f"cannot grow {name}: the old state has no {src}")
+        else:
+            yield name, grow_tensor(name, old_state[src], template, old_cfg, new_cfg)
+
+
+def grow_state(old_cfg: ModelConfig, old_state: Mapping[str, torch.Tensor], new_cfg: ModelConfig,
+               templates: Mapping[str, torch.Tensor], sources: list[LayerSource], copy_new_layers: bool
+               ) -> dict[str, torch.Tensor]:
+    """The whole grown state dict at once (parameters, or one kind of Adam moment)."""
+    return dict(iter_grown(old_cfg, old_state, new_cfg, templates, sources, copy_new_layers))

@@ -1,0 +1,78 @@
+"""The `flm` command line end to end: prepare, train, resume, generate, info."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def flm(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "flm.cli.main", *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.toml"
+    config.write_text(f"""
+[model]
+n_layers = 2
+d_model = 32
+n_heads = 2
+head_dim = 16
+max_seq_len = 64
+[data]
+corpus = "bundled"
+max_chars = 60000
+vocab_size = 400
+dir = "{root / 'data'}"
+[train]
+run_dir = "{root / 'run'}"
+batch_size = 4
+seq_len = 32
+max_steps = 8
+warmup_steps = 2
+eval_every = 4
+eval_batches = 2
+ckpt_every = 4
+progress = false
+sample_tokens = 8
+""")
+    return root, config
+
+
+def test_prepare_train_resume_generate(run):
+    root, config = run
+    out = flm("prepare", "-c", str(config)).stdout
+    assert "prepared" in out and (root / "data" / "meta.json").exists()
+    first = flm("train", "-c", str(config), "--until-step", "4").stdout
+    assert "validation loss" in first
+    second = flm("train", "-c", str(config), "--resume", "auto").stdout
+    assert "resumed from" in second and "step_00000004" in second
+    assert "sample: 'In the beginning" in second
+    assert (root / "run" / "loss.png").exists() and (root / "run" / "tensorboard").is_dir()
+    records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8]  # log_every 10: at stop and end
+    text = flm("generate", str(root / "run"), "-p", "In the beginning", "-n", "10", "-t", "0").stdout
+    again = flm("generate", str(root / "run"), "-p", "In the beginning", "-n", "10", "-t", "0").stdout
+    assert text.startswith("In the beginning") and text == again
+
+
+def test_info_counts_the_paper_shape():
+    info = json.loads(flm("info", "--preset", "flm-101b").stdout)
+    assert info["parameters"] == 102_729_175_040
+    assert info["n_layers"] == 80 and info["d_model"] == 10240
+
+
+def test_user_mistakes_are_one_line_errors(run):
+    root, config = run
+    for args in (["generate", str(root / "nothing-here")],
+                 ["train", "-c", str(config), "--set", "train.lr=-1"],
+                 ["train", "-c", str(config), "--resume", str(root)],
+                 ["info", "--preset", "nope"]):
+        proc = flm(*args, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr

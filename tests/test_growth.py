@@ -1,0 +1,125 @@
+"""MSG growth: every operator, alone and combined, preserves the function exactly at c = 0."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from flm.config import ModelConfig
+from flm.errors import FlmError
+from flm.growth import Ramp, apply_masks, grow_model, grow_state, layer_sources
+from flm.model import FLM
+
+OLD = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, vocab_size=101, max_seq_len=64)
+
+GROWTHS = {
+    "ffn": dict(d_ff=200),
+    "heads": dict(n_heads=5),
+    "hidden": dict(d_model=56),
+    "depth-stack": dict(n_layers=4),
+    "depth-insert": dict(n_layers=3),
+    "depth-random": dict(n_layers=5),
+    "all": dict(d_model=64, d_ff=256, n_heads=4, n_layers=4),
+}
+
+
+def grown(old_model, name, **extra):
+    change = dict(GROWTHS[name])
+    mode = name.split("-")[1] if name.startswith("depth-") else "stack"
+    # New weights drawn far from the usual init: preservation must not depend on their values.
+    new_cfg = dataclasses.replace(old_model.cfg, init_std=0.5, **change, **extra)
+    model, ramp = grow_model(old_model, new_cfg, new_layers=mode, ramp_steps=10)
+    return model.eval(), ramp
+
+
+@pytest.fixture
+def old_model():
+    torch.manual_seed(0)
+    model = FLM(OLD).eval()
+    # Non-trivial LayerNorm parameters, as after training.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", list(GROWTHS))
+def test_growth_preserves_logits_and_loss(old_model, name):
+    x, y = torch.randint(0, 101, (3, 40)), torch.randint(0, 101, (3, 40))
+    before, loss_before = old_model(x, y)
+    model, _ = grown(old_model, name)
+    after, loss_after = model(x, y)
+    assert (after - before).abs().max().item() <= 1e-5
+    assert loss_after.item() == pytest.approx(loss_before.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["hidden", "all"])
+def test_width_growth_with_mup_readout_is_exact(name):
+    torch.manual_seed(0)
+    old = FLM(dataclasses.replace(OLD, mup=True, base_width=16, output_mult=2.0)).eval()
+    x = torch.randint(0, 101, (2, 30))
+    model, _ = grown(old, name)
+    assert (model(x)[0] - old(x)[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["hidden", "depth-stack", "all"])
+def test_ramp_moves_the_function_and_folding_changes_nothing(old_model, name):
+    x = torch.randint(0, 101, (2, 30))
+    model, ramp = grown(old_model, name)
+    ramp.steps_done = 5  # c = 0.5: the new structure now contributes
+    apply_masks(model, ramp)
+    assert (model(x)[0] - old_model(x)[0]).abs().max().item() > 1e-3
+    ramp.steps_done = 10  # c = 1
+    apply_masks(model, ramp, fold=False)
+    masked = model(x)[0]
+    assert model.hidden_mask is not None or name == "depth-stack"
+    apply_masks(model, ramp)  # folded: no masks left, an ordinary model of the new shape
+    assert model.hidden_mask is None and all(b.gate is None and b.mlp.unit_mask is None for b in model.blocks)
+    # Same function; only float rounding differs (mask-weighted vs fused LayerNorm statistics).
+    assert (model(x)[0] - masked).abs().max() <= 1e-5 * masked.abs().max()
+    plain = FLM(model.cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain(x)[0], model(x)[0])
+
+
+def test_kv_cache_matches_full_forward_while_masked(old_model):
+    from flm.model import generate
+
+    model, ramp = grown(old_model, "all")
+    ramp.steps_done = 3
+    apply_masks(model, ramp)
+    assert generate(model, [5, 6, 7], 20) == generate(model, [5, 6, 7], 20, use_cache=False)
+
+
+def test_layer_sources():
+    assert [(s.old, s.new) for s in layer_sources(3, 5, "stack")] == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1)]
+    assert [(s.old, s.new) for s in layer_sources(3, 5, "insert")] == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [(s.old, s.new) for s in layer_sources(2, 3, "random")] == [(0, 0), (1, 0), (None, 1)]
+    assert [(s.old, s.new) for s in layer_sources(2, 6, "stack")][2:] == [(0, 1), (1, 1), (0, 1), (1, 1)]
+
+
+def test_moments_map_into_the_old_block_and_new_entries_are_zero(old_model):
+    new_cfg = dataclasses.replace(OLD, **GROWTHS["all"])
+    sources = layer_sources(OLD.n_layers, new_cfg.n_layers, "stack")
+    old_m = {k: torch.randn_like(v) for k, v in old_model.state_dict().items()}
+    zeros = {k: torch.zeros_like(v) for k, v in FLM(new_cfg).state_dict().items()}
+    new_m = grow_state(OLD, old_m, new_cfg, zeros, sources, copy_new_layers=False)
+    fc1 = new_m["blocks.1.mlp.fc1.weight"]
+    assert torch.equal(fc1[:128, :32], old_m["blocks.1.mlp.fc1.weight"])
+    assert fc1[128:].abs().sum() == 0 and fc1[:, 32:].abs().sum() == 0
+    qkv = new_m["blocks.0.attn.qkv.weight"].view(3, 4, 16, 64)
+    assert torch.equal(qkv[:, :2, :, :32], old_m["blocks.0.attn.qkv.weight"].view(3, 2, 16, 32))
+    assert qkv[:, 2:].abs().sum() == 0 and qkv[..., 32:].abs().sum() == 0
+    assert all(new_m[k].abs().sum() == 0 for k in new_m if k.startswith(("blocks.2.", "blocks.3.")))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(d_model=16), "cannot shrink d_model"),
+    (dict(n_layers=1), "cannot shrink n_layers"),
+    (dict(head_dim=8), "keeps head_dim fixed"),
+    (dict(vocab_size=200), "keeps vocab_size fixed"),
+])
+def test_impossible_growth_is_refused(old_model, change, message):
+    with pytest.raises(FlmError, match=message):
+        grow_model(old_model, dataclasses.replace(OLD, **change))
