@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"no checkpoint in {trainer.ckpt_root}: starting from scratch")
     print(trainer.describe())
     summary = trainer.train(until_step=args.until_step)
-    if trainer.step >= cfg.train.max_steps and cfg.train.sample_tokens:
+    if trainer.step >= trainer.max_steps and cfg.train.sample_tokens:
         print(f"sample: {trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)!r}")
     print(f"validation loss {summary['val_loss']:.4f} at step {summary['step']}; "
           f"run folder {trainer.run_dir} (checkpoint {summary['checkpoint']}, metrics.jsonl, loss.png)")

@@ -101,18 +101,19 @@ def source_name(name: str, sources: list[LayerSource]) -> tuple[str | None, bool
 
 
 def grow_tensor(name: str, old: torch.Tensor, template: torch.Tensor, old_cfg: ModelConfig,
-                new_cfg: ModelConfig) -> torch.Tensor:
+                new_cfg: ModelConfig, readout_power: int = 1) -> torch.Tensor:
     """`template` with `old` written into its top-left block (per head for QKV).
 
-    The LM head of a μP model is scaled by d'/d: the readout multiplier base_width/d shrinks by d/d',
-    so the logits stay exactly the same.
+    Under μP the readout multiplier base_width/d shrinks by r = d/d' when d grows, so the LM head is
+    scaled by 1/r = d'/d to keep the logits exact. Its gradient then scales by r, so Adam's first
+    moment takes r¹ and the second r²: `readout_power` is 1 for parameters, -1 and -2 for moments.
     """
     old_dims, new_dims = _shape_dims(name, old_cfg), _shape_dims(name, new_cfg)
     out = template.detach().clone().view(new_dims)
     block = tuple(slice(0, n) for n in old_dims)
     value = old.detach().view(old_dims).to(out.dtype)
-    if name == "lm_head.weight" and new_cfg.mup and template.is_floating_point():
-        value = value * (new_cfg.d_model / old_cfg.d_model)
+    if name == "lm_head.weight" and new_cfg.mup and new_cfg.d_model != old_cfg.d_model:
+        value = value * (new_cfg.d_model / old_cfg.d_model) ** readout_power
     out[block] = value
     return out.view(template.shape)
 

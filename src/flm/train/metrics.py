@@ -73,7 +73,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(run_dir: Path) -> Path:
-    """Write `loss.png`: training and validation loss against step."""
+    """Write `loss.png`: training and validation loss against step, growth events marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,6 +87,10 @@ def plot_losses(run_dir: Path) -> Path:
         ax.plot(*zip(*train), label="train", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", lw=1.5, ms=4)
+    for i, r in enumerate(r for r in records if r.get("kind") == "growth"):
+        ax.axvline(r["step"], color="grey", ls="--", lw=1, label="growth" if i == 0 else None)
+        ax.annotate(f"{r['params_after'] / 1e6:.1f}M", (r["step"], 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(run_dir.name)

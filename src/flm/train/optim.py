@@ -1,13 +1,11 @@
-"""AdamW with weight decay on matrices only, and the warmup + cosine learning-rate schedule."""
+"""The optimizer set-up: AdamW with weight decay on matrices only."""
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import nn
 
 from flm.config import TrainConfig
+from flm.train.adamw import AdamW
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -29,15 +27,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.adam_eps)
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AdamW:
+    return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
 
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine down to `min_lr` at `max_steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -1,8 +1,13 @@
-"""The training loop: one place that owns model, optimizer, data position, checkpoints and metrics.
+"""The training loop: one place that owns model, optimizer, data position, growth, checkpoints and metrics.
+
+A run is a list of stages (flm.train.schedule). At each stage boundary the model and its Adam state
+are grown into the next stage's shape with MSG (flm.growth), the new structure held at zero by masks
+that ramp in over K steps and are then folded away.
 
 Resuming is bit-exact on CPU: the checkpoint holds the weights, Adam moments and step counts, the
-RNG state and the loader's global sample counter, and the learning rate is a pure function of the
-step, so N steps + resume + N steps computes exactly what 2N uninterrupted steps compute.
+RNG state, the loader's global sample counter, the stage and the ramp position, and the learning
+rate is a pure function of the step. So N steps + resume + N steps computes exactly what 2N
+uninterrupted steps compute, also in the middle of a mask ramp.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import torch
 from flm.config import Config, ModelConfig, config_to_dict
 from flm.data import PreparedData, TokenLoader, iter_eval_batches, load_prepared
 from flm.errors import FlmError
+from flm.growth import Ramp, apply_masks, grow_adam_state, grow_model
 from flm.model import FLM, flops_per_token, generate, param_count
 from flm.train.checkpoint import (list_checkpoints, load_model_state, load_train_state, read_meta,
                                   resolve_checkpoint, save_checkpoint)
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
-from flm.train.optim import build_optimizer, lr_at
+from flm.train.optim import build_optimizer
+from flm.train.schedule import Stage, lr_at, plan_stages, tokens_and_flops_at
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -44,11 +51,14 @@ def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
     return model
 
 
+def adam_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: optimizer.state[p] for group in optimizer.param_groups
+            for name, p in zip(group["names"], group["params"]) if p in optimizer.state}
+
+
 class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
-        if cfg.stages:
-            raise FlmError("this config has [[stages]]: growth schedules are not trained by this version of flm")
         tc = cfg.train
         self.device = resolve_device(tc.device)
         use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
@@ -56,16 +66,25 @@ class Trainer:
                          else contextlib.nullcontext())
         self.data = load_prepared(Path(cfg.data.dir))
         self.tokenizer = self.data.tokenizer()
-        self.model_cfg = resolve_model_config(cfg.model, self.data)
+        self.stages = plan_stages(cfg, resolve_model_config(cfg.model, self.data))
         self.run_dir = Path(tc.run_dir)
+        self.peak_flops = peak_bf16_flops(self.device) if use_bf16 else None
         torch.manual_seed(tc.seed)
-        self.model = FLM(self.model_cfg).to(self.device)
-        self.optimizer = build_optimizer(self.model, tc)
-        self.step_fn = torch.compile(self.model) if tc.compile else self.model
+        self.stage = 0
+        self.ramp: Ramp | None = None
+        self._use(FLM(self.stages[0].model).to(self.device))
         self.loader = TokenLoader(self.data.train_shards, tc.batch_size, tc.seq_len, seed=tc.seed)
         self.step = 0
-        self.flops_per_token = flops_per_token(self.model_cfg, tc.seq_len)
-        self.peak_flops = peak_bf16_flops(self.device) if use_bf16 else None
+
+    def _use(self, model: FLM) -> None:
+        """Make `model` the one being trained, with a fresh optimizer over its parameters."""
+        self.model = model
+        self.optimizer = build_optimizer(model, self.cfg.train)
+        self.step_fn = torch.compile(model) if self.cfg.train.compile else model
+
+    @property
+    def max_steps(self) -> int:
+        return self.stages[-1].end
 
     # ---- checkpoints -------------------------------------------------------------------------------
     @property
@@ -73,8 +92,9 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def save(self) -> Path:
-        meta = {"config": config_to_dict(self.cfg), "model": config_to_dict(self.model_cfg),
-                "data": self.loader.state_dict(), "data_dir": str(self.data.dir)}
+        meta = {"config": config_to_dict(self.cfg), "model": config_to_dict(self.model.cfg), "stage": self.stage,
+                "ramp": self.ramp.to_dict() if self.ramp else None, "data": self.loader.state_dict(),
+                "data_dir": str(self.data.dir)}
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta,
                                self.cfg.train.keep_last, write_extra=self.tokenizer.save)
 
@@ -84,37 +104,50 @@ class Trainer:
         if path is None:
             return False
         meta = read_meta(path)
-        if meta["model"] != config_to_dict(self.model_cfg):
+        stage = meta.get("stage", 0)
+        if stage >= len(self.stages) or meta["model"] != config_to_dict(self.stages[stage].model):
             raise FlmError(f"checkpoint {path} was trained with a different model config; "
                            "use the same config (growth between shapes is `flm grow`)")
+        if stage != self.stage:
+            self._use(FLM(self.stages[stage].model).to(self.device))
+        self.stage = stage
         load_model_state(path, self.model)
         load_train_state(path, self.optimizer)
+        self.ramp = Ramp.from_dict(meta["ramp"]) if meta.get("ramp") else None
+        if self.ramp:
+            apply_masks(self.model, self.ramp)
         self.loader.load_state_dict(meta["data"])
         self.step = meta["step"]
-        self.log(f"resumed from {path} at step {self.step}")
+        self.log(f"resumed from {path} at step {self.step} (stage {self.stage + 1}/{len(self.stages)})")
         return True
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over `grad_accum` micro-batches, clip, AdamW. Returns (loss, grad norm) tensors."""
+        """Forward/backward over the stage's micro-batches, clip, AdamW. Returns (loss, grad norm) tensors."""
         tc = self.cfg.train
-        lr = lr_at(self.step, tc)
+        accum = self.stages[self.stage].grad_accum
+        lr = lr_at(self.step, self.stages)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for _ in range(tc.grad_accum):
+        for _ in range(accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast:
                 _, loss = self.step_fn(x, y)
-            (loss / tc.grad_accum).backward()
+            (loss / accum).backward()
             total += loss.detach()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / tc.grad_accum, grad_norm
+        if self.ramp is not None:
+            self.ramp.steps_done += 1
+            apply_masks(self.model, self.ramp)
+            if self.ramp.c >= 1.0:
+                self.ramp = None  # folded: an ordinary model of the new shape
+        return total / accum, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -129,6 +162,37 @@ class Trainer:
         self.model.train()
         return torch.stack(losses).mean().item()
 
+    def probe(self) -> tuple[float, float]:
+        """(loss, gradient norm) on the first validation batch, dropout off; changes nothing."""
+        tc = self.cfg.train
+        x, y = next(iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, 1))
+        self.model.eval()
+        with self.autocast:
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        self.model.zero_grad(set_to_none=True)
+        self.model.train()
+        return loss.item(), norm.item()
+
+    def grow(self) -> dict[str, Any]:
+        """Grow model and Adam state into the next stage's shape; returns the growth record."""
+        nxt = self.stages[self.stage + 1]
+        old_model, old_state = self.model, adam_state_by_name(self.optimizer)
+        loss_before, grad_before = self.probe()
+        model, ramp = grow_model(old_model, nxt.model, nxt.new_layers, nxt.ramp_steps)
+        self._use(model)
+        named = {name: p for group in self.optimizer.param_groups for name, p in zip(group["names"], group["params"])}
+        for name, state in grow_adam_state(old_model.cfg, old_state, model.cfg, named, ramp.sources).items():
+            self.optimizer.state[named[name]] = state
+        del old_model, old_state
+        self.stage += 1
+        self.ramp = ramp if ramp.c < 1.0 else None
+        loss_after, grad_after = self.probe()
+        return {"kind": "growth", "step": self.step, "stage": self.stage + 1, "loss_before": loss_before,
+                "loss_after": loss_after, "grad_norm_before": grad_before, "grad_norm_after": grad_after,
+                "params_before": param_count(self.stages[self.stage - 1].model), "params_after": param_count(nxt.model)}
+
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         tok = self.tokenizer
         ids = tok.encode(prompt)
@@ -139,18 +203,34 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def describe(self) -> str:
-        c, tc = self.model_cfg, self.cfg.train
-        n = param_count(c)
-        return (f"model: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads x {c.head_dim}, ffn {c.ffn_dim}, "
-                f"vocab {c.vocab_size}: {n / 1e6:.2f}M parameters ({param_count(c, include_embedding=False) / 1e6:.2f}M "
-                f"without embedding)\ndata: {self.data.train_tokens:,} train / {self.data.val_tokens:,} validation "
-                f"tokens from {self.data.dir}\ntraining: {tc.max_steps} steps x {tc.tokens_per_step:,} tokens on "
-                f"{self.device.type}{' (bf16 autocast)' if not isinstance(self.autocast, contextlib.nullcontext) else ' (fp32)'}")
+        tc = self.cfg.train
+        lines = []
+        for s in self.stages:
+            c = s.model
+            lines.append(f"stage {s.index + 1}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads x "
+                         f"{c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}: {param_count(c) / 1e6:.2f}M parameters; "
+                         f"steps {s.start}-{s.end} x {s.grad_accum * tc.batch_size * tc.seq_len:,} tokens, "
+                         f"lr {s.lr_start:.2e} -> {s.lr_end:.2e}" + (f", ramp {s.ramp_steps}" if s.index else ""))
+        precision = "bf16 autocast" if not isinstance(self.autocast, contextlib.nullcontext) else "fp32"
+        lines.append(f"data: {self.data.train_tokens:,} train / {self.data.val_tokens:,} validation tokens from "
+                     f"{self.data.dir}; {self.max_steps} steps on {self.device.type} ({precision})")
+        return "\n".join(lines)
+
+    def _train_record(self, loss: float, grad_norm: float, tok_s: float) -> dict[str, Any]:
+        tc = self.cfg.train
+        tokens, flops = tokens_and_flops_at(self.step, self.stages, tc.batch_size, tc.seq_len)
+        record = {"kind": "train", "step": self.step, "stage": self.stage + 1, "loss": loss, "grad_norm": grad_norm,
+                  "lr": lr_at(self.step - 1, self.stages), "tokens": tokens, "flops": flops, "tokens_per_s": tok_s}
+        if self.ramp is not None:
+            record["growth_c"] = self.ramp.c
+        if self.peak_flops:
+            record["mfu"] = tok_s * flops_per_token(self.model.cfg, tc.seq_len) / self.peak_flops
+        return record
 
     def train(self, until_step: int | None = None) -> dict[str, Any]:
-        """Run to `max_steps` (or stop after `until_step`, keeping the schedule of the full run)."""
+        """Run all stages to the end (or stop after `until_step`, keeping the schedule of the full run)."""
         tc = self.cfg.train
-        end = min(tc.max_steps, until_step) if until_step is not None else tc.max_steps
+        end = min(self.max_steps, until_step) if until_step is not None else self.max_steps
         metrics = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if self.step else None)
         progress = None
         if tc.progress:
@@ -163,23 +243,26 @@ class Trainer:
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         try:
             while self.step < end:
+                if self.step == self.stages[self.stage].end:
+                    record = self.grow()
+                    metrics.log(record)
+                    emit(f"step {self.step}: grew to stage {record['stage']} ({record['params_before'] / 1e6:.2f}M -> "
+                         f"{record['params_after'] / 1e6:.2f}M parameters): loss {record['loss_before']:.4f} -> "
+                         f"{record['loss_after']:.4f}, grad norm {record['grad_norm_before']:.3f} -> "
+                         f"{record['grad_norm_after']:.3f}")
+                    t_last = time.perf_counter()
                 loss, grad_norm = self.train_step()
                 loss_sum += loss
                 loss_n += 1
                 if progress is not None:
                     progress.update(1)
                 if self.step % tc.log_every == 0 or self.step == end:
-                    now = time.perf_counter()
-                    tok_s = (self.step - step_last) * tc.tokens_per_step / (now - t_last)
-                    record = {"kind": "train", "step": self.step, "loss": (loss_sum / loss_n).item(),
-                              "grad_norm": grad_norm.item(), "lr": lr_at(self.step - 1, tc),
-                              "tokens": self.step * tc.tokens_per_step, "tokens_per_s": tok_s}
-                    if self.peak_flops:
-                        record["mfu"] = tok_s * self.flops_per_token / self.peak_flops
+                    tok_s = ((self.step - step_last) * self.stages[self.stage].grad_accum * tc.batch_size * tc.seq_len
+                             / (time.perf_counter() - t_last))
+                    record = self._train_record((loss_sum / loss_n).item(), grad_norm.item(), tok_s)
                     metrics.log(record)
                     if progress is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                             tok_s=f"{tok_s:,.0f}")
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
                     else:
                         emit(f"step {self.step}/{end} loss {record['loss']:.4f} lr {record['lr']:.2e} "
                              f"grad_norm {record['grad_norm']:.3f} tok/s {tok_s:,.0f}")
@@ -187,7 +270,9 @@ class Trainer:
                     loss_sum, loss_n = torch.zeros((), device=self.device), 0
                 if self.step % tc.eval_every == 0 or self.step == end:
                     val_loss = self.evaluate()
-                    metrics.log({"kind": "eval", "step": self.step, "val_loss": val_loss})
+                    _, flops = tokens_and_flops_at(self.step, self.stages, tc.batch_size, tc.seq_len)
+                    metrics.log({"kind": "eval", "step": self.step, "stage": self.stage + 1, "val_loss": val_loss,
+                                 "flops": flops})
                     emit(f"step {self.step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f})")
                 if self.step % tc.ckpt_every == 0 or self.step == end:
                     self.save()
@@ -197,5 +282,5 @@ class Trainer:
                 progress.close()
             metrics.close()
         plot_losses(self.run_dir)
-        return {"step": self.step, "val_loss": val_loss, "checkpoint": str(list_checkpoints(self.ckpt_root)[-1])
-                if list_checkpoints(self.ckpt_root) else None}
+        found = list_checkpoints(self.ckpt_root)
+        return {"step": self.step, "val_loss": val_loss, "checkpoint": str(found[-1]) if found else None}
