@@ -171,3 +171,38 @@ def test_staged_run_grows_and_resumes_bit_exactly_mid_ramp(data_dir, tmp_path):
         assert g["params_after"] > g["params_before"]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 16))
     assert [r["step"] for r in read_metrics(tmp_path / "b") if r["kind"] == "train"] == list(range(1, 16))
+
+
+def test_offline_grow_then_resume_continues_from_the_same_function(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from flm.train.checkpoint import load_for_inference
+
+    cfg = staged(data_dir, tmp_path / "small")
+    cfg.stages = []
+    cfg.train.max_steps, cfg.train.warmup_steps = 4, 1
+    Trainer(cfg, log=lambda *_: None).train()
+    out = tmp_path / "big"
+    proc = subprocess.run([sys.executable, "-m", "flm.cli.main", "grow", str(tmp_path / "small"), "--to",
+                           "d_model=64,n_heads=4,n_layers=3", "--out", str(out), "--ramp-steps", "3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    small, _, _ = load_for_inference(tmp_path / "small")
+    big, _, meta = load_for_inference(out)
+    assert meta["ramp"]["steps_done"] == 0 and big.cfg.d_model == 64
+    from flm.growth import Ramp, apply_masks
+
+    apply_masks(big, Ramp.from_dict(meta["ramp"]))
+    x = torch.randint(0, 400, (2, 20))
+    assert (big(x)[0] - small(x)[0]).abs().max() <= 1e-5
+    grown_cfg = staged(data_dir, out, "model.d_model=64", "model.n_heads=4", "model.n_layers=3")
+    grown_cfg.stages = []
+    grown_cfg.train.max_steps, grown_cfg.train.warmup_steps = 8, 1
+    trainer = Trainer(grown_cfg, log=lambda *_: None)
+    assert trainer.resume("auto") and trainer.step == 4 and trainer.ramp.c == 0
+    trainer.train()
+    assert trainer.ramp is None and trainer.step == 8
+    bad = subprocess.run([sys.executable, "-m", "flm.cli.main", "grow", str(tmp_path / "small"), "--to", "d_model=16",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "cannot shrink d_model" in bad.stderr

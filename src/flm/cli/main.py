@@ -64,6 +64,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + tok.decode([t for t in out if t != tok.eot_id]))
 
 
+def cmd_grow(args: argparse.Namespace) -> None:
+    from flm.train.grow import grow_checkpoint
+
+    path = grow_checkpoint(args.checkpoint, args.to, args.out, args.new_layers, args.ramp_steps)
+    print(f"grown checkpoint written to {path}; continue training with "
+          f"`flm train -c CONFIG --set train.run_dir={args.out} --set model.<key>=<value> ... --resume auto`")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from flm.config import load_config, model_config_from_dict
     from flm.model import flops_per_token, param_count
@@ -108,11 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("grow", help="grow a saved checkpoint (weights and optimizer state) to a bigger shape")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--to", required=True, metavar="SHAPE", help="a preset name, or KEY=INT pairs: d_model=256,n_layers=8")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write the grown checkpoint into")
+    p.add_argument("--new-layers", choices=["stack", "insert", "random"], default="stack")
+    p.add_argument("--ramp-steps", type=int, default=100, help="K: steps for the masks to reach 1 (0: no ramp)")
+    p.set_defaults(func=cmd_grow)
+
     p = sub.add_parser("info", help="parameter and FLOP counts of a config or preset")
     _config_args(p)
     p.add_argument("--preset", help="a named shape, e.g. flm-101b")
     p.add_argument("--seq-len", type=int)
     p.set_defaults(func=cmd_info)
+
+    from flm.plan.cli import register as register_plan
+
+    register_plan(sub)
     return parser
 
 
