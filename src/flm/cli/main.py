@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int)
     p.set_defaults(func=cmd_info)
 
+    from flm.eval.cli import register as register_eval
     from flm.plan.cli import register as register_plan
 
+    register_eval(sub)
     register_plan(sub)
     return parser
 
