@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flm.errors import FlmError
+from flm.errors import FlmError, require_module
 
 
 def _data_arg(text: str) -> tuple[str, str]:
@@ -52,6 +52,7 @@ def cmd_iq(args: argparse.Namespace) -> None:
 
 
 def cmd_harness(args: argparse.Namespace) -> None:
+    require_module("lm_eval", "eval")
     from lm_eval.utils import make_table
 
     from flm.eval.harness import evaluate

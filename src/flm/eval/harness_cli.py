@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import sys
 
-import flm.eval.harness  # noqa: F401  (registers the "flm" model type)
-from flm.errors import FlmError
+from flm.errors import FlmError, require_module
 
 
 def main() -> None:
-    from lm_eval.__main__ import cli_evaluate
-
     try:
+        require_module("lm_eval", "eval")
+        import flm.eval.harness  # noqa: F401  (registers the "flm" model type)
+        from lm_eval.__main__ import cli_evaluate
+
         cli_evaluate()
     except FlmError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from flm.errors import FlmError
+from flm.errors import FlmError, require_module
 
 log = logging.getLogger("flm.eval")
 
@@ -212,6 +212,7 @@ class HFScorer(TokenScorer):
 
     def __init__(self, path: str | Path, device: str = "auto", dtype: str = "auto"):
         super().__init__()
+        require_module("transformers", "eval")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = resolve_device(device)
