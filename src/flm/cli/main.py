@@ -131,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     from flm.eval.cli import register as register_eval
+    from flm.export.cli import register as register_export
     from flm.plan.cli import register as register_plan
 
     register_eval(sub)
+    register_export(sub)
     register_plan(sub)
     return parser
 

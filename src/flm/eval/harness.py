@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# lm-eval's built-in models (such as "hf") register themselves when imported; once the registry holds ours,
+# lm-eval no longer imports them by itself, so they are imported first.
+import lm_eval.models  # noqa: F401
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm

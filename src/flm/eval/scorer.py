@@ -15,6 +15,7 @@ Conventions shared by both implementations (`TokenScorer`):
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -218,9 +219,13 @@ class HFScorer(TokenScorer):
         self.device = resolve_device(device)
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        # A folder whose config maps to its own modeling code (as `flm export hf` writes) needs that code run;
+        # it is a local folder the user chose, never a download.
+        remote = bool(json.loads((Path(path) / "config.json").read_text()).get("auto_map")) \
+            if (Path(path) / "config.json").is_file() else False
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote)
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote,
                                                               dtype=getattr(torch, dtype))
         except (OSError, ValueError) as e:
             raise FlmError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from e

@@ -116,7 +116,10 @@ class Trainer:
         self.ramp = Ramp.from_dict(meta["ramp"]) if meta.get("ramp") else None
         if self.ramp:
             apply_masks(self.model, self.ramp)
-        self.loader.load_state_dict(meta["data"])
+        if meta.get("data"):
+            self.loader.load_state_dict(meta["data"])
+        else:  # e.g. imported from a Hugging Face folder: no data position to restore
+            self.log(f"{path} holds no data position: reading the data from the start")
         self.step = meta["step"]
         self.log(f"resumed from {path} at step {self.step} (stage {self.stage + 1}/{len(self.stages)})")
         return True

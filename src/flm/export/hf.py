@@ -1,0 +1,352 @@
+"""`flm export hf` and `flm import hf`: checkpoints <-> Hugging Face folders loadable with `trust_remote_code`.
+
+An exported folder holds `config.json` (with `auto_map` pointing at the bundled `configuration_flm.py` and
+`modeling_flm.py`), the weights (`model.safetensors`, or shards and `model.safetensors.index.json`),
+`generation_config.json`, the tokenizer (`tokenizer.json` + `tokenizer_config.json`) and `flm_training.json`
+(our checkpoint's metadata, so an import can resume training where the checkpoint left off).
+
+Weight names are a plain rename: every flm name gets the prefix `model.` except `lm_head.weight`, which keeps its
+name (and is absent when the head is tied to the embedding). Tensors are copied unchanged (fp32) or rounded
+(bf16); nothing is transposed, split or fused, so import is the exact inverse of an fp32 export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from flm.config import Config, ModelConfig, TrainConfig, config_from_dict, config_to_dict, model_config_from_dict
+from flm.data.tokenizer import (CL100K_PATTERN, EOT, TIKTOKEN_FILE, TIKTOKEN_META, Tokenizer, read_ranks,
+                                load_tokenizer_dir)
+from flm.errors import FlmError
+from flm.model import FLM
+from flm.train.checkpoint import find_checkpoint, read_meta, save_checkpoint
+from flm.train.optim import build_optimizer
+
+CODE_DIR = Path(__file__).parent / "hf_code"
+CODE_FILES = ("configuration_flm.py", "modeling_flm.py")
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TRAINING_FILE = "flm_training.json"
+HEAD = "lm_head.weight"
+PREFIX = "model."
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# flm ModelConfig field -> config.json key (d_ff is written as intermediate_size = ffn_dim, resolved).
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "head_dim": "head_dim", "max_seq_len": "max_position_embeddings",
+    "ln_eps": "layer_norm_eps", "rope_theta": "rope_theta", "xpos_scale_base": "xpos_scale_base",
+    "output_mult": "output_mult", "base_width": "base_width", "mup": "mup", "dropout": "dropout",
+    "init_std": "initializer_range", "tie_embeddings": "tie_word_embeddings",
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+# ---- names and configs ---------------------------------------------------------------------------------------
+def hf_name(name: str) -> str:
+    return name if name == HEAD else PREFIX + name
+
+
+def flm_name(name: str) -> str:
+    if name == HEAD:
+        return name
+    if not name.startswith(PREFIX):
+        raise FlmError(f"unexpected weight {name!r} in the exported model (expected {HEAD} or model.*)")
+    return name[len(PREFIX):]
+
+
+def hf_config(cfg: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
+    """config.json for `cfg`: the shape under Hugging Face names, auto_map to the bundled code, special ids."""
+    out: dict[str, Any] = {
+        "architectures": ["FLMForCausalLM"], "model_type": "flm",
+        "auto_map": {"AutoConfig": "configuration_flm.FLMConfig", "AutoModel": "modeling_flm.FLMModel",
+                     "AutoModelForCausalLM": "modeling_flm.FLMForCausalLM"},
+    }
+    out.update({hf: getattr(cfg, ours) for ours, hf in CONFIG_KEYS.items()})
+    out.update(intermediate_size=cfg.ffn_dim, bos_token_id=eot_id, eos_token_id=eot_id, use_cache=True,
+               torch_dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    return out
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """The inverse of `hf_config` (d_ff is kept explicit: the exported width, whatever flm's default would be)."""
+    if hf.get("model_type") != "flm":
+        raise FlmError(f"not an exported FLM model: config.json has model_type {hf.get('model_type')!r}, not 'flm'")
+    missing = [k for k in (*CONFIG_KEYS.values(), "intermediate_size") if k not in hf]
+    if missing:
+        raise FlmError(f"config.json lacks {', '.join(missing)}")
+    table = {ours: hf[key] for ours, key in CONFIG_KEYS.items()}
+    return model_config_from_dict({**table, "d_ff": hf["intermediate_size"]})
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes ('GiB' for powers of two; a bare number is bytes), as transformers reads shard sizes."""
+    match = _SIZE.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise FlmError(f"bad size {text!r}: expected a positive number with an optional unit, e.g. 5GB, 500MiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+
+
+# ---- export ----------------------------------------------------------------------------------------------------
+def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_size: str = "5GB", dtype: str = "fp32") -> Path:
+    """Write a checkpoint (or a run folder's newest one) as a Hugging Face folder; returns the folder.
+
+    The folder is written beside `out_dir` under a temporary name and renamed at the end, so an interrupted
+    export never leaves a folder that looks complete. `out_dir` must not exist or be empty.
+    """
+    if dtype not in DTYPES:
+        raise FlmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    max_bytes = parse_size(max_shard_size)
+    ckpt = find_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    refuse_ramp(ckpt, meta)
+    cfg = model_config_from_dict(meta["model"])
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FlmError(f"{out} already exists and is not an empty folder; export into a new folder")
+    tok = load_tokenizer_dir(ckpt)
+    if tok.vocab_size > cfg.vocab_size:
+        raise FlmError(f"{ckpt}: the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_weights(ckpt / WEIGHTS_FILE, cfg, tmp, max_bytes, DTYPES[dtype])
+        write_tokenizer(tok, cfg, tmp)
+        _write_json(tmp / "config.json", hf_config(cfg, tok.eot_id, dtype))
+        _write_json(tmp / "generation_config.json", generation_config(cfg, tok))
+        _write_json(tmp / TRAINING_FILE, {k: v for k, v in meta.items() if k not in ("format", "ramp")})
+        for name in CODE_FILES:
+            shutil.copyfile(CODE_DIR / name, tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def refuse_ramp(ckpt: Path, meta: dict[str, Any]) -> None:
+    """A checkpoint mid-ramp computes with growth masks (c < 1), which neither a plain FLM nor the exported model
+    has; setting c to 1 would change the function, so such a checkpoint is refused rather than folded."""
+    ramp = meta.get("ramp")
+    if not ramp:
+        return
+    done, total = ramp["steps_done"], ramp["ramp_steps"]
+    raise FlmError(f"{ckpt} is in the middle of a growth ramp (step {done} of {total}, masks at "
+                   f"c = {done / total:.2f}); its outputs depend on the growth masks, which an exported model does "
+                   f"not have. Train {total - done} more steps until the ramp ends, or export an earlier checkpoint")
+
+
+def write_weights(source: Path, cfg: ModelConfig, out: Path, max_bytes: int, dtype: torch.dtype) -> None:
+    """Copy the weights under their Hugging Face names, one shard in memory at a time.
+
+    Names and shapes are checked against the model `cfg` describes (built on the meta device: no memory).
+    """
+    expected = _expected_shapes(cfg)
+    with safe_open(str(source), framework="pt") as f:
+        found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        if found != expected:
+            wrong = sorted(set(found.items()) ^ set(expected.items()))
+            raise FlmError(f"{source} does not match its config: first difference {wrong[0]}")
+        names = list(expected)
+        sizes = [torch.Size(expected[n]).numel() * dtype.itemsize for n in names]
+        shards = plan_shards(names, sizes, max_bytes)
+        files = ([WEIGHTS_FILE] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for file, shard in zip(files, shards):
+            tensors = {hf_name(n): f.get_tensor(n).to(dtype).contiguous() for n in shard}
+            save_file(tensors, str(out / file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {hf_name(n): file for file, shard in zip(files, shards) for n in shard}
+        _write_json(out / INDEX_FILE, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = FLM(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del shapes[HEAD]  # one tensor, saved as the embedding
+    return shapes
+
+
+def plan_shards(names: list[str], sizes: list[int], max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of at most `max_bytes` (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in zip(names, sizes):
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def generation_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
+    """Defaults for `generate()`: stop at end-of-text, and never emit the padded embedding rows past the
+    tokenizer's vocabulary (`suppress_tokens`, as `flm generate` does with its vocabulary limit)."""
+    out: dict[str, Any] = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
+    if cfg.vocab_size > tok.vocab_size:
+        out["suppress_tokens"] = list(range(tok.vocab_size, cfg.vocab_size))
+    return out
+
+
+def write_tokenizer(tok: Tokenizer, cfg: ModelConfig, out: Path) -> None:
+    """`tokenizer.json` + `tokenizer_config.json` for AutoTokenizer (PreTrainedTokenizerFast).
+
+    Our own files come first (`Tokenizer.save`): for a tiktoken tokenizer these are the rank file and its
+    description, which `flm import hf` reloads so the imported tokenizer is the very same; the tokenizer.json
+    beside them is an equivalent byte-level BPE built from the ranks.
+    """
+    tok.save(out)
+    if (out / TIKTOKEN_META).is_file():
+        tiktoken_as_hf(read_ranks(out / TIKTOKEN_FILE), tok.eot_id).save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
+        "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
+    })
+
+
+# ---- tiktoken ranks -> a Hugging Face byte-level BPE ---------------------------------------------------------------
+def byte_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes are mapped
+    in order to code points 256, 257, ..., so every byte string is a printable string."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in mapping):
+        mapping[b] = chr(256 + n)
+    return mapping
+
+
+def _bpe_parts(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
+    """tiktoken's merge loop on `token` using only ranks below `below`: join the lowest-ranked adjacent pair."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(a + b, below), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs, default=(below, 0))
+        if rank >= below:
+            return parts
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def tiktoken_as_hf(ranks: dict[bytes, int], eot_id: int) -> HFTokenizer:
+    """An HF tokenizer that encodes like tiktoken with `ranks` and the cl100k split pattern.
+
+    tiktoken joins the adjacent pair whose concatenation has the lowest rank; a BPE merge list ordered by the rank
+    of the merged token does the same. Each token's merge is the pair tiktoken's loop leaves when only lower ranks
+    may be used. `ignore_merges` keeps a whole pre-token that is itself in the ranks as one id, as tiktoken does.
+    """
+    to_str = byte_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(to_str[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = _bpe_parts(token, ranks, rank) if len(token) > 1 else []
+        if len(parts) == 2:
+            merges.append((text(parts[0]), text(parts[1])))
+    hf = HFTokenizer(models.BPE(vocab={text(b): r for b, r in ranks.items()}, merges=merges, ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CL100K_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    if hf.token_to_id(EOT) != eot_id:  # ranks with gaps: the added token would not land after the last rank
+        raise FlmError(f"cannot export this tiktoken tokenizer: {EOT} would get id {hf.token_to_id(EOT)} in "
+                       f"tokenizer.json instead of {eot_id}")
+    return hf
+
+
+# ---- import ----------------------------------------------------------------------------------------------------
+def import_hf(source: str | Path, out_run_dir: str | Path) -> Path:
+    """Build an flm checkpoint under `out_run_dir/checkpoints/` from an exported folder; returns it.
+
+    Weights are copied exactly (fp32 exports round-trip bit for bit; bf16 ones are widened to fp32). The optimizer
+    state is fresh (Adam moments at zero): an export does not carry it. With `flm_training.json` the checkpoint
+    keeps the step, run config and data position of the exported one, so `flm train --resume` continues there;
+    without it, it starts at step 0 with default training settings.
+    """
+    src = Path(source)
+    if not (src / "config.json").is_file():
+        raise FlmError(f"no config.json in {src}: not a Hugging Face model folder")
+    cfg = model_config_from_hf(_read_json(src / "config.json"))
+    meta = _training_meta(src, cfg)
+    cfg = model_config_from_dict(meta["model"])
+    tok = load_tokenizer_dir(src)
+    if tok.vocab_size > cfg.vocab_size:
+        raise FlmError(f"{src}: the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
+    model = FLM(cfg)
+    load_hf_weights(src, model)
+    optimizer = build_optimizer(model, config_from_dict(meta["config"]).train)
+    step = meta.pop("step", 0)
+    return save_checkpoint(Path(out_run_dir) / "checkpoints", step, model, optimizer, {**meta, "ramp": None},
+                           keep_last=1 << 30, write_extra=tok.save)
+
+
+def _training_meta(src: Path, cfg: ModelConfig) -> dict[str, Any]:
+    """The exported checkpoint's metadata if the folder has it and it describes this config.json, else defaults."""
+    path = src / TRAINING_FILE
+    if not path.is_file():
+        train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))
+        return {"model": config_to_dict(cfg), "config": config_to_dict(Config(model=cfg, train=train)), "stage": 0}
+    meta = _read_json(path)
+    if "model" not in meta or "config" not in meta:
+        raise FlmError(f"{path} lacks the model or run config; delete it to import without training state")
+    recorded = model_config_from_dict(meta["model"])
+    if any(getattr(recorded, f) != getattr(cfg, f) for f in CONFIG_KEYS) or recorded.ffn_dim != cfg.ffn_dim:
+        raise FlmError(f"{path} describes a different model than config.json; delete it to import config.json alone")
+    return meta
+
+
+def load_hf_weights(src: Path, model: FLM) -> None:
+    """Copy an exported folder's weights (one file or shards) into `model`, checking names and shapes."""
+    index = src / INDEX_FILE
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif (src / WEIGHTS_FILE).is_file():
+        files = [WEIGHTS_FILE]
+    else:
+        raise FlmError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {src}")
+    tensors = {}
+    for file in files:
+        tensors.update({flm_name(k): v for k, v in load_file(str(src / file)).items()})
+    if model.cfg.tie_embeddings:
+        tensors.pop(HEAD, None)  # a tied head is the embedding
+        if "embed.weight" in tensors:
+            tensors[HEAD] = tensors["embed.weight"]
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split("\n\t")[1:2]) or str(e).splitlines()[0]
+        raise FlmError(f"the weights in {src} do not fit config.json: {detail.strip()}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise FlmError(f"cannot read {path}: {e}") from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
