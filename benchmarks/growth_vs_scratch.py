@@ -7,7 +7,7 @@ the speedup is (scratch FLOPs to reach it) / (growth FLOPs to reach it), with th
 stages counted (flm.model.flops_per_token of each stage's own shape). Wall-clock to the target is
 reported too (it includes evaluation pauses equally for both arms).
 
-    python benchmarks/growth_vs_scratch.py                   # the CPU-scale experiment (~35 min on 2 cores)
+    python benchmarks/growth_vs_scratch.py                   # the CPU-scale experiment (~35 min on 2 quiet cores)
     python benchmarks/growth_vs_scratch.py --budget-scale 0.25 --lrs 3e-3   # a quick look
 
 Writes runs/growth_vs_scratch/{summary.json,curves.png} and one run folder per arm and LR.
@@ -111,11 +111,11 @@ def plot(best: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for arm, run in best.items():
         flops, loss, _ = zip(*run["curve"])
-        ax.plot([f / 1e15 for f in flops], loss, "o-", ms=3, label=f"{arm} (lr {run['lr']:g})")
+        ax.plot([f / 1e12 for f in flops], loss, "o-", ms=3, label=f"{arm} (lr {run['lr']:g})")
     for i, f in enumerate(best["growth"]["growth_flops"]):
-        ax.axvline(f / 1e15, color="grey", ls="--", lw=1, label="growth" if i == 0 else None)
+        ax.axvline(f / 1e12, color="grey", ls="--", lw=1, label="growth" if i == 0 else None)
     ax.axhline(best["scratch"]["final_val_loss"], color="black", lw=0.8, ls=":", label="scratch final loss")
-    ax.set_xlabel("training PFLOPs")
+    ax.set_xlabel("training TFLOPs")
     ax.set_ylabel("validation loss")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3)
@@ -127,14 +127,15 @@ def plot(best: dict[str, dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-pflops", type=float, default=18.0, help="training FLOPs budget of each run (PFLOPs)")
+    p.add_argument("--budget-tflops", type=float, default=24.0,
+                   help="training FLOPs budget of each run in TFLOPs (24: 1,000 steps of the final shape)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply the budget (for quick looks)")
     p.add_argument("--lrs", default="1.5e-3,3e-3,6e-3", help="peak learning rates to sweep for each arm")
     p.add_argument("--out", default="runs/growth_vs_scratch")
     args = p.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    budget = args.budget_pflops * 1e15 * args.budget_scale
+    budget = args.budget_tflops * 1e12 * args.budget_scale
     lrs = [float(v) for v in args.lrs.split(",")]
     runs = []
     for lr in lrs:
@@ -161,7 +162,7 @@ def main() -> None:
     plot(best, root / "curves.png")
     print(f"target (best scratch final validation loss): {target:.4f}")
     if growth_at:
-        print(f"growth reaches it with {growth_at[0] / 1e15:.2f} PFLOPs vs scratch {scratch_at[0] / 1e15:.2f}: "
+        print(f"growth reaches it with {growth_at[0] / 1e12:.2f} TFLOPs vs scratch {scratch_at[0] / 1e12:.2f}: "
               f"{summary['speedup_flops']:.2f}x less compute, {summary['speedup_wall_clock']:.2f}x less wall-clock")
     else:
         print(f"growth does not reach it within the budget (its best final loss: {best['growth']['final_val_loss']:.4f})")
