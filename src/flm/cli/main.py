@@ -51,9 +51,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from flm.device import resolve_device
     from flm.model import generate
     from flm.train.checkpoint import load_for_inference
-    from flm.train.trainer import resolve_device
 
     device = resolve_device(args.device)
     model, tok, _ = load_for_inference(args.checkpoint, device)

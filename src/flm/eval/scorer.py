@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from flm.device import resolve_device
 from flm.errors import FlmError, require_module
 
 log = logging.getLogger("flm.eval")
@@ -252,16 +253,6 @@ class HFScorer(TokenScorer):
 
     def _branch(self, state: Any, length: int) -> Any:
         return copy.deepcopy(state)  # the cache grows in place; the kept context state must stay as it is
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; an explicit device must exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FlmError(f"device {spec!r} asked for, but CUDA is not available on this machine (use cpu or auto)")
-    return device
 
 
 def load_scorer(path: str | Path, device: str = "auto") -> TokenScorer:

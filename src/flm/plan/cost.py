@@ -69,8 +69,33 @@ class StageCost:
     cost: float
 
 
+class ScheduleTotals:
+    """Totals over the stages of a schedule (needs `stages`, `growth_days`, `n_gpus`, `price_per_gpu_hour`)."""
+
+    stages: list[StageCost]
+    growth_days: float
+    n_gpus: int
+    price_per_gpu_hour: float
+
+    @property
+    def total_tokens(self) -> float:
+        return sum(s.tokens for s in self.stages)
+
+    @property
+    def total_days(self) -> float:
+        return sum(s.days for s in self.stages) + self.growth_days
+
+    @property
+    def total_gpu_hours(self) -> float:
+        return self.total_days * 24.0 * self.n_gpus
+
+    @property
+    def total_cost(self) -> float:
+        return self.total_gpu_hours * self.price_per_gpu_hour
+
+
 @dataclass(frozen=True)
-class PlanResult:
+class PlanResult(ScheduleTotals):
     """A growth schedule's cost, and the final model trained from scratch on the same tokens."""
 
     gpu: GPU
@@ -84,28 +109,12 @@ class PlanResult:
     scratch: StageCost
 
     @property
-    def total_tokens(self) -> float:
-        return sum(s.tokens for s in self.stages)
-
-    @property
     def total_flops(self) -> float:
         return sum(s.flops for s in self.stages)
 
     @property
     def total_recompute_flops(self) -> float:
         return sum(s.recompute_flops for s in self.stages)
-
-    @property
-    def total_days(self) -> float:
-        return sum(s.days for s in self.stages) + self.growth_days
-
-    @property
-    def total_gpu_hours(self) -> float:
-        return self.total_days * 24.0 * self.n_gpus
-
-    @property
-    def total_cost(self) -> float:
-        return self.total_gpu_hours * self.price_per_gpu_hour
 
     @property
     def speedup(self) -> float:

@@ -33,32 +33,16 @@ from statistics import mean
 from flm.config import ModelConfig, PlanConfig
 from flm.errors import FlmError
 from flm.model.counting import param_count
-from flm.plan.cost import FLOPS_PER_TOKEN, StageCost, stage_cost
+from flm.plan.cost import FLOPS_PER_TOKEN, ScheduleTotals, StageCost, stage_cost
 from flm.plan.hardware import GPU
 
 
 @dataclass(frozen=True)
-class Schedule:
+class Schedule(ScheduleTotals):
     stages: list[StageCost]
     growth_days: float
     n_gpus: int
     price_per_gpu_hour: float
-
-    @property
-    def total_tokens(self) -> float:
-        return sum(s.tokens for s in self.stages)
-
-    @property
-    def total_days(self) -> float:
-        return sum(s.days for s in self.stages) + self.growth_days
-
-    @property
-    def total_gpu_hours(self) -> float:
-        return self.total_days * 24.0 * self.n_gpus
-
-    @property
-    def total_cost(self) -> float:
-        return self.total_gpu_hours * self.price_per_gpu_hour
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 
 from flm.config import Config, ModelConfig, config_to_dict
 from flm.data import PreparedData, TokenLoader, iter_eval_batches, load_prepared
+from flm.device import resolve_device
 from flm.errors import FlmError
 from flm.growth import Ramp, apply_masks, grow_adam_state, grow_model
 from flm.model import FLM, flops_per_token, generate, param_count
@@ -31,15 +32,6 @@ from flm.train.checkpoint import (list_checkpoints, load_model_state, load_train
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
 from flm.train.optim import build_optimizer
 from flm.train.schedule import Stage, lr_at, plan_stages, tokens_and_flops_at
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FlmError(f"train.device is {spec!r} but CUDA is not available on this machine")
-    return device
 
 
 def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
