@@ -7,7 +7,7 @@ import torch
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
-from flm.growth import Ramp, apply_masks, grow_model, grow_state, layer_sources
+from flm.growth import apply_masks, grow_model, grow_state, layer_sources
 from flm.model import FLM
 
 OLD = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, vocab_size=101, max_seq_len=64)

@@ -31,7 +31,7 @@ from flm.train.checkpoint import (list_checkpoints, load_model_state, load_train
                                   resolve_checkpoint, save_checkpoint)
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
 from flm.train.optim import build_optimizer
-from flm.train.schedule import Stage, lr_at, plan_stages, tokens_and_flops_at
+from flm.train.schedule import lr_at, plan_stages, tokens_and_flops_at
 
 
 def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
