@@ -91,10 +91,10 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
     seq_len: int = 128
-    max_steps: int = 1000
+    max_steps: int = 1000  # a run without [[stages]]; with stages, their token budgets set the steps
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # also the first stage's, unless it sets its own
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
