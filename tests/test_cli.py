@@ -57,6 +57,8 @@ def test_prepare_train_resume_generate(run):
     assert (root / "run" / "loss.png").exists() and (root / "run" / "tensorboard").is_dir()
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8]  # log_every 10: at stop and end
+    done = flm("train", "-c", str(config), "--resume", "auto").stdout  # a finished run: nothing to do, still reports
+    assert "resumed from" in done and "validation loss" in done
     text = flm("generate", str(root / "run"), "-p", "In the beginning", "-n", "10", "-t", "0").stdout
     again = flm("generate", str(root / "run"), "-p", "In the beginning", "-n", "10", "-t", "0").stdout
     assert text.startswith("In the beginning") and text == again

@@ -276,6 +276,8 @@ class Trainer:
             if progress is not None:
                 progress.close()
             metrics.close()
+        if val_loss is None:  # nothing left to train (e.g. resuming a finished run): still report where it stands
+            val_loss = self.evaluate()
         plot_losses(self.run_dir)
         found = list_checkpoints(self.ckpt_root)
         return {"step": self.step, "val_loss": val_loss, "checkpoint": str(found[-1]) if found else None}
