@@ -1,14 +1,22 @@
 """Budget planner: FLOPs, time, GPU-hours and dollars of growth schedules, memory per GPU of a parallel
 layout, and a search for schedules that fit a budget. Reads only configs and the model's counting
-functions; needs no GPU (docs/plan.md)."""
+functions; needs no GPU (docs/plan.md).
 
-from flm.plan.cost import FLOPS_PER_TOKEN, PlanResult, StageCost, plan_costs, recompute_flops_per_token
-from flm.plan.hardware import GPU, GPUS, get_gpu
-from flm.plan.memory import Layout, MemoryEstimate, estimate_memory, stage_memory
-from flm.plan.search import SearchResult, budget_gpu_hours, search_schedule
+Names are loaded on first use, so `flm --help` (which registers the `plan` command) does not import torch.
+"""
 
-__all__ = [
-    "FLOPS_PER_TOKEN", "GPU", "GPUS", "Layout", "MemoryEstimate", "PlanResult", "SearchResult", "StageCost",
-    "budget_gpu_hours", "estimate_memory", "get_gpu", "plan_costs", "recompute_flops_per_token",
-    "search_schedule", "stage_memory",
-]
+import importlib
+
+_HOME = {
+    "FLOPS_PER_TOKEN": "cost", "PlanResult": "cost", "StageCost": "cost", "plan_costs": "cost",
+    "recompute_flops_per_token": "cost", "GPU": "hardware", "GPUS": "hardware", "get_gpu": "hardware",
+    "Layout": "memory", "MemoryEstimate": "memory", "estimate_memory": "memory", "stage_memory": "memory",
+    "SearchResult": "search", "budget_gpu_hours": "search", "search_schedule": "search",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"flm.plan.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'flm.plan' has no attribute {name!r}")
