@@ -206,3 +206,12 @@ def test_offline_grow_then_resume_continues_from_the_same_function(data_dir, tmp
     bad = subprocess.run([sys.executable, "-m", "flm.cli.main", "grow", str(tmp_path / "small"), "--to", "d_model=16",
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "cannot shrink d_model" in bad.stderr
+
+
+def test_a_ramp_longer_than_its_stage_is_a_config_error(data_dir, tmp_path):
+    from flm.errors import FlmError
+
+    cfg = staged(data_dir, tmp_path / "r")
+    cfg.stages[1].ramp_steps = 50  # the stage has 5 steps: a next growth would land mid-ramp
+    with pytest.raises(FlmError, match=r"stages\[1\]\.ramp_steps \(50\) is longer than the stage \(5 steps\)"):
+        Trainer(cfg, log=lambda *_: None)
