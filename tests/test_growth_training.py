@@ -215,3 +215,11 @@ def test_a_ramp_longer_than_its_stage_is_a_config_error(data_dir, tmp_path):
     cfg.stages[1].ramp_steps = 50  # the stage has 5 steps: a next growth would land mid-ramp
     with pytest.raises(FlmError, match=r"stages\[1\]\.ramp_steps \(50\) is longer than the stage \(5 steps\)"):
         Trainer(cfg, log=lambda *_: None)
+
+
+def test_a_stage_that_would_shrink_is_refused_before_training(data_dir, tmp_path):
+    from flm.errors import FlmError
+
+    cfg = staged(data_dir, tmp_path / "s", "model.n_layers=5")  # stage 2 asks for 3 layers
+    with pytest.raises(FlmError, match=r"stages\[1\]: growth cannot shrink n_layers \(5 -> 3\)"):
+        Trainer(cfg, log=lambda *_: None)

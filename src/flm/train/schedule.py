@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from flm.config import Config, ModelConfig
 from flm.errors import FlmError
+from flm.growth import check_growable
 from flm.model import flops_per_token
 
 
@@ -41,6 +42,11 @@ def plan_stages(cfg: Config, model: ModelConfig) -> list[Stage]:
     if not cfg.stages:
         return [Stage(0, model, 0, tc.max_steps, tc.grad_accum, tc.lr, tc.min_lr, tc.warmup_steps, 0, "stack")]
     shapes = [dataclasses.replace(m, vocab_size=model.vocab_size) for m in cfg.stage_models()]
+    for i in range(1, len(shapes)):  # refuse an impossible growth now, not hours into the run
+        try:
+            check_growable(shapes[i - 1], shapes[i])
+        except FlmError as e:
+            raise FlmError(f"stages[{i}]: {e}") from None
     sizes = []
     for i, stage in enumerate(cfg.stages):
         sequences = stage.batch_size or tc.batch_size * tc.grad_accum
