@@ -16,6 +16,7 @@ Writes runs/growth_vs_scratch/{summary.json,curves.png} and one run folder per a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from flm.config import StageConfig, load_config
 from flm.data import prepare
 from flm.model import flops_per_token
 from flm.train import Trainer
+from flm.train.trainer import resolve_model_config
 from flm.train.metrics import read_metrics
 
 FINAL = dict(n_layers=4, d_model=128, n_heads=4)  # the `tiny` preset: both arms end here
@@ -47,17 +49,16 @@ def run_arm(arm: str, lr: float, budget_flops: float, root: Path, eval_every: in
     tokens_per_step = 16 * 128
     if arm == "scratch":
         cfg = load_config(None, overrides + [f"model.{k}={v}" for k, v in FINAL.items()])
-        vocab = 128 * -(-prepare(cfg.data, log=lambda *_: None).vocab_size // 128)
-        per_token = flops_per_token(_with(cfg.model, vocab), 128)
+        per_token = flops_per_token(resolve_model_config(cfg.model, prepare(cfg.data, log=lambda *_: None)), 128)
         cfg.train.max_steps = int(budget_flops / (per_token * tokens_per_step))
         cfg.train.warmup_steps = max(1, cfg.train.max_steps // 20)
     else:
         first = GROWTH[0]
         cfg = load_config(None, overrides + [f"model.{k}={v}" for k, v in first.items() if k != "share"])
-        vocab = 128 * -(-prepare(cfg.data, log=lambda *_: None).vocab_size // 128)
+        base = resolve_model_config(cfg.model, prepare(cfg.data, log=lambda *_: None))
         stages = []
         for i, shape in enumerate(GROWTH):
-            model = _with(cfg.model, vocab, **{k: v for k, v in shape.items() if k != "share"})
+            model = dataclasses.replace(base, **{k: v for k, v in shape.items() if k != "share"})
             tokens = int(shape["share"] * budget_flops / flops_per_token(model, 128))
             stages.append(StageConfig(name=f"{shape['n_layers']}x{shape['d_model']}", tokens=tokens,
                                       n_layers=shape["n_layers"], d_model=shape["d_model"], n_heads=shape["n_heads"],
@@ -75,12 +76,6 @@ def run_arm(arm: str, lr: float, budget_flops: float, root: Path, eval_every: in
     return {"arm": arm, "lr": lr, "final_val_loss": evals[-1]["val_loss"], "wall_s": wall,
             "curve": [(r["flops"], r["val_loss"], r["step"] * steps_to_seconds) for r in evals],
             "growth_flops": [_flops_at(trainer, g["step"]) for g in growths], "steps": trainer.step}
-
-
-def _with(model, vocab, **changes):
-    import dataclasses
-
-    return dataclasses.replace(model, vocab_size=vocab, **changes)
 
 
 def _flops_at(trainer: Trainer, step: int) -> float:

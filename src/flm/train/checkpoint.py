@@ -157,7 +157,9 @@ def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for name, p in zip(group["names"], group["params"]):
             if name in by_param:
-                optimizer.state[p] = {k: (v if k == "step" else v.to(p.device)) for k, v in by_param[name].items()}
+                # A scalar step count stays on the CPU (as in torch.optim); a per-element one follows its parameter.
+                optimizer.state[p] = {k: (v if k == "step" and v.dim() == 0 else v.to(p.device))
+                                      for k, v in by_param[name].items()}
     torch.set_rng_state(tensors["rng.torch_cpu"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from flm.config import PRESETS, config_from_dict, config_to_dict, model_config_from_dict
 from flm.errors import FlmError
-from flm.growth import grow_adam_state, grow_model
+from flm.growth import grow_model
 from flm.model import FLM
 from flm.train.checkpoint import find_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint
-from flm.train.optim import build_optimizer
-from flm.train.trainer import adam_state_by_name
+from flm.train.optim import build_optimizer, grow_optimizer
 
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_ff")
 
@@ -50,10 +49,7 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
     optimizer = build_optimizer(model, cfg.train)
     load_train_state(ckpt, optimizer)
     grown, ramp = grow_model(model, new_cfg, new_layers, ramp_steps)
-    new_opt = build_optimizer(grown, cfg.train)
-    named = {n: p for g in new_opt.param_groups for n, p in zip(g["names"], g["params"])}
-    for name, state in grow_adam_state(old_cfg, adam_state_by_name(optimizer), new_cfg, named, ramp.sources).items():
-        new_opt.state[named[name]] = state
+    new_opt = grow_optimizer(optimizer, old_cfg, grown, ramp.sources, cfg.train)
     out_root = Path(out_run_dir) / "checkpoints"
     cfg.model = dataclasses.replace(cfg.model, **{k: getattr(new_cfg, k) for k in SHAPE_KEYS})
     new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "step")},

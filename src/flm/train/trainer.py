@@ -25,12 +25,12 @@ from flm.config import Config, ModelConfig, config_to_dict
 from flm.data import PreparedData, TokenLoader, iter_eval_batches, load_prepared
 from flm.device import resolve_device
 from flm.errors import FlmError
-from flm.growth import Ramp, apply_masks, grow_adam_state, grow_model
+from flm.growth import Ramp, apply_masks, grow_model
 from flm.model import FLM, flops_per_token, generate, param_count
 from flm.train.checkpoint import (list_checkpoints, load_model_state, load_train_state, read_meta,
                                   resolve_checkpoint, save_checkpoint)
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
-from flm.train.optim import build_optimizer
+from flm.train.optim import build_optimizer, grow_optimizer
 from flm.train.schedule import lr_at, plan_stages, tokens_and_flops_at
 
 
@@ -41,11 +41,6 @@ def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
     if model.vocab_size < data.vocab_size:
         raise FlmError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's ({data.vocab_size})")
     return model
-
-
-def adam_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: optimizer.state[p] for group in optimizer.param_groups
-            for name, p in zip(group["names"], group["params"]) if p in optimizer.state}
 
 
 class Trainer:
@@ -68,10 +63,10 @@ class Trainer:
         self.loader = TokenLoader(self.data.train_shards, tc.batch_size, tc.seq_len, seed=tc.seed)
         self.step = 0
 
-    def _use(self, model: FLM) -> None:
-        """Make `model` the one being trained, with a fresh optimizer over its parameters."""
+    def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Make `model` the one being trained, with `optimizer` (default: a fresh one over its parameters)."""
         self.model = model
-        self.optimizer = build_optimizer(model, self.cfg.train)
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(model, self.cfg.train)
         self.step_fn = torch.compile(model) if self.cfg.train.compile else model
 
     @property
@@ -85,8 +80,7 @@ class Trainer:
 
     def save(self) -> Path:
         meta = {"config": config_to_dict(self.cfg), "model": config_to_dict(self.model.cfg), "stage": self.stage,
-                "ramp": self.ramp.to_dict() if self.ramp else None, "data": self.loader.state_dict(),
-                "data_dir": str(self.data.dir)}
+                "ramp": self.ramp.to_dict() if self.ramp else None, "data": self.loader.state_dict()}
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta,
                                self.cfg.train.keep_last, write_extra=self.tokenizer.save)
 
@@ -173,14 +167,9 @@ class Trainer:
     def grow(self) -> dict[str, Any]:
         """Grow model and Adam state into the next stage's shape; returns the growth record."""
         nxt = self.stages[self.stage + 1]
-        old_model, old_state = self.model, adam_state_by_name(self.optimizer)
         loss_before, grad_before = self.probe()
-        model, ramp = grow_model(old_model, nxt.model, nxt.new_layers, nxt.ramp_steps)
-        self._use(model)
-        named = {name: p for group in self.optimizer.param_groups for name, p in zip(group["names"], group["params"])}
-        for name, state in grow_adam_state(old_model.cfg, old_state, model.cfg, named, ramp.sources).items():
-            self.optimizer.state[named[name]] = state
-        del old_model, old_state
+        model, ramp = grow_model(self.model, nxt.model, nxt.new_layers, nxt.ramp_steps)
+        self._use(model, grow_optimizer(self.optimizer, self.model.cfg, model, ramp.sources, self.cfg.train))
         self.stage += 1
         self.ramp = ramp if ramp.c < 1.0 else None
         loss_after, grad_after = self.probe()
