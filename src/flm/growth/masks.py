@@ -57,10 +57,14 @@ def apply_masks(model: FLM, ramp: Ramp, fold: bool = True) -> None:
     like = model.embed.weight
     done = fold and c >= 1.0
     model.hidden_mask = None if done else _mask(new.d_model, old.d_model, c, like)
+    # One tensor of each kind, shared by every block: the masks are the same in all layers.
+    gate = None if done else torch.tensor(c, dtype=like.dtype, device=like.device)
+    head_mask = None if done else _mask(new.n_heads, old.n_heads, c, like)
+    unit_mask = None if done else _mask(new.ffn_dim, old.ffn_dim, c, like)
     for block, src in zip(model.blocks, ramp.sources):
-        block.gate = None if done or not src.new else torch.tensor(c, dtype=like.dtype, device=like.device)
-        block.attn.head_mask = None if done else _mask(new.n_heads, old.n_heads, c, like)
-        block.mlp.unit_mask = None if done else _mask(new.ffn_dim, old.ffn_dim, c, like)
+        block.gate = gate if src.new else None
+        block.attn.head_mask = head_mask
+        block.mlp.unit_mask = unit_mask
 
 
 @torch.no_grad()
@@ -73,7 +77,8 @@ def grow_model(model: FLM, new_cfg: ModelConfig, new_layers: str = "stack", ramp
     old_cfg = model.cfg
     check_growable(old_cfg, new_cfg)
     sources = layer_sources(old_cfg.n_layers, new_cfg.n_layers, new_layers)
-    grown = FLM(new_cfg).to(model.embed.weight.device)
+    with torch.device(model.embed.weight.device):  # initialise where it will live, never a host-side copy
+        grown = FLM(new_cfg)
     targets = grown.state_dict()
     for name, tensor in iter_grown(old_cfg, model.state_dict(), new_cfg, targets, sources,
                                    copy_new_layers=new_layers != "random"):
