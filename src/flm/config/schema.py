@@ -32,8 +32,11 @@ class ModelConfig:
     xpos_scale_base: float = 512.0
     # Readout: logits = lm_head(h) * output_mult * (base_width / d_model if mup else 1).
     output_mult: float = 1.0
-    base_width: int = 256
+    base_width: int = 256  # μP: the width whose init and LRs are the configured ones (width_mult = d_model / base_width)
+    # μP (flm.mup.rules): hidden matrices get init variance init_std² / width_mult and Adam LR lr / width_mult,
+    # and the readout above; false: standard parametrization (every multiplier 1).
     mup: bool = False
+    zero_query: bool = False  # initialise the query rows of QKV to zero (attention starts uniform)
 
     @property
     def ffn_dim(self) -> int:

@@ -11,22 +11,13 @@ None in an ordinary model, so a model without growth in progress runs the plain 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
-
-
-def readout_multiplier(cfg: ModelConfig) -> float:
-    """The factor on the logits: `output_mult · base_width / d_model` under μP, `output_mult` otherwise.
-
-    Computed from the config (never stored on tensors) so FSDP and torch.compile see a plain float.
-    """
-    return cfg.output_mult * (cfg.base_width / cfg.d_model if cfg.mup else 1.0)
+from flm.mup.rules import init_std, readout_multiplier
 
 
 def xpos_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
@@ -182,23 +173,26 @@ class FLM(nn.Module):
     def init_weights(self) -> None:
         """Initialise parameters and recompute the rotary tables (also after `to_empty` from meta).
 
-        Matrices ~ N(0, init_std), residual-stream writers (attn.proj, mlp.fc2) scaled by 1/sqrt(2L)
-        as in GPT-2/3, biases 0, LayerNorm γ = 1, β = 0.
+        Matrices ~ N(0, σ) with σ from flm.mup.rules.init_std (init_std; hidden matrices divided by
+        sqrt(width_mult) under μP, residual-stream writers attn.proj and mlp.fc2 also by sqrt(2L) as in
+        GPT-2/3), biases 0, LayerNorm γ = 1, β = 0; with `zero_query`, the query rows of QKV are 0.
         """
-        cfg, std = self.cfg, self.cfg.init_std
+        cfg = self.cfg
         for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg, self.cos_q.device)):
             getattr(self, name).copy_(table)
-        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.embed.weight, std=init_std(cfg, "embed.weight"))
         if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            nn.init.normal_(self.lm_head.weight, std=init_std(cfg, "lm_head.weight"))
         for block in self.blocks:
             for ln in (block.ln1, block.ln2):
                 nn.init.ones_(ln.weight)
                 nn.init.zeros_(ln.bias)
-            for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
-                out_proj = lin is block.attn.proj or lin is block.mlp.fc2
-                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * cfg.n_layers) if out_proj else std)
+            for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+                lin = block.get_submodule(path)
+                nn.init.normal_(lin.weight, std=init_std(cfg, f"{path}.weight"))
                 nn.init.zeros_(lin.bias)
+            if cfg.zero_query:
+                block.attn.qkv.weight[:cfg.attn_dim].zero_()
         nn.init.ones_(self.ln_f.weight)
         nn.init.zeros_(self.ln_f.bias)
 

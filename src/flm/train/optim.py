@@ -3,35 +3,39 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from flm import mup
 from flm.config import ModelConfig, TrainConfig
 from flm.growth import LayerSource, grow_adam_state
+from flm.model import FLM
 from flm.train.adamw import AdamW
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices (dim >= 2: linear weights, embedding, head) decay; vectors do not.
+def param_groups(model: FLM, weight_decay: float, lr: float) -> list[dict]:
+    """Parameters grouped by (LR multiplier, weight decay) from flm.mup.rules, in order of appearance.
 
-    Biases and LayerNorm parameters are vector-like: decaying them only pulls γ away from 1.
-    Each group keeps its parameter names so optimizer state can be saved and grown by name.
+    Standard parametrization gives two groups (one if weight_decay is 0): matrices (linear weights, embedding, head) decay,
+    vectors (biases, LayerNorm) do not. μP adds a group for the hidden matrices, whose LR is divided
+    by width_mult. Each group carries its `lr_mult` (the trainer sets lr = schedule · lr_mult) and its
+    parameter names, so optimizer state can be saved and grown by name.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[float, float], dict] = {}
     seen = set()
     for name, p in model.named_parameters():
         if id(p) in seen:  # tied head/embedding: one tensor, one entry
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append((name, p))
-    return [
-        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
-    ]
+        mult, decay = mup.lr_mult(model.cfg, name), mup.weight_decay(model.cfg, name, weight_decay)
+        group = groups.setdefault((mult, decay), {"params": [], "names": [], "lr": lr * mult, "lr_mult": mult,
+                                                  "weight_decay": decay})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AdamW:
-    return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-
+def build_optimizer(model: FLM, cfg: TrainConfig) -> AdamW:
+    return AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                 eps=cfg.adam_eps)
 
 
 def adam_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
@@ -39,9 +43,12 @@ def adam_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, 
             for name, p in zip(group["names"], group["params"]) if p in optimizer.state}
 
 
-def grow_optimizer(old: torch.optim.Optimizer, old_cfg: ModelConfig, model: nn.Module, sources: list[LayerSource],
+def grow_optimizer(old: torch.optim.Optimizer, old_cfg: ModelConfig, model: FLM, sources: list[LayerSource],
                    cfg: TrainConfig) -> AdamW:
-    """An optimizer over the grown `model` holding `old`'s Adam state mapped into the new shapes."""
+    """An optimizer over the grown `model` holding `old`'s Adam state mapped into the new shapes.
+
+    Its groups come from the grown config, so under μP the hidden matrices take the new width's LR.
+    """
     new = build_optimizer(model, cfg)
     named = {name: p for group in new.param_groups for name, p in zip(group["names"], group["params"])}
     for name, state in grow_adam_state(old_cfg, adam_state_by_name(old), model.cfg, named, sources).items():

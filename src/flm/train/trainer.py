@@ -117,7 +117,7 @@ class Trainer:
         accum = self.stages[self.stage].grad_accum
         lr = lr_at(self.step, self.stages)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]  # μP: hidden matrices at lr / width_mult (flm.mup.rules)
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
             x, y = self.loader.next_batch()
