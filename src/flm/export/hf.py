@@ -48,7 +48,7 @@ CONFIG_KEYS = {
     "n_heads": "num_attention_heads", "head_dim": "head_dim", "max_seq_len": "max_position_embeddings",
     "ln_eps": "layer_norm_eps", "rope_theta": "rope_theta", "xpos_scale_base": "xpos_scale_base",
     "output_mult": "output_mult", "base_width": "base_width", "mup": "mup", "dropout": "dropout",
-    "init_std": "initializer_range", "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range", "tie_embeddings": "tie_word_embeddings", "zero_query": "zero_query",
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -30,8 +30,11 @@ def width_mult(cfg: ModelConfig) -> float:
 
 
 def readout_multiplier(cfg: ModelConfig) -> float:
-    """The factor on the logits: `output_mult / width_mult` (= output_mult · base_width / d_model under μP)."""
-    return cfg.output_mult / width_mult(cfg)
+    """The factor on the logits: `output_mult / width_mult`, i.e. output_mult · base_width / d_model under μP.
+
+    Written as the exported Hugging Face config computes it, so both give the same float.
+    """
+    return cfg.output_mult * (cfg.base_width / cfg.d_model if cfg.mup else 1.0)
 
 
 def is_hidden_matrix(name: str) -> bool:
