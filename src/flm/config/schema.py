@@ -60,6 +60,33 @@ class ModelConfig:
         _require(self.output_mult > 0, f"model.output_mult must be positive, got {self.output_mult}")
 
 
+_SOURCE_KINDS = ("text", "instruct", "teacher")
+_LOSS_ON = ("response", "all")
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a mixture ([[data.sources]]); see docs/data.md for the file formats.
+
+    `weight` is the source's share of the sequences in every batch (weights are normalised to sum to 1).
+    """
+
+    kind: str = "text"  # "text" (loss on every token), "instruct" (JSONL prompt/response), "teacher" (propositions)
+    # text: a corpus as in data.corpus ("" = data.corpus); instruct: a .jsonl file or folder of them;
+    # teacher: a .jsonl file or folder, or "bundled" (the generated comparison/arithmetic set, docs/data.md)
+    path: str = ""
+    weight: float = 1.0
+    loss_on: str = "response"  # instruct only: "response" (loss on the response and its end) or "all"
+
+    def validate(self, where: str) -> None:
+        _require(self.kind in _SOURCE_KINDS, f"{where}.kind must be one of {_SOURCE_KINDS}, got {self.kind!r}")
+        _require(self.kind == "text" or bool(self.path), f"{where}.path must name the {self.kind} data")
+        _require(self.weight > 0 and self.weight != float("inf"), f"{where}.weight must be positive, got {self.weight}")
+        _require(self.loss_on in _LOSS_ON, f"{where}.loss_on must be one of {_LOSS_ON}, got {self.loss_on!r}")
+        _require(self.kind == "instruct" or self.loss_on == "response",
+                 f"{where}.loss_on applies to instruct sources only (a {self.kind} source has a fixed loss mask)")
+
+
 @dataclass
 class DataConfig:
     """Where text comes from, how it is tokenised, and where the shards go."""
@@ -71,6 +98,8 @@ class DataConfig:
     val_fraction: float = 0.01
     shard_tokens: int = 50_000_000
     max_chars: int | None = None  # cap on corpus characters (None: everything), for quick runs
+    # A mixture of sources, each with a weight; empty: `corpus` alone, as plain text.
+    sources: list[SourceConfig] = field(default_factory=list)
 
     def validate(self) -> None:
         _require(bool(self.corpus), "data.corpus must not be empty")
@@ -80,6 +109,10 @@ class DataConfig:
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _require(self.shard_tokens > 0, f"data.shard_tokens must be positive, got {self.shard_tokens}")
         _require(self.max_chars is None or self.max_chars > 0, f"data.max_chars must be positive, got {self.max_chars}")
+        for i, source in enumerate(self.sources):
+            source.validate(f"data.sources[{i}]")
+        _require(not self.sources or any(s.kind != "teacher" for s in self.sources),
+                 "data.sources needs a text or instruct source: the validation loss is measured on them")
 
 
 @dataclass

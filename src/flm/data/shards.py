@@ -3,6 +3,10 @@
 Layout (little-endian): magic b"FLMSHARD", u32 format version, u32 dtype code (2 = uint16, 4 = uint32),
 u64 vocab_size, u64 token_count, zero padding to 64 bytes, then token_count ids. The header lets a reader
 reject a truncated or foreign file before training on garbage.
+
+Loss masks sit beside the token shards of sources that have them (instruction and teacher data): the same header
+with magic b"FLMLMASK", dtype code 1 (uint8), vocab_size 2 and token_count entries, one 0/1 byte per token of the
+shard (1: the token is a loss target). A byte per token keeps any slice a plain memory-map read.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import numpy as np
 from flm.errors import FlmError
 
 MAGIC = b"FLMSHARD"
+MASK_MAGIC = b"FLMLMASK"
 VERSION = 1
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQQ")
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_MASK_CODE, _MASK_DTYPE = 1, np.dtype("u1")
 
 
 @dataclass(frozen=True)
@@ -67,37 +73,66 @@ def atomic_write(path: Path, parts: Iterable[bytes | memoryview]) -> None:
         raise
 
 
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write a 0/1 loss mask file, atomically, in the format described in the module docstring."""
+    path = Path(path)
+    mask = np.asarray(mask)
+    if mask.ndim != 1 or mask.dtype.kind not in "biu" or (mask.size and int(mask.max()) > 1) or \
+            (mask.size and int(mask.min()) < 0):
+        raise FlmError(f"cannot write mask {path.name}: the mask must be a 1-D array of 0s and 1s")
+    header = _HEADER.pack(MASK_MAGIC, VERSION, _MASK_CODE, 2, mask.size).ljust(HEADER_SIZE, b"\0")
+    atomic_write(path, [header, np.ascontiguousarray(mask, dtype=_MASK_DTYPE).data])
+
+
 def read_shard_header(path: str | Path) -> ShardHeader:
     """Parse and check a shard's header against the file size; any mismatch is an FlmError naming the file."""
+    return _read_header(path, MAGIC, "token shard")
+
+
+def read_mask_header(path: str | Path) -> ShardHeader:
+    """Parse and check a loss mask file's header, as `read_shard_header` does for token shards."""
+    return _read_header(path, MASK_MAGIC, "loss mask")
+
+
+def _read_header(path: str | Path, magic_expected: bytes, what_file: str) -> ShardHeader:
     path = Path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(HEADER_SIZE)
     except OSError as e:
-        raise FlmError(f"cannot read shard {path}: {e.strerror or e}") from e
+        raise FlmError(f"cannot read {what_file} {path}: {e.strerror or e}") from e
     if len(raw) < HEADER_SIZE:
-        raise FlmError(f"bad shard {path}: {size} bytes is shorter than the {HEADER_SIZE}-byte header")
+        raise FlmError(f"bad {what_file} {path}: {size} bytes is shorter than the {HEADER_SIZE}-byte header")
     magic, version, code, vocab_size, count = _HEADER.unpack_from(raw)
-    if magic != MAGIC:
-        raise FlmError(f"bad shard {path}: wrong magic {magic!r}, not an flm token shard")
+    if magic != magic_expected:
+        raise FlmError(f"bad {what_file} {path}: wrong magic {magic!r}, not an flm {what_file}")
     if version != VERSION:
-        raise FlmError(f"bad shard {path}: unknown format version {version} (this flm reads version {VERSION})")
-    if code not in _DTYPES:
-        raise FlmError(f"bad shard {path}: unknown dtype code {code} (expected 2 or 4)")
-    dtype = _DTYPES[code]
+        raise FlmError(f"bad {what_file} {path}: unknown format version {version} (this flm reads version {VERSION})")
+    codes = {_MASK_CODE: _MASK_DTYPE} if magic == MASK_MAGIC else _DTYPES
+    if code not in codes:
+        raise FlmError(f"bad {what_file} {path}: unknown dtype code {code} (expected {' or '.join(map(str, codes))})")
+    dtype = codes[code]
     if vocab_size > np.iinfo(dtype).max + 1:
-        raise FlmError(f"bad shard {path}: dtype {dtype.name} cannot hold vocab_size {vocab_size}")
+        raise FlmError(f"bad {what_file} {path}: dtype {dtype.name} cannot hold vocab_size {vocab_size}")
     expected = HEADER_SIZE + count * dtype.itemsize
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"
-        raise FlmError(f"bad shard {path}: {what} ({size} bytes, header promises {expected})")
+        raise FlmError(f"bad {what_file} {path}: {what} ({size} bytes, header promises {expected})")
     return ShardHeader(version, dtype, vocab_size, count)
 
 
 def read_shard(path: str | Path) -> np.ndarray:
     """The shard's tokens as a read-only memory map (nothing is loaded until it is indexed)."""
-    header = read_shard_header(path)
+    return _map(path, read_shard_header(path))
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A loss mask file's 0/1 bytes as a read-only memory map."""
+    return _map(path, read_mask_header(path))
+
+
+def _map(path: str | Path, header: ShardHeader) -> np.ndarray:
     if header.token_count == 0:
         return np.empty(0, dtype=header.dtype)
     return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.token_count,))

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import tiktoken
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from flm.errors import FlmError
 
 EOT = "<|endoftext|>"
+# Teacher-signal label tokens (REFERENCE.md §4): a proposition is `<text><label>`, the loss falls on the label only.
+# They are special tokens appended after the vocabulary; encoding text never produces them (a document that spells
+# "<|true|>" gets ordinary byte tokens), so only a labelled proposition can carry one.
+TRUE_LABEL = "<|true|>"
+FALSE_LABEL = "<|false|>"
+LABELS = (TRUE_LABEL, FALSE_LABEL)
 # Tokenizers from elsewhere name their document separator differently; the first one present is used.
 _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 # The cl100k_base pre-tokenisation regex: the rank files this loads were trained with it.
@@ -38,9 +44,13 @@ class Tokenizer:
     """
 
     def __init__(self, backend: HFTokenizer | tiktoken.Encoding, spec: str, tiktoken_path: Path | None = None):
-        self._backend = backend
         self.spec = spec
         self._tiktoken_path = tiktoken_path
+        self._use(backend)
+
+    def _use(self, backend: HFTokenizer | tiktoken.Encoding) -> None:
+        """Adopt `backend` and read the vocabulary size and the special ids off it."""
+        self._backend = backend
         if isinstance(backend, HFTokenizer):
             # A document that happens to contain "<|endoftext|>" must not fake a document boundary.
             backend.encode_special_tokens = True
@@ -48,11 +58,27 @@ class Tokenizer:
             self.vocab_size = max(vocab.values()) + 1
             eot = next((vocab[t] for t in _EOT_CANDIDATES if t in vocab), None)
             if eot is None:
-                raise FlmError(f"tokenizer {spec} has no end-of-text token (looked for {', '.join(_EOT_CANDIDATES)})")
+                raise FlmError(f"tokenizer {self.spec} has no end-of-text token "
+                               f"(looked for {', '.join(_EOT_CANDIDATES)})")
             self.eot_id = eot
+            labels = [vocab.get(t) for t in LABELS]
         else:
             self.vocab_size = backend.n_vocab
             self.eot_id = backend.eot_token
+            labels = [backend.encode_single_token(t) if t in backend.special_tokens_set else None for t in LABELS]
+        # (TRUE id, FALSE id) once `add_label_tokens` ran (or the loaded tokenizer had them), else None.
+        self.label_ids: tuple[int, int] | None = None if None in labels else (labels[0], labels[1])
+
+    def add_label_tokens(self) -> None:
+        """Append the two teacher-signal label tokens (ids vocab_size and vocab_size + 1); no-op if present."""
+        if self.label_ids is not None:
+            return
+        if isinstance(self._backend, HFTokenizer):
+            self._backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LABELS])
+            self._use(self._backend)
+        else:
+            assert self._tiktoken_path is not None
+            self._use(_load_tiktoken(self._tiktoken_path, self.spec, labels=True)._backend)
 
     @property
     def name(self) -> str:
@@ -86,7 +112,7 @@ class Tokenizer:
         assert self._tiktoken_path is not None
         if self._tiktoken_path.resolve() != (directory / TIKTOKEN_FILE).resolve():
             shutil.copyfile(self._tiktoken_path, directory / TIKTOKEN_FILE)
-        meta = {"ranks": TIKTOKEN_FILE, "spec": self.spec}
+        meta = {"ranks": TIKTOKEN_FILE, "spec": self.spec, "labels": self.label_ids is not None}
         (directory / TIKTOKEN_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -125,7 +151,7 @@ def load_tokenizer_dir(directory: str | Path) -> Tokenizer:
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            return _load_tiktoken(directory / meta["ranks"], meta["spec"])
+            return _load_tiktoken(directory / meta["ranks"], meta["spec"], labels=bool(meta.get("labels", False)))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise FlmError(f"corrupt tokenizer description {meta_path}: {e}") from e
     if (directory / HF_FILE).is_file():
@@ -133,8 +159,9 @@ def load_tokenizer_dir(directory: str | Path) -> Tokenizer:
     raise FlmError(f"no tokenizer in {directory} (expected {HF_FILE} or {TIKTOKEN_META})")
 
 
-def _load_tiktoken(path: Path, spec: str) -> Tokenizer:
-    """Build a cl100k-style encoding from a local rank file, `<|endoftext|>` taking the first id after the ranks.
+def _load_tiktoken(path: Path, spec: str, labels: bool = False) -> Tokenizer:
+    """Build a cl100k-style encoding from a local rank file, `<|endoftext|>` taking the first id after the ranks
+    (and with `labels`, the two label tokens the next two).
 
     The file is parsed here rather than with `tiktoken.load.load_tiktoken_bpe`, which caches local files in a
     temp folder keyed by path and would silently serve stale ranks after the file changes.
@@ -147,7 +174,8 @@ def _load_tiktoken(path: Path, spec: str) -> Tokenizer:
     if len(set(ranks.values())) != len(ranks):
         raise FlmError(f"tiktoken rank file {path} gives the same rank to two tokens")
     eot = max(ranks.values()) + 1
-    enc = tiktoken.Encoding(path.stem, pat_str=CL100K_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot})
+    specials = {EOT: eot} | ({label: eot + 1 + i for i, label in enumerate(LABELS)} if labels else {})
+    enc = tiktoken.Encoding(path.stem, pat_str=CL100K_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     return Tokenizer(enc, spec=spec, tiktoken_path=path)
 
 

@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from flm.config import Config, ModelConfig, TrainConfig, config_from_dict, config_to_dict, model_config_from_dict
-from flm.data.tokenizer import (CL100K_PATTERN, EOT, TIKTOKEN_FILE, TIKTOKEN_META, Tokenizer, read_ranks,
+from flm.data.tokenizer import (CL100K_PATTERN, EOT, LABELS, TIKTOKEN_FILE, TIKTOKEN_META, Tokenizer, read_ranks,
                                 load_tokenizer_dir)
 from flm.errors import FlmError
 from flm.model import FLM
@@ -217,7 +217,8 @@ def write_tokenizer(tok: Tokenizer, cfg: ModelConfig, out: Path) -> None:
     """
     tok.save(out)
     if (out / TIKTOKEN_META).is_file():
-        tiktoken_as_hf(read_ranks(out / TIKTOKEN_FILE), tok.eot_id).save(str(out / "tokenizer.json"))
+        hf = tiktoken_as_hf(read_ranks(out / TIKTOKEN_FILE), tok.eot_id, with_labels=tok.label_ids is not None)
+        hf.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
         "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
@@ -246,7 +247,7 @@ def _bpe_parts(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
 
 
-def tiktoken_as_hf(ranks: dict[bytes, int], eot_id: int) -> HFTokenizer:
+def tiktoken_as_hf(ranks: dict[bytes, int], eot_id: int, with_labels: bool = False) -> HFTokenizer:
     """An HF tokenizer that encodes like tiktoken with `ranks` and the cl100k split pattern.
 
     tiktoken joins the adjacent pair whose concatenation has the lowest rank; a BPE merge list ordered by the rank
@@ -269,7 +270,8 @@ def tiktoken_as_hf(ranks: dict[bytes, int], eot_id: int) -> HFTokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    specials = [EOT, *LABELS] if with_labels else [EOT]  # in tiktoken's order: end-of-text, then the labels
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     if hf.token_to_id(EOT) != eot_id:  # ranks with gaps: the added token would not land after the last rank
         raise FlmError(f"cannot export this tiktoken tokenizer: {EOT} would get id {hf.token_to_id(EOT)} in "
                        f"tokenizer.json instead of {eot_id}")

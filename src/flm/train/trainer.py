@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from flm.config import Config, ModelConfig, config_to_dict
-from flm.data import PreparedData, TokenLoader, iter_eval_batches, load_prepared
+from flm.data import PreparedData, iter_eval_batches, load_prepared
 from flm.device import resolve_device
 from flm.errors import FlmError
 from flm.growth import Ramp, apply_masks, grow_model
@@ -60,7 +60,7 @@ class Trainer:
         self.stage = 0
         self.ramp: Ramp | None = None
         self._use(FLM(self.stages[0].model).to(self.device))
-        self.loader = TokenLoader(self.data.train_shards, tc.batch_size, tc.seq_len, seed=tc.seed)
+        self.loader = self.data.train_loader(tc.batch_size, tc.seq_len, seed=tc.seed)
         self.step = 0
 
     def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -144,7 +144,8 @@ class Trainer:
         tc = self.cfg.train
         self.model.eval()
         losses = []
-        for x, y in iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches):
+        for x, y in iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches,
+                                      self.data.val_masks):
             with self.autocast:
                 _, loss = self.step_fn(x.to(self.device), y.to(self.device))
             losses.append(loss.float())
@@ -154,7 +155,7 @@ class Trainer:
     def probe(self) -> tuple[float, float]:
         """(loss, gradient norm) on the first validation batch, dropout off; changes nothing."""
         tc = self.cfg.train
-        x, y = next(iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, 1))
+        x, y = next(iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, 1, self.data.val_masks))
         self.model.eval()
         with self.autocast:
             _, loss = self.model(x.to(self.device), y.to(self.device))

@@ -1,0 +1,276 @@
+"""Data mixtures: label tokens, instruction/teacher formats, loss masks through shards and loader, the mixture."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flm.config import load_config
+from flm.config.schema import DataConfig, SourceConfig
+from flm.data import load_prepared, load_tokenizer, prepare, train_bpe
+from flm.data.loader import IGNORE, LoaderSource, MixtureLoader, TokenStream, mixture_pattern
+from flm.data.shards import read_mask, write_mask, write_shard
+from flm.data.sources import Instruction, encode
+from flm.data.teacher import TeacherItem, bundled_items, items_jsonl, read_items
+from flm.data.tokenizer import FALSE_LABEL, TRUE_LABEL, load_tokenizer_dir
+from flm.errors import FlmError
+
+from test_data import _rank_file
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tok = train_bpe([f"In the beginning {i} plus {i + 1} equals {2 * i + 1}." for i in range(40)], vocab_size=300)
+    tok.add_label_tokens()
+    return tok
+
+
+# --- label tokens -------------------------------------------------------------------------------------------
+
+
+def test_label_tokens_are_appended_and_survive_save_and_load(tok, tmp_path):
+    assert tok.label_ids == (tok.vocab_size - 2, tok.vocab_size - 1)
+    assert [tok.decode([i]) for i in tok.label_ids] == [TRUE_LABEL, FALSE_LABEL]
+    # Text can never produce them, not even text that spells them.
+    assert not set(tok.encode(f"a {TRUE_LABEL} b {FALSE_LABEL}")) & set(tok.label_ids)
+    tok.save(tmp_path)
+    again = load_tokenizer_dir(tmp_path)
+    assert (again.label_ids, again.vocab_size, again.eot_id) == (tok.label_ids, tok.vocab_size, tok.eot_id)
+    assert train_bpe(["plain text"] * 5, vocab_size=270).label_ids is None
+
+
+def test_label_tokens_on_a_tiktoken_tokenizer(tmp_path):
+    tik = load_tokenizer(f"tiktoken:{_rank_file(tmp_path / 'tiny.tiktoken')}")
+    assert tik.label_ids is None and tik.vocab_size == 259
+    tik.add_label_tokens()
+    assert tik.label_ids == (259, 260) and tik.vocab_size == 261 and tik.eot_id == 258
+    assert tik.decode(list(tik.label_ids)) == TRUE_LABEL + FALSE_LABEL
+    assert not set(tik.encode(TRUE_LABEL)) & set(tik.label_ids)
+    tik.save(tmp_path / "saved")
+    assert load_tokenizer_dir(tmp_path / "saved").label_ids == (259, 260)
+
+
+# --- formats and masks --------------------------------------------------------------------------------------
+
+
+def test_teacher_records_and_multiple_choice_expansion(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "7 is greater than 3.", "label": true}\n\n'
+                    '{"question": "2 plus 3 equals ", "options": ["4.", "5.", "6."], "answer": 1}\n')
+    single, mc = read_items(path)
+    assert single.propositions() == [("7 is greater than 3.", True)]
+    assert mc.propositions() == [("2 plus 3 equals 4.", False), ("2 plus 3 equals 5.", True),
+                                 ("2 plus 3 equals 6.", False)]
+    assert [json.loads(line) for line in items_jsonl([single, mc]).decode().splitlines()] == [
+        json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "x", "label": "yes"}', '"label" must be true or false'),
+    ('{"text": "", "label": true}', 'non-empty string "text"'),
+    ('{"question": "q", "options": ["a"], "answer": 0}', "at least 2"),
+    ('{"question": "q", "options": ["a", "b"], "answer": 2}', "index of the true option"),
+    ('{"text": "x", "label": true, "lable": false}', "unexpected field 'lable'"),
+    ('{"text": "x", "label": tru', "malformed JSONL line"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_malformed_teacher_line_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine.", "label": false}\n' + line + "\n")
+    with pytest.raises(FlmError, match=rf"bad\.jsonl:2: .*{message}") as info:
+        read_items(path)
+    assert "\n" not in str(info.value)
+
+
+def test_teacher_encoding_puts_the_loss_on_the_label_only(tok):
+    items = [TeacherItem("1 plus 2 equals 3.", label=True), TeacherItem("4 plus ", options=("1 is 5.", "1 is 6."),
+                                                                         answer=0)]
+    tokens, mask = encode(items, "teacher", tok)
+    true_id, false_id = tok.label_ids
+    assert tokens[mask == 1].tolist() == [true_id, true_id, false_id]
+    assert sorted(np.flatnonzero(np.isin(tokens, tok.label_ids)).tolist()) == np.flatnonzero(mask).tolist()
+    assert tok.decode(tokens).split("<|endoftext|>")[:-1] == [
+        "1 plus 2 equals 3.<|true|>", "4 plus 1 is 5.<|true|>", "4 plus 1 is 6.<|false|>"]
+
+
+def test_instruction_loss_on_response_or_all(tok):
+    docs = [Instruction("Q: In the beginning? A: ", "God."), Instruction("", "plus")]
+    tokens, on_response = encode(docs, "instruct", tok, loss_on="response")
+    _, on_all = encode(docs, "instruct", tok, loss_on="all")
+    assert on_all.tolist() == [1] * len(tokens)
+    prompt = tok.encode(docs[0].prompt)
+    first = len(prompt) + len(tok.encode("God.")) + 1
+    assert on_response[:first].tolist() == [0] * len(prompt) + [1] * (first - len(prompt))
+    assert on_response[first:].tolist() == [1] * (len(tok.encode("plus")) + 1)  # empty prompt: all response
+    assert tokens[first - 1] == tok.eot_id and on_response[first - 1] == 1  # the model learns to stop
+
+
+def test_mask_files_are_checked(tmp_path):
+    write_mask(tmp_path / "m.mask", np.array([0, 1, 1, 0], dtype=np.uint8))
+    assert read_mask(tmp_path / "m.mask").tolist() == [0, 1, 1, 0]
+    with pytest.raises(FlmError, match="0s and 1s"):
+        write_mask(tmp_path / "bad.mask", np.array([0, 2]))
+    raw = (tmp_path / "m.mask").read_bytes()
+    (tmp_path / "m.mask").write_bytes(raw[:-1])
+    with pytest.raises(FlmError, match="truncated"):
+        read_mask(tmp_path / "m.mask")
+    write_shard(tmp_path / "s.bin", np.arange(4), 10)
+    with pytest.raises(FlmError, match="not an flm loss mask"):
+        read_mask(tmp_path / "s.bin")
+
+
+# --- the mixture --------------------------------------------------------------------------------------------
+
+SEQ = 8
+
+
+def _source(tmp_path, index, n_tokens, masked=False):
+    """Source `index` holds the tokens 10000 * index + (0, 1, ...); with `masked`, the multiples of 3 are targets."""
+    tokens = 10_000 * index + np.arange(n_tokens)
+    shard = tmp_path / f"s{index}.bin"
+    write_shard(shard, tokens, 40_000)
+    mask = None
+    if masked:
+        mask = tmp_path / f"s{index}.mask"
+        write_mask(mask, (tokens % 3 == 0).astype(np.uint8))
+    return LoaderSource(f"s{index}", TokenStream([shard], [mask]))
+
+
+@pytest.fixture()
+def sources(tmp_path):
+    return [_source(tmp_path, 0, 4001), _source(tmp_path, 1, 801, masked=True), _source(tmp_path, 2, 161)]
+
+
+def _mixture(sources, weights, batch_size=16, **kwargs):
+    for src, w in zip(sources, weights):
+        src.weight = w
+    return MixtureLoader(sources, batch_size, SEQ, seed=3, **kwargs)
+
+
+def test_masked_targets_are_ignored(sources):
+    loader = _mixture(sources, [1, 1, 1], batch_size=12)
+    for _ in range(10):
+        inputs, targets = loader.next_batch()
+        for x, y in zip(inputs, targets):
+            following = x + 1  # the tokens the targets stand for (each source counts up)
+            masked = int(x[0]) // 10_000 == 1
+            assert torch.equal(y, torch.where(following % 3 == 0, following, IGNORE) if masked else following)
+    assert (targets == IGNORE).any()
+
+
+@pytest.mark.parametrize("weights", [[3, 1, 1], [0.7, 0.2, 0.1], [1, 1, 1]])
+def test_every_batch_carries_the_weights(sources, weights):
+    loader = _mixture(sources, weights)
+    share = np.array(weights) / sum(weights)
+    totals = np.zeros(3)
+    for _ in range(200):
+        inputs, _ = loader.next_batch()
+        counts = np.bincount(inputs[:, 0].numpy() // 10_000, minlength=3)
+        assert np.all(np.abs(counts - 16 * share) <= 2), counts  # each batch, not just on average
+        totals += counts
+    np.testing.assert_allclose(totals / totals.sum(), share, atol=0.002)
+
+
+def test_each_source_cycles_through_its_own_epochs(sources):
+    loader = _mixture(sources, [1, 1, 1], batch_size=15)
+    starts = {0: [], 1: [], 2: []}
+    for _ in range(8):  # 40 samples per source: source 2 has 20 windows, so two epochs
+        inputs, _ = loader.next_batch()
+        for x in inputs:
+            starts[int(x[0]) // 10_000].append(int(x[0]) % 10_000)
+    assert sorted(starts[2][:20]) == sorted(starts[2][20:]) == list(range(0, 160, SEQ))
+    assert starts[2][:20] != starts[2][20:]
+    assert len(set(starts[0])) == 40
+
+
+def test_mixture_resumes_exactly_and_keeps_order_across_ranks(sources):
+    whole = _mixture(sources, [3, 1, 1])
+    reference = [whole.next_batch() for _ in range(60)]
+    first = _mixture(sources, [3, 1, 1])
+    got = [first.next_batch() for _ in range(23)]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["samples_seen"] == 23 * 16 and state["weights"] == [3, 1, 1]
+    resumed = _mixture(sources, [3, 1, 1])
+    resumed.load_state_dict(state)
+    got += [resumed.next_batch() for _ in range(37)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, reference))
+
+    ranks = [_mixture(sources, [3, 1, 1], batch_size=8, rank=r, world_size=2) for r in range(2)]
+    for inputs, targets in reference[:20]:
+        parts = [r.next_batch() for r in ranks]
+        assert torch.equal(inputs, torch.cat([p[0] for p in parts]))
+        assert torch.equal(targets, torch.cat([p[1] for p in parts]))
+
+    with pytest.raises(FlmError, match="weights"):
+        _mixture(sources, [1, 1, 1]).load_state_dict(state)
+
+
+def test_mixture_pattern_refuses_a_vanishing_weight():
+    assert np.bincount(mixture_pattern([1, 1, 2], period=8)).tolist() == [2, 2, 4]
+    with pytest.raises(FlmError, match="too small"):
+        mixture_pattern([1, 1e-6])
+
+
+# --- prepare with sources -----------------------------------------------------------------------------------
+
+
+def _mixed_cfg(tmp_path, instruct, **extra):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(12):
+        (corpus / f"{i:02d}.txt").write_text(f"In the beginning was document {i}. " * 20)
+    return DataConfig(corpus=str(corpus), dir=str(tmp_path / "out"), vocab_size=300, val_fraction=0.2,
+                      shard_tokens=3000, sources=[
+                          SourceConfig(kind="text", weight=2), SourceConfig(kind="instruct", path=str(instruct)),
+                          SourceConfig(kind="teacher", path="bundled", weight=1)], **extra)
+
+
+def _instruct_file(tmp_path):
+    path = tmp_path / "instruct.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}: ", "response": f"answer {i}."}) + "\n"
+                            for i in range(60)))
+    return path
+
+
+def test_prepare_mixture_keeps_masks_with_their_tokens(tmp_path):
+    data = prepare(_mixed_cfg(tmp_path, _instruct_file(tmp_path)), log=lambda _: None)
+    tok = data.tokenizer()
+    assert [s.kind for s in data.sources] == ["text", "instruct", "teacher"]
+    text, instruct, teacher = data.sources
+    assert text.train_masks == [None] * len(text.train_shards) and all(instruct.train_masks + teacher.train_masks)
+    assert len(teacher.train_shards) > 1  # masks are cut into shards in step with the tokens
+    stream = TokenStream(teacher.train_shards, teacher.train_masks)
+    tokens, mask = stream.read(0, len(stream)), stream.read(0, len(stream), masks=True)
+    assert np.isin(tokens[mask == 1], tok.label_ids).all() and (mask == 1).sum() == np.isin(tokens, tok.label_ids).sum()
+    held = read_items(teacher.heldout)
+    n_props = sum(len(i.propositions()) for i in bundled_items())
+    assert (mask == 1).sum() + sum(len(i.propositions()) for i in held) == n_props
+    assert data.val_shards == text.val_shards + instruct.val_shards
+    assert data.val_masks == [None] * len(text.val_shards) + instruct.val_masks
+    loader = data.train_loader(batch_size=8, seq_len=16, seed=0)
+    inputs, targets = loader.next_batch()
+    assert inputs.shape == (8, 16) and (targets == IGNORE).any()
+
+
+def test_failed_prepare_keeps_the_prepared_folder(tmp_path):
+    instruct = _instruct_file(tmp_path)
+    cfg = _mixed_cfg(tmp_path, instruct)
+    prepare(cfg, log=lambda _: None)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    instruct.write_text(instruct.read_text() + '{"prompt": "fine", "response": "also fine"}\n{"prompt": 3}\n')
+    with pytest.raises(FlmError, match=r"instruct\.jsonl:62: .*\"prompt\""):
+        prepare(cfg, log=lambda _: None)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert load_prepared(tmp_path / "out").sources[1].kind == "instruct"
+
+
+def test_source_config_errors():
+    with pytest.raises(FlmError, match=r"data\.sources\[0\]\.kind must be one of"):
+        DataConfig(sources=[SourceConfig(kind="txt")]).validate()
+    with pytest.raises(FlmError, match=r"data\.sources\[0\]\.path must name the teacher data"):
+        DataConfig(sources=[SourceConfig(kind="teacher")]).validate()
+    with pytest.raises(FlmError, match="loss_on applies to instruct sources only"):
+        DataConfig(sources=[SourceConfig(kind="text", loss_on="all")]).validate()
+    with pytest.raises(FlmError, match="weight must be positive"):
+        DataConfig(sources=[SourceConfig(weight=0)]).validate()
