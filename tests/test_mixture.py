@@ -14,7 +14,11 @@ from flm.data.shards import read_mask, write_mask, write_shard
 from flm.data.sources import Instruction, encode
 from flm.data.teacher import TeacherItem, bundled_items, items_jsonl, read_items
 from flm.data.tokenizer import FALSE_LABEL, TRUE_LABEL, load_tokenizer_dir
+from flm.cli.main import main
 from flm.errors import FlmError
+from flm.eval.teacher import teacher_accuracy
+from flm.train import Trainer
+from flm.train.metrics import read_metrics
 
 from test_data import _rank_file
 
@@ -274,3 +278,124 @@ def test_source_config_errors():
         DataConfig(sources=[SourceConfig(kind="text", loss_on="all")]).validate()
     with pytest.raises(FlmError, match="weight must be positive"):
         DataConfig(sources=[SourceConfig(weight=0)]).validate()
+
+
+# --- training on a mixture ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    cfg = DataConfig(corpus="kjv", max_chars=60_000, dir=str(root / "prepared"), vocab_size=400, val_fraction=0.05,
+                     sources=[SourceConfig(kind="text", weight=3), SourceConfig(kind="teacher", path="bundled")])
+    prepare(cfg, log=lambda _: None)
+    return cfg
+
+
+def _trainer(mixed_dir, run_dir, *extra):
+    cfg = load_config(None, [
+        f"train.run_dir='{run_dir}'", "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.head_dim=16",
+        "model.max_seq_len=32", "model.dropout=0.1", "train.seq_len=32", "train.batch_size=4", "train.grad_accum=2",
+        "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4", "train.ckpt_every=4", "train.log_every=1",
+        "train.eval_batches=2", "train.progress=false", "train.tensorboard=false", *extra])
+    cfg.data = mixed_dir
+    return Trainer(cfg, log=lambda *_: None)
+
+
+def test_masked_positions_get_exactly_zero_gradient(mixed_dir, tmp_path):
+    trainer = _trainer(mixed_dir, tmp_path)
+    x, y = trainer.loader.next_batch()
+    assert (y == IGNORE).any() and (y != IGNORE).any()
+    logits, loss = trainer.model(x, y)
+    logits.retain_grad()
+    loss.backward()
+    masked = y == IGNORE
+    assert torch.count_nonzero(logits.grad[masked]) == 0
+    assert torch.count_nonzero(logits.grad[~masked]) > 0
+    # The same batch with the masked targets given any real ids would be another loss: -100 is what silences them.
+    assert not torch.isclose(loss, trainer.model(x, torch.where(masked, 0, y))[1])
+
+
+def test_accumulation_equals_one_big_batch_with_uneven_masks(mixed_dir, tmp_path):
+    accumulated = _trainer(mixed_dir, tmp_path / "a", "train.batch_size=2", "train.grad_accum=2", "model.dropout=0")
+    big = _trainer(mixed_dir, tmp_path / "b", "train.batch_size=4", "train.grad_accum=1", "model.dropout=0")
+    big.model.load_state_dict(accumulated.model.state_dict())
+    probe = _trainer(mixed_dir, tmp_path / "c", "train.batch_size=2")
+    counts = [int((probe.loader.next_batch()[1] != IGNORE).sum()) for _ in range(2)]
+    assert counts[0] != counts[1]  # the micro-batches hold different numbers of loss tokens
+    grads = []
+    for trainer in (accumulated, big):  # keep the gradients the optimizer is handed
+        trainer.optimizer.step = lambda t=trainer: grads.append([p.grad.clone() for p in t.model.parameters()])
+    loss_a, norm_a = accumulated.train_step()
+    loss_b, norm_b = big.train_step()
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm_a, norm_b, rtol=1e-5, atol=1e-7)
+    for (name, _), a, b in zip(accumulated.model.named_parameters(), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_resume_keeps_the_mixture_position(mixed_dir, tmp_path):
+    straight = _trainer(mixed_dir, tmp_path / "a")
+    straight.train()
+    first = _trainer(mixed_dir, tmp_path / "b")
+    first.train(until_step=4)
+    second = _trainer(mixed_dir, tmp_path / "b")
+    assert second.resume("auto") and second.loader.samples_seen == 4 * 8
+    second.train()
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    evals = [r for r in read_metrics(tmp_path / "a") if r["kind"] == "eval"]
+    assert all(0 <= r["teacher_acc"] <= 1 and 0 <= r["teacher_mc_acc"] <= 1 for r in evals) and len(evals) == 2
+
+
+# --- teacher accuracy ---------------------------------------------------------------------------------------
+
+
+class _LastTokenJudge(torch.nn.Module):
+    """A stand-in model whose log p(TRUE) - log p(FALSE) at each position is (token id - 100) / 10."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"max_seq_len": 64})()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.tok = tok
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, self.tok.vocab_size)
+        true_id, false_id = self.tok.label_ids
+        logits[..., true_id] = (tokens.float() - 100) / 10
+        return logits, None
+
+
+def test_teacher_accuracy_reads_the_label_position(tok):
+    items = [TeacherItem(f"In the beginning {i} plus {i + 1} equals {2 * i + 1}." * (1 + i % 3), label=i % 2 == 0)
+             for i in range(12)]
+    items.append(TeacherItem("In the beginning ", options=("plus", "equals", "1."), answer=1))
+    margin = {text: tok.encode(text)[-1] - 100 for item in items for text, _ in item.propositions()}
+    assert len({m > 0 for m in margin.values()}) == 2  # both answers occur, so reading the wrong place shows
+    expected = sum((margin[text] > 0) == truth for item in items for text, truth in item.propositions())
+    options = [margin[text] for text, _ in items[-1].propositions()]
+    result = teacher_accuracy(_LastTokenJudge(tok), tok, items, batch_size=5)
+    assert (result.propositions, result.correct, result.questions) == (15, expected, 1)
+    assert result.answered == int(options.index(max(options)) == 1)
+    assert result.true_share == 7 / 15
+
+
+def test_eval_teacher_command(mixed_dir, tmp_path, capsys):
+    trainer = _trainer(mixed_dir, tmp_path / "run", "train.max_steps=4")
+    trainer.train()
+    assert main(["eval", "teacher", "--model", str(tmp_path / "run"), "--json", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "t.json").read_text())
+    held = read_items(load_prepared(mixed_dir.dir).teacher_heldout[0])
+    assert report["propositions"] == sum(len(i.propositions()) for i in held) and "teacher accuracy" in out
+    result = teacher_accuracy(trainer.model, trainer.tokenizer, held)
+    assert report["accuracy"] == result.accuracy and report["mc_accuracy"] == result.mc_accuracy
+    last_eval = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval"][-1]
+    assert last_eval["teacher_acc"] == result.accuracy  # the trainer logs the same measure
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "1 plus 1 equals 2.", "label": 1}\n')
+    assert main(["eval", "teacher", "--model", str(tmp_path / "run"), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.jsonl:1" in err

@@ -1,4 +1,4 @@
-"""`flm eval iq|harness|export-iq`: argument parsing only; the work happens in flm.eval's modules.
+"""`flm eval iq|harness|export-iq|teacher`: argument parsing only; the work happens in flm.eval's modules.
 
 `register(subparsers)` adds the `eval` command to the flm command line; each leaf sets `func(args)`, which raises
 FlmError for user mistakes like every other flm command.
@@ -75,6 +75,33 @@ def cmd_export_iq(args: argparse.Namespace) -> None:
           f"`flm eval harness --model PATH --include-path {args.out} --tasks flm_iq`")
 
 
+def cmd_teacher(args: argparse.Namespace) -> None:
+    from flm.data import load_prepared
+    from flm.device import resolve_device
+    from flm.eval.teacher import read_heldout, teacher_accuracy
+    from flm.train.checkpoint import load_for_inference
+
+    if args.batch_size <= 0:
+        raise FlmError(f"--batch-size must be positive, got {args.batch_size}")
+    model, tok, meta = load_for_inference(args.model, resolve_device(args.device))
+    paths = args.data
+    if not paths:
+        data_dir = meta.get("config", {}).get("data", {}).get("dir")
+        paths = load_prepared(data_dir).teacher_heldout if data_dir else []
+        if not paths:
+            raise FlmError(f"{args.model} was not trained with teacher-signal sources (or its prepared data in "
+                           f"{data_dir} is gone): give the propositions with --data FILE.jsonl")
+    result = teacher_accuracy(model, tok, read_heldout(paths), args.batch_size)
+    print(f"{', '.join(map(str, paths))}: {result.summary()}")
+    if args.json:
+        report = {"model": args.model, "data": [str(p) for p in paths], "propositions": result.propositions,
+                  "accuracy": result.accuracy, "true_share": result.true_share, "questions": result.questions,
+                  "mc_accuracy": result.mc_accuracy}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
 def _item_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="all",
                    help="comma list of subtasks, suites (superglue_iq, clue_iq) or abilities (symbolic_mapping, "
@@ -93,7 +120,8 @@ def _item_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval` with its sub-commands to the flm command line."""
-    p_eval = subparsers.add_parser("eval", help="evaluate a model: IQ benchmark, lm-evaluation-harness tasks")
+    p_eval = subparsers.add_parser("eval", help="evaluate a model: IQ benchmark, lm-evaluation-harness tasks, "
+                                                    "teacher-signal accuracy")
     sub = p_eval.add_subparsers(dest="eval_command", required=True)
 
     p = sub.add_parser("iq", help="run the IQ benchmark (FLM-101B §5) on a checkpoint or a local HF model")
@@ -113,6 +141,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="also write lm-eval's results as JSON")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_harness)
+
+    p = sub.add_parser("teacher", help="accuracy on true/false propositions from the two label tokens' probabilities")
+    p.add_argument("--model", required=True, help="checkpoint or run folder trained with a teacher source")
+    p.add_argument("--data", action="append", default=[], metavar="FILE.jsonl",
+                   help="teacher-signal JSONL (docs/data.md), or 'bundled'; repeatable; default: the held-out "
+                        "records of the run's teacher sources")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", metavar="OUT", help="also write the accuracy as JSON")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("export-iq", help="write the IQ subtasks as lm-eval task YAMLs with local JSONL data")
     p.add_argument("out", help="output folder")

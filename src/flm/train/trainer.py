@@ -23,6 +23,7 @@ import torch
 
 from flm.config import Config, ModelConfig, config_to_dict
 from flm.data import PreparedData, iter_eval_batches, load_prepared
+from flm.data.loader import IGNORE
 from flm.device import resolve_device
 from flm.errors import FlmError
 from flm.growth import Ramp, apply_masks, grow_model
@@ -61,6 +62,7 @@ class Trainer:
         self.ramp: Ramp | None = None
         self._use(FLM(self.stages[0].model).to(self.device))
         self.loader = self.data.train_loader(tc.batch_size, tc.seq_len, seed=tc.seed)
+        self._heldout = None  # teacher-signal held-out records, read at the first evaluation
         self.step = 0
 
     def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -118,14 +120,23 @@ class Trainer:
         lr = lr_at(self.step, self.stages)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]  # μP: hidden matrices at lr / width_mult (flm.mup.rules)
+        batches = [self.loader.next_batch() for _ in range(accum)]
+        # The step's gradient is that of the mean over ALL its loss tokens (targets != -100), wherever they fall:
+        # masked sources leave micro-batches with different counts, and weighting each micro-batch's mean by its
+        # share of the tokens makes accumulation equal one big batch.
+        counts = [int((y != IGNORE).sum()) for _, y in batches]
+        n_loss_tokens = sum(counts)
+        if n_loss_tokens == 0:
+            raise FlmError(f"step {self.step} drew no loss targets (every target masked): check the data sources")
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            x, y = self.loader.next_batch()
+        for (x, y), n in zip(batches, counts):
+            if n == 0:
+                continue  # its mean would be 0/0; it contributes nothing to the step's mean
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast:
                 _, loss = self.step_fn(x, y)
-            (loss / accum).backward()
-            total += loss.detach()
+            (loss * (n / n_loss_tokens)).backward()
+            total += loss.detach() * n
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
@@ -136,7 +147,7 @@ class Trainer:
             apply_masks(self.model, self.ramp)
             if self.ramp.c >= 1.0:
                 self.ramp = None  # folded: an ordinary model of the new shape
-        return total / accum, grad_norm
+        return total / n_loss_tokens, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -151,6 +162,20 @@ class Trainer:
             losses.append(loss.float())
         self.model.train()
         return torch.stack(losses).mean().item()
+
+    def evaluate_teacher(self) -> dict[str, float]:
+        """Accuracy on the held-out records of the teacher sources ({} without any), for the `eval` record."""
+        if not self.data.teacher_heldout:
+            return {}
+        from flm.eval.teacher import read_heldout, teacher_accuracy
+
+        if self._heldout is None:
+            self._heldout = read_heldout(self.data.teacher_heldout)
+        result = teacher_accuracy(self.model, self.tokenizer, self._heldout)
+        record = {"teacher_acc": result.accuracy}
+        if result.mc_accuracy is not None:
+            record["teacher_mc_acc"] = result.mc_accuracy
+        return record
 
     def probe(self) -> tuple[float, float]:
         """(loss, gradient norm) on the first validation batch, dropout off; changes nothing."""
@@ -255,10 +280,12 @@ class Trainer:
                     loss_sum, loss_n = torch.zeros((), device=self.device), 0
                 if self.step % tc.eval_every == 0 or self.step == end:
                     val_loss = self.evaluate()
+                    teacher = self.evaluate_teacher()
                     _, flops = tokens_and_flops_at(self.step, self.stages, tc.batch_size, tc.seq_len)
                     metrics.log({"kind": "eval", "step": self.step, "stage": self.stage + 1, "val_loss": val_loss,
-                                 "flops": flops})
-                    emit(f"step {self.step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f})")
+                                 "flops": flops, **teacher})
+                    emit(f"step {self.step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f})"
+                         + "".join(f", {k.replace('_', ' ')} {100 * v:.1f}%" for k, v in teacher.items()))
                 if self.step % tc.ckpt_every == 0 or self.step == end:
                     self.save()
                     t_last = time.perf_counter()  # checkpoint time is not training throughput
