@@ -132,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from flm.eval.cli import register as register_eval
     from flm.export.cli import register as register_export
+    from flm.mup.cli import register as register_mup
     from flm.plan.cli import register as register_plan
 
     register_eval(sub)
     register_export(sub)
+    register_mup(sub)
     register_plan(sub)
     return parser
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from flm.config.checks import require as _require
+from flm.config.mup import MupConfig
 from flm.config.plan import PlanConfig
 from flm.errors import FlmError
 
@@ -205,13 +206,14 @@ class StageConfig:
 
 @dataclass
 class Config:
-    """A whole run: model, data, training loop, growth stages and planning assumptions."""
+    """A whole run: model, data, training loop, growth stages, planning assumptions and μP tool settings."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: list[StageConfig] = field(default_factory=list)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    mup: MupConfig = field(default_factory=MupConfig)
 
     def stage_models(self) -> list[ModelConfig]:
         """The model shape of every stage, each stage's overrides applied to the previous shape."""
@@ -228,6 +230,7 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.plan.validate()
+        self.mup.validate()
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
         for i, shape in enumerate(self.stage_models()):

@@ -6,16 +6,26 @@ from __future__ import annotations
 from flm.config import ModelConfig
 
 
-def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:
-    """Exact number of parameters `FLM(cfg)` holds (a tied head counts once)."""
-    d, a, f, v = cfg.d_model, cfg.attn_dim, cfg.ffn_dim, cfg.vocab_size or 0
+def non_embedding_params(cfg: ModelConfig) -> int:
+    """Parameters of the blocks and the final LayerNorm: all but the embedding and the LM head.
+
+    This is the N of scaling laws (Kaplan et al.): at small widths the vocabulary matrices would
+    otherwise dominate the count without adding much capacity.
+    """
+    d, a, f = cfg.d_model, cfg.attn_dim, cfg.ffn_dim
     per_layer = (
         2 * 2 * d  # two LayerNorms (γ, β)
         + d * 3 * a + 3 * a  # fused QKV
         + a * d + d  # attention output projection
         + d * f + f + f * d + d  # MLP
     )
-    n = cfg.n_layers * per_layer + 2 * d  # + final LayerNorm
+    return cfg.n_layers * per_layer + 2 * d  # + final LayerNorm
+
+
+def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    """Exact number of parameters `FLM(cfg)` holds (a tied head counts once)."""
+    d, v = cfg.d_model, cfg.vocab_size or 0
+    n = non_embedding_params(cfg)
     if include_embedding:
         n += v * d  # embedding
     if not cfg.tie_embeddings:

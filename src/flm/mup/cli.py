@@ -1,0 +1,77 @@
+"""`flm mup coord-check`, `flm sweep` and `flm predict`: each reads a config, runs, and writes PNG + table + JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML config: [model], [data], [train] and [mup] (e.g. configs/mup_proxy.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set 'mup.widths=[64,128]' (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: mup.out_dir)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    mup = subparsers.add_parser("mup", help="μP tools (coordinate check)")
+    tools = mup.add_subparsers(dest="mup_command", required=True)
+    p = tools.add_parser("coord-check", help="activation scale per layer vs width, under μP and SP",
+                         description="Train each of mup.widths for mup.coord_steps steps under μP and under standard "
+                                     "parametrization; plot and tabulate each layer's mean |activation| against width.")
+    _config_args(p)
+    p.set_defaults(func=lambda args: _run(args, "coord"))
+
+    p = subparsers.add_parser("sweep", help="search lr, init std and output_mult on a narrow proxy",
+                              description="Grid or random search over mup.lrs x mup.init_stds x mup.output_mults at "
+                                          "each of mup.sweep_widths, under each of mup.parametrizations.")
+    _config_args(p)
+    p.set_defaults(func=lambda args: _run(args, "sweep"))
+
+    p = subparsers.add_parser("predict", help="fit L(N) = a·N^b + c on a ladder of widths and predict wider models",
+                              description="Train each width of mup.ladder with the config's hyperparameters, fit on all "
+                                          "but the mup.holdout widest, report the held-out error; with [[stages]], "
+                                          "also predict and measure the growth run's final loss.")
+    _config_args(p)
+    p.set_defaults(func=lambda args: _run(args, "predict"))
+
+
+def _run(args: argparse.Namespace, tool: str) -> None:
+    from flm.config import load_config
+    from flm.data import prepare
+
+    overrides = list(args.overrides) + ([f"mup.out_dir='{args.out}'"] if args.out else [])
+    cfg = load_config(args.config, overrides)
+    prepare(cfg.data)  # reuses the shards when they are already there
+    out = Path(cfg.mup.out_dir)
+    if tool == "coord":
+        from flm.mup.coord import coord_check, write_report
+
+        result = coord_check(cfg)
+        for p, slopes in result["slopes"].items():
+            print(f"{p}: slope of log scale vs log width: " + ", ".join(f"{k} {v:+.2f}" for k, v in slopes.items()))
+    elif tool == "sweep":
+        from flm.mup.sweep import write_report, sweep
+
+        result = sweep(cfg)
+        for key, best in result["best"].items():
+            if best is not None:
+                print(f"best at {key}: validation loss {best['val_loss']:.4f} with --set train.lr={best['lr']:g} "
+                      f"--set model.init_std={best['init_std']:g} --set model.output_mult={best['output_mult']:g}")
+        for p, t in result["transfer"].items():
+            if "grid_steps" in t:
+                print(f"{p}: best lr by width {t['best_lr']}: {t['grid_steps']} grid step(s) apart")
+    else:
+        from flm.mup.predict import predict, write_report
+
+        result = predict(cfg)
+        print(result["formula"])
+        print(f"relative error on the largest held-out width ({result['holdout_widths'][-1]}): "
+              f"{100 * result['largest_holdout_error']:.2f}%")
+        if "staged" in result:
+            s = result["staged"]
+            print(f"growth run: measured {s['val_loss']:.4f}, predicted {s['predicted_from_params']:.4f} from N "
+                  f"({100 * s['relative_error_params']:.2f}%), {s['predicted_from_flops']:.4f} from FLOPs "
+                  f"({100 * s['relative_error_flops']:.2f}%)")
+    paths = write_report(result, out)
+    print("wrote " + ", ".join(str(p) for p in paths))

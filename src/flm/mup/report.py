@@ -1,0 +1,38 @@
+"""Writing a tool's outputs: JSON, a markdown table and a PNG, each atomically, into one folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from flm.data.shards import atomic_write
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def figure():
+    """A fresh matplotlib pyplot on the file-only backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_outputs(out_dir: Path, name: str, data: dict[str, Any], markdown: str, fig: Any) -> list[Path]:
+    """Write out_dir/name.{json,md,png}; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
+    atomic_write(paths[0], [json.dumps(data, indent=1).encode()])
+    atomic_write(paths[1], [markdown.encode()])
+    tmp = paths[2].with_name(paths[2].name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, paths[2])
+    figure().close(fig)
+    return paths

@@ -1,0 +1,116 @@
+"""The μP tools: coordinate check slopes, sweep points and transfer summary, the power-law fit, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flm.cli.main import main
+from flm.config import load_config
+from flm.data import prepare
+from flm.mup.coord import coord_check
+from flm.mup.predict import fit_power_law
+from flm.mup.sweep import sweep_points
+
+TINY = ["data.corpus=kjv", "data.max_chars=60000", "data.vocab_size=300", "data.val_fraction=0.05",
+        "model.n_layers=2", "model.head_dim=16", "model.max_seq_len=32", "model.base_width=32",
+        "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "train.progress=false",
+        "train.tensorboard=false", "train.sample_tokens=0"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tooldata")
+    prepare(load_config(None, [f"data.dir='{root}'", *TINY]).data, log=lambda *_: None)
+    return root
+
+
+def tiny(data_dir, *extra):
+    return [f"data.dir='{data_dir}'", *TINY, *extra]
+
+
+def test_coord_check_mup_is_flat_and_sp_grows_with_width(data_dir):
+    cfg = load_config(None, tiny(data_dir, "mup.widths=[32,64,128]", "mup.coord_steps=3", "train.lr=1e-2"))
+    result = coord_check(cfg, log=lambda *_: None)
+    mup, sp = result["slopes"]["mup"], result["slopes"]["sp"]
+    hidden = [k for k in mup if k.startswith("block")]
+    assert len(hidden) == 6
+    for layer in hidden + ["logits"]:
+        assert abs(mup[layer]) < 0.35, (layer, mup[layer])
+    for layer in hidden:
+        assert sp[layer] > 1.0, (layer, sp[layer])
+    assert sp["logits"] > 0.6
+    # At the base width (32) the two parametrizations are the same model: identical scales at every step.
+    assert result["scales"]["mup"]["32"] == result["scales"]["sp"]["32"]
+    assert result["scales"]["mup"]["128"] != result["scales"]["sp"]["128"]
+
+
+def test_sweep_points_grid_and_random():
+    grid = load_config(None, ["mup.lrs=[1e-3,2e-3]", "mup.init_stds=[0.01,0.02,0.04]", "mup.output_mults=[1.0]"])
+    points = sweep_points(grid)
+    assert len(points) == 6 and {p["lr"] for p in points} == {1e-3, 2e-3} and {p["output_mult"] for p in points} == {1.0}
+    rand = load_config(None, ["mup.search=random", "mup.trials=20", "mup.lrs=[1e-4,1e-1]", "mup.init_stds=[0.02]"])
+    points = sweep_points(rand)
+    assert len(points) == 20 and points == sweep_points(rand)  # seeded by train.seed
+    assert all(1e-4 <= p["lr"] <= 1e-1 and p["init_std"] == 0.02 for p in points)
+    assert max(p["lr"] for p in points) / min(p["lr"] for p in points) > 30  # log-uniform, not clustered
+
+
+def test_power_law_fit_recovers_known_parameters_and_needs_three_points():
+    n = np.array([1e4, 2e4, 4e4, 8e4, 1.6e5])
+    law = fit_power_law(list(n), list(2.0 * (n / 1e4) ** -0.4 + 3.0))
+    assert (law.a, law.b, law.c) == pytest.approx((2.0, -0.4, 3.0), rel=1e-5)
+    assert law(3.2e5) == pytest.approx(2.0 * 32**-0.4 + 3.0, rel=1e-6)
+    from flm.errors import FlmError
+
+    with pytest.raises(FlmError, match="at least 3 points"):
+        fit_power_law([1.0, 2.0], [3.0, 2.0])
+
+
+def test_sweep_cli_writes_table_json_png_and_reports_the_best_point(data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", *sum((["--set", s] for s in tiny(data_dir, "train.max_steps=3", "train.warmup_steps=1",
+                                                      "mup.sweep_widths=[32,64]", "mup.lrs=[1e-3,3e-2]",
+                                                      "mup.parametrizations=['mup','sp']")), []), "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert len(result["runs"]) == 8
+    for key, best in result["best"].items():
+        p, width = key.split("@")
+        same = [r for r in result["runs"] if r["parametrization"] == p and r["width"] == int(width)]
+        assert best["val_loss"] == min(r["val_loss"] for r in same)
+    assert set(result["transfer"]) == {"mup", "sp"} and "grid_steps" in result["transfer"]["mup"]
+    assert "| μP | 32 |" in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 10_000
+    assert f"--set train.lr={result['best']['mup@32']['lr']:g}" in capsys.readouterr().out
+
+
+def test_predict_cli_fits_the_ladder_and_predicts_a_growth_run(data_dir, tmp_path):
+    out = tmp_path / "predict"
+    config = tmp_path / "staged.toml"
+    config.write_text("[model]\nd_model = 32\nn_heads = 2\nmup = true\n"
+                      "[[stages]]\ntokens = 512\n[[stages]]\nd_model = 64\nn_heads = 4\ntokens = 512\nramp_steps = 2\n")
+    sets = tiny(data_dir, "mup.ladder=[16,32,48,64]", "mup.holdout=1", "mup.extrapolate=[128]", "train.warmup_steps=1",
+                f"train.run_dir='{tmp_path / 'unused'}'")
+    assert main(["predict", "-c", str(config), *sum((["--set", s] for s in sets), []), "--out", str(out)]) == 0
+    result = json.loads((out / "predict.json").read_text())
+    ladder = result["ladder"]
+    assert [r["width"] for r in ladder] == [16, 32, 48, 64] and [r["in_fit"] for r in ladder] == [True] * 3 + [False]
+    assert result["steps"] == 8 and all(r["tokens"] == 8 * 4 * 32 for r in ladder)
+    held = ladder[-1]
+    assert result["largest_holdout_error"] == pytest.approx(abs(held["predicted"] - held["val_loss"]) / held["val_loss"])
+    staged = result["staged"]
+    assert staged["stages"] == ["2x32", "2x64"] and np.isfinite(staged["val_loss"])
+    assert (out / "staged" / "metrics.jsonl").exists()  # the growth run is a real run folder
+    assert "held out" in (out / "predict.md").read_text() and (out / "predict.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["mup", "coord-check", "--set", "mup.widths=[48,60]"], "not a multiple of model.head_dim"),
+    (["sweep", "--set", "mup.search=grd"], "mup.search must be one of"),
+    (["predict", "--set", "mup.ladder=[32,64,128]"], "needs at least 3 widths left"),
+])
+def test_tool_errors_are_one_line(data_dir, tmp_path, capsys, args, message):
+    sets = sum((["--set", s] for s in tiny(data_dir)), [])
+    assert main([*args, *sets, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
