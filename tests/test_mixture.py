@@ -1,6 +1,7 @@
 """Data mixtures: label tokens, instruction/teacher formats, loss masks through shards and loader, the mixture."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,13 +12,15 @@ from flm.config.schema import DataConfig, SourceConfig
 from flm.data import load_prepared, load_tokenizer, prepare, train_bpe
 from flm.data.loader import IGNORE, LoaderSource, MixtureLoader, TokenStream, mixture_pattern
 from flm.data.shards import read_mask, write_mask, write_shard
-from flm.data.sources import Instruction, encode
+from flm.data.sources import Instruction, encode, read_instructions
 from flm.data.teacher import TeacherItem, bundled_items, items_jsonl, read_items
-from flm.data.tokenizer import FALSE_LABEL, TRUE_LABEL, load_tokenizer_dir
+from flm.data.tokenizer import FALSE_LABEL, TRUE_LABEL, load_tokenizer_dir, read_ranks
 from flm.cli.main import main
 from flm.errors import FlmError
 from flm.eval.teacher import teacher_accuracy
+from flm.export.hf import tiktoken_as_hf
 from flm.train import Trainer
+from flm.train.checkpoint import load_for_inference
 from flm.train.metrics import read_metrics
 
 from test_data import _rank_file
@@ -53,6 +56,8 @@ def test_label_tokens_on_a_tiktoken_tokenizer(tmp_path):
     assert not set(tik.encode(TRUE_LABEL)) & set(tik.label_ids)
     tik.save(tmp_path / "saved")
     assert load_tokenizer_dir(tmp_path / "saved").label_ids == (259, 260)
+    hf = tiktoken_as_hf(read_ranks(tmp_path / "saved" / "tokenizer.tiktoken"), 258, with_labels=True)
+    assert [hf.token_to_id(t) for t in (TRUE_LABEL, FALSE_LABEL)] == [259, 260]  # what `flm export hf` writes
 
 
 # --- formats and masks --------------------------------------------------------------------------------------
@@ -85,6 +90,16 @@ def test_malformed_teacher_line_names_file_and_line(tmp_path, line, message):
     with pytest.raises(FlmError, match=rf"bad\.jsonl:2: .*{message}") as info:
         read_items(path)
     assert "\n" not in str(info.value)
+
+
+def test_bundled_set_and_examples_parse():
+    items = bundled_items()
+    props = [p for item in items for p in item.propositions()]
+    assert len({text for text, _ in props}) == len(props) and sum(t for _, t in props) * 2 == len(props)
+    assert items == bundled_items()  # seeded
+    examples = Path(__file__).parent.parent / "examples"
+    assert sum(item.multiple_choice for item in read_items(examples / "teacher.jsonl")) == 1
+    assert len(read_instructions(examples / "instruct.jsonl")) == 3
 
 
 def test_teacher_encoding_puts_the_loss_on_the_label_only(tok):
@@ -278,6 +293,10 @@ def test_source_config_errors():
         DataConfig(sources=[SourceConfig(kind="text", loss_on="all")]).validate()
     with pytest.raises(FlmError, match="weight must be positive"):
         DataConfig(sources=[SourceConfig(weight=0)]).validate()
+    with pytest.raises(FlmError, match=r"sources\[1\]\.val_fraction must be in \(0, 0\.5\)"):
+        DataConfig(sources=[SourceConfig(), SourceConfig(kind="teacher", path="bundled", val_fraction=0.5)]).validate()
+    with pytest.raises(FlmError, match="needs a text or instruct source"):
+        DataConfig(sources=[SourceConfig(kind="teacher", path="bundled")]).validate()
 
 
 # --- training on a mixture ----------------------------------------------------------------------------------
@@ -287,7 +306,8 @@ def test_source_config_errors():
 def mixed_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     cfg = DataConfig(corpus="kjv", max_chars=60_000, dir=str(root / "prepared"), vocab_size=400, val_fraction=0.05,
-                     sources=[SourceConfig(kind="text", weight=3), SourceConfig(kind="teacher", path="bundled")])
+                     sources=[SourceConfig(kind="text", weight=3),
+                              SourceConfig(kind="teacher", path="bundled", val_fraction=0.2)])
     prepare(cfg, log=lambda _: None)
     return cfg
 
@@ -388,11 +408,22 @@ def test_eval_teacher_command(mixed_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "t.json").read_text())
     held = read_items(load_prepared(mixed_dir.dir).teacher_heldout[0])
+    assert 0.15 < len(held) / len(bundled_items()) < 0.25  # the source's own val_fraction (0.2)
     assert report["propositions"] == sum(len(i.propositions()) for i in held) and "teacher accuracy" in out
     result = teacher_accuracy(trainer.model, trainer.tokenizer, held)
     assert report["accuracy"] == result.accuracy and report["mc_accuracy"] == result.mc_accuracy
     last_eval = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval"][-1]
     assert last_eval["teacher_acc"] == result.accuracy  # the trainer logs the same measure
+
+    # The label tokens survive the Hugging Face export and the import back.
+    from transformers import AutoTokenizer
+
+    assert main(["export", "hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert hf_tok.convert_tokens_to_ids([TRUE_LABEL, FALSE_LABEL]) == list(trainer.tokenizer.label_ids)
+    assert main(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert load_for_inference(tmp_path / "back")[1].label_ids == trainer.tokenizer.label_ids
+    capsys.readouterr()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "1 plus 1 equals 2.", "label": 1}\n')

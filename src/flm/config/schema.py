@@ -78,11 +78,14 @@ class SourceConfig:
     path: str = ""
     weight: float = 1.0
     loss_on: str = "response"  # instruct only: "response" (loss on the response and its end) or "all"
+    val_fraction: float | None = None  # held-out share of this source's records (None: data.val_fraction)
 
     def validate(self, where: str) -> None:
         _require(self.kind in _SOURCE_KINDS, f"{where}.kind must be one of {_SOURCE_KINDS}, got {self.kind!r}")
         _require(self.kind == "text" or bool(self.path), f"{where}.path must name the {self.kind} data")
         _require(self.weight > 0 and self.weight != float("inf"), f"{where}.weight must be positive, got {self.weight}")
+        _require(self.val_fraction is None or 0.0 < self.val_fraction < 0.5,
+                 f"{where}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _require(self.loss_on in _LOSS_ON, f"{where}.loss_on must be one of {_LOSS_ON}, got {self.loss_on!r}")
         _require(self.kind == "instruct" or self.loss_on == "response",
                  f"{where}.loss_on applies to instruct sources only (a {self.kind} source has a fixed loss mask)")

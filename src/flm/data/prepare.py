@@ -136,7 +136,8 @@ def _prepare_mixture(cfg: DataConfig, out: Path, log: Callable[[str], None]) -> 
     for i, src in enumerate(cfg.sources):
         name = source_name(src, cfg)
         docs = read_source(src, cfg)
-        train, val = split_documents(docs, cfg.val_fraction, keys=[split_key(d) for d in docs])
+        fraction = src.val_fraction if src.val_fraction is not None else cfg.val_fraction
+        train, val = split_documents(docs, fraction, keys=[split_key(d) for d in docs])
         if src.kind == "teacher":
             train = _scatter_propositions(train)
         log(f"source {i} {name} (weight {src.weight:g}): {len(train)} train / {len(val)} held-out records")

@@ -46,8 +46,13 @@ def read_source(src: SourceConfig, cfg: DataConfig) -> list[Document]:
     if src.kind == "text":
         return list(iter_documents(text_corpus(src, cfg), cfg.max_chars))
     if src.kind == "instruct":
-        return read_jsonl(Path(src.path), _parse_instruction)
+        return read_instructions(src.path)
     return read_items(src.path)
+
+
+def read_instructions(path: str | Path) -> list[Instruction]:
+    """Instruction records ({"prompt": ..., "response": ...}) of a .jsonl file or folder; errors name file:line."""
+    return read_jsonl(Path(path), _parse_instruction)
 
 
 def split_key(doc: Document) -> str:

@@ -21,7 +21,7 @@ from flm.data.jsonl import read_jsonl
 
 BUNDLED = "bundled"
 # Part of the prepared-data fingerprint: bump when `bundled_items` changes what it generates.
-BUNDLED_VERSION = 1
+BUNDLED_VERSION = 2
 _BUNDLED_SEED = 20240901
 
 
@@ -94,57 +94,35 @@ def items_jsonl(items: list[TeacherItem]) -> bytes:
 
 
 # ---- the bundled set ----------------------------------------------------------------------------------------------
-def bundled_items(n: int = 24_000) -> list[TeacherItem]:
-    """A seeded set of true/false statements about small numbers, in English and Chinese, half of them true.
+_LIMIT = 20  # numbers compared are below this; summands are single digits
 
-    Kinds (in turn): comparisons of two numbers below 100 ("41 is greater than 17."), sums of two numbers below 10
-    ("3 plus 4 equals 8."), the Chinese comparison ("41比17大。"), and two-option multiple-choice sums
-    ("3 plus 4 equals ", options "7." / "9."). Judging them needs the order of numbers and the addition table, which the corpus
-    does not teach: what the model learns here comes from the teacher signal.
+
+def bundled_items() -> list[TeacherItem]:
+    """Every distinct statement of four kinds about small numbers, half of them true, in a seeded order.
+
+    Comparisons of two different numbers below 20 in English ("14 is greater than 9.") and Chinese ("14比9大。"),
+    both relations for every ordered pair; for every pair of digits the true sum and one wrong one ("3 plus 4
+    equals 7." / "3 plus 4 equals 9."); and for every pair of digits a two-option question ("3 + 4 = " + "7" /
+    "9"). Judging them needs the order of the numbers and the addition table, which the corpus does not
+    teach, and held-out statements are ones never seen in training: accuracy on them measures what the model took
+    from the teacher signal.
     """
     rng = random.Random(_BUNDLED_SEED)
-    makers = (_comparison, _sum, _comparison_zh, _sum_choice)
-    return [makers[i % len(makers)](rng, truth=(i // len(makers)) % 2 == 0) for i in range(n)]
-
-
-def _pair(rng: random.Random, high: int) -> tuple[int, int]:
-    a, b = rng.sample(range(high), 2)
-    return a, b
-
-
-def _comparison(rng: random.Random, truth: bool) -> TeacherItem:
-    a, b = _pair(rng, 100)
-    relation = rng.choice(("greater", "less"))
-    holds = a > b if relation == "greater" else a < b
-    if holds != truth:
-        a, b = b, a
-    return TeacherItem(text=f"{a} is {relation} than {b}.", label=truth)
-
-
-def _comparison_zh(rng: random.Random, truth: bool) -> TeacherItem:
-    a, b = _pair(rng, 100)
-    relation = rng.choice("大小")
-    holds = a > b if relation == "大" else a < b
-    if holds != truth:
-        a, b = b, a
-    return TeacherItem(text=f"{a}比{b}{relation}。", label=truth)
-
-
-def _wrong_sum(rng: random.Random, total: int) -> int:
-    return rng.choice([c for c in range(max(total - 3, 0), total + 4) if c != total])
-
-
-def _sum(rng: random.Random, truth: bool) -> TeacherItem:
-    a, b = rng.randrange(10), rng.randrange(10)
-    c = a + b if truth else _wrong_sum(rng, a + b)
-    return TeacherItem(text=f"{a} plus {b} equals {c}.", label=truth)
-
-
-def _sum_choice(rng: random.Random, truth: bool) -> TeacherItem:
-    """Two options, one true, so the set's propositions stay half true (chance is 50% for both measures)."""
-    a, b = rng.randrange(10), rng.randrange(10)
-    options = [a + b, _wrong_sum(rng, a + b)]
-    if not truth:  # the true option comes first in half of the questions
-        options.reverse()
-    return TeacherItem(text=f"{a} plus {b} equals ", options=tuple(f"{c}." for c in options),
-                       answer=options.index(a + b))
+    items = []
+    for a in range(_LIMIT):
+        for b in range(_LIMIT):
+            if a != b:
+                items += [TeacherItem(f"{a} is greater than {b}.", label=a > b),
+                          TeacherItem(f"{a} is less than {b}.", label=a < b),
+                          TeacherItem(f"{a}比{b}大。", label=a > b), TeacherItem(f"{a}比{b}小。", label=a < b)]
+    for a in range(10):
+        for b in range(10):
+            wrong = rng.choice([c for c in range(max(a + b - 3, 0), a + b + 4) if c != a + b])
+            items += [TeacherItem(f"{a} plus {b} equals {a + b}.", label=True),
+                      TeacherItem(f"{a} plus {b} equals {wrong}.", label=False)]
+            options = [a + b, rng.choice([c for c in range(max(a + b - 3, 0), a + b + 4) if c != a + b])]
+            if rng.random() < 0.5:
+                options.reverse()
+            items.append(TeacherItem(f"{a} + {b} = ", options=tuple(map(str, options)), answer=options.index(a + b)))
+    rng.shuffle(items)
+    return items
