@@ -5,7 +5,8 @@ and the same number of steps; only the width differs. N is the non-embedding par
 widest `holdout` runs are left out of the fit, and the relative error of their prediction is what
 says whether the fit can be trusted. With [[stages]] in the config, the same ladder (single-stage,
 as many steps as the whole schedule) also predicts the growth run's final loss, from the final
-stage's N and from the FLOPs the schedule spends, and the staged run is trained to compare.
+stage's N and from the FLOPs the schedule spends, with the same fitted widths, and the staged run is
+trained to compare.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flm.model import flops_per_token, non_embedding_params
 from flm.mup.report import figure, markdown_table, write_outputs
 from flm.mup.runs import at_width, quiet, train_and_evaluate
 from flm.train import Trainer
-from flm.train.schedule import plan_stages, tokens_and_flops_at
+from flm.train.schedule import Stage, plan_stages, tokens_and_flops_at
 from flm.train.trainer import resolve_model_config
 
 
@@ -95,15 +96,15 @@ def predict(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
            "ladder": ladder, "holdout_widths": [r["width"] for r in held],
            "largest_holdout_error": held[-1]["relative_error"], "extrapolated": extrapolated}
     if stages:
-        out["staged"] = staged_comparison(cfg, stages, ladder, log)
+        out["staged"] = staged_comparison(cfg, stages, fit_rows, law, log)
     return out
 
 
-def staged_comparison(cfg: Config, stages, ladder: list[dict], log: Callable[[str], None]) -> dict[str, Any]:
-    """Predict a growth run's final loss from the whole ladder, by N and by FLOPs, then train it and compare."""
+def staged_comparison(cfg: Config, stages: list[Stage], fit_rows: list[dict], by_params: PowerLaw,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """Predict a growth run's final loss from the fitted ladder runs, by N and by FLOPs; train it and compare."""
     tc = cfg.train
-    by_params = fit_power_law([r["params"] for r in ladder], [r["val_loss"] for r in ladder])
-    by_flops = fit_power_law([r["flops"] for r in ladder], [r["val_loss"] for r in ladder])
+    by_flops = fit_power_law([r["flops"] for r in fit_rows], [r["val_loss"] for r in fit_rows])
     final = stages[-1]
     tokens, flops = tokens_and_flops_at(final.end, stages, tc.batch_size, tc.seq_len)
     run = dataclasses.replace(cfg, train=dataclasses.replace(tc, run_dir=str(Path(cfg.mup.out_dir) / "staged")))
