@@ -18,19 +18,17 @@ import numpy as np
 import torch
 
 from flm.config import Config
+from flm.config.mup import PARAMETRIZATIONS
 from flm.data import iter_eval_batches
 from flm.model import FLM
-from flm.mup.report import figure, markdown_table, write_outputs
+from flm.mup.report import NAMES, figure, markdown_table, write_outputs
 from flm.mup.runs import at_width, quiet
 from flm.train import Trainer
-
-PARAMETRIZATIONS = ("mup", "sp")
-NAMES = {"mup": "μP", "sp": "SP"}
 
 
 @torch.no_grad()
 def activation_scales(model: FLM, tokens: torch.Tensor) -> dict[str, float]:
-    """Mean |x| of the embedding output, every block's attention output, MLP output and residual stream, and the logits."""
+    """Mean |x| of the embedding output, each block's attention output, MLP output and residual stream, and logits."""
     scales: dict[str, float] = {}
 
     def record(name: str) -> Callable:

@@ -24,7 +24,7 @@ from flm.config import Config
 from flm.data import load_prepared
 from flm.errors import FlmError
 from flm.model import flops_per_token, non_embedding_params
-from flm.mup.report import figure, markdown_table, write_outputs
+from flm.mup.report import NAMES, figure, markdown_table, write_outputs
 from flm.mup.runs import at_width, quiet, train_and_evaluate
 from flm.train import Trainer
 from flm.train.schedule import Stage, plan_stages, tokens_and_flops_at
@@ -124,10 +124,9 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
              f"{100 * r['relative_error']:.2f}%", "fit" if r["in_fit"] else "held out"] for r in result["ladder"]]
     rows += [[str(r["width"]), f"{r['params']:,}", "", "", f"{r['predicted']:.4f}", "", "predicted only"]
              for r in result["extrapolated"]]
-    name = {"mup": "μP", "sp": "SP"}[result["parametrization"]]
-    lines = [f"# Loss prediction\n\n{name}, lr {result['lr']:g}, init_std {result['init_std']:g}, output_mult "
-             f"{result['output_mult']:g}, {result['steps']} steps per run. Fit: {result['formula']} "
-             f"(N = non-embedding parameters).\n",
+    lines = [f"# Loss prediction\n\n{NAMES[result['parametrization']]}, lr {result['lr']:g}, "
+             f"init_std {result['init_std']:g}, output_mult {result['output_mult']:g}, {result['steps']} steps per run. "
+             f"Fit: {result['formula']} (N = non-embedding parameters).\n",
              markdown_table(["width", "N", "train FLOPs", "val loss", "predicted", "rel. error", "role"], rows), "",
              f"Relative error on the largest held-out width ({result['holdout_widths'][-1]}): "
              f"**{100 * result['largest_holdout_error']:.2f}%**."]

@@ -9,6 +9,8 @@ from typing import Any
 
 from flm.data.shards import atomic_write
 
+NAMES = {"mup": "μP", "sp": "SP"}  # how the reports spell each parametrization
+
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

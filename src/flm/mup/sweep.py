@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flm.config import Config
-from flm.mup.coord import NAMES
-from flm.mup.report import figure, markdown_table, write_outputs
+from flm.mup.report import NAMES, figure, markdown_table, write_outputs
 from flm.mup.runs import at_width, train_and_evaluate, with_hyperparameters
 
 KEYS = ("lr", "init_std", "output_mult")
