@@ -30,7 +30,7 @@ class MupConfig:
     search: str = "grid"  # "grid": every combination; "random": `trials` points, log-uniform within each list's range
     trials: int = 8  # random search only
     # Loss prediction: train `ladder` widths, fit L(N) = a·N^b + c on all but the `holdout` largest.
-    ladder: list[int] = field(default_factory=lambda: [32, 48, 64, 96, 128, 192, 256])
+    ladder: list[int] = field(default_factory=lambda: [32, 64, 96, 128, 192, 256])
     holdout: int = 2
     extrapolate: list[int] = field(default_factory=lambda: [512, 1024])  # wider models to predict (not trained)
 

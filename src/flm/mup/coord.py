@@ -61,11 +61,12 @@ def coord_check(cfg: Config, log: Callable[[str], None] = print) -> dict[str, An
     """Scales[parametrization][width] = one dict of layer scales per step (0 = at init), and the final slopes."""
     m, tc = cfg.mup, cfg.train
     widths = sorted(m.widths)
+    shapes = {(p, w): at_width(cfg, w, p) for p in PARAMETRIZATIONS for w in widths}  # checked up front
     scales: dict[str, dict[int, list[dict[str, float]]]] = {}
     for p in PARAMETRIZATIONS:
         scales[p] = {}
         for width in widths:
-            run = at_width(cfg, width, p)
+            run = shapes[p, width]
             # Constant LR from the first step: warmup would hide the updates being measured.
             run.train = dataclasses.replace(run.train, max_steps=m.coord_steps, warmup_steps=0, min_lr=tc.lr)
             trainer = Trainer(run, log=quiet)
@@ -80,10 +81,15 @@ def coord_check(cfg: Config, log: Callable[[str], None] = print) -> dict[str, An
     layers = list(scales[PARAMETRIZATIONS[0]][widths[0]][-1])
     slopes = {p: {layer: slope(widths, [scales[p][w][-1][layer] for w in widths]) for layer in layers}
               for p in PARAMETRIZATIONS}
+    hidden = [layer for layer in layers if layer.startswith("block")]
+    # How the slopes develop: the mean over the hidden layers' slopes, and the logits', after each step.
+    by_step = {p: [{"hidden": float(np.mean([slope(widths, [scales[p][w][t][layer] for w in widths]) for layer in hidden])),
+                    "logits": slope(widths, [scales[p][w][t]["logits"] for w in widths])}
+                   for t in range(m.coord_steps + 1)] for p in PARAMETRIZATIONS}
     if not all(math.isfinite(s) for p in slopes.values() for s in p.values()):
         log("warning: some activations are not finite (diverged); lower train.lr")
     return {"widths": widths, "steps": m.coord_steps, "lr": tc.lr, "base_width": cfg.model.base_width,
-            "layers": layers, "slopes": slopes,
+            "layers": layers, "slopes": slopes, "slopes_by_step": by_step,
             "scales": {p: {str(w): h for w, h in s.items()} for p, s in scales.items()}}
 
 
@@ -96,7 +102,11 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     text = (f"# Coordinate check\n\nMean |activation| after {result['steps']} steps at constant LR {result['lr']:g} "
             f"(base width {result['base_width']}); slope of log scale vs log width over widths "
             f"{', '.join(map(str, widths))}.\n\n"
-            + markdown_table(["layer", "μP slope", "SP slope", "μP scale by width", "SP scale by width"], rows) + "\n")
+            + markdown_table(["layer", "μP slope", "SP slope", "μP scale by width", "SP scale by width"], rows)
+            + "\n\nSlope after each step (step 0 = at init): mean over the hidden layers above, and the logits.\n\n"
+            + markdown_table(["step", "μP hidden", "μP logits", "SP hidden", "SP logits"],
+                             [[str(t)] + [f"{result['slopes_by_step'][p][t][k]:+.2f}" for p in PARAMETRIZATIONS
+                                          for k in ("hidden", "logits")] for t in range(result["steps"] + 1)]) + "\n")
     plt = figure()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
     colors = plt.cm.tab20(np.linspace(0, 1, len(layers)))

@@ -67,9 +67,10 @@ def predict(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     data = load_prepared(Path(cfg.data.dir))
     stages = plan_stages(cfg, resolve_model_config(cfg.model, data)) if cfg.stages else None
     steps = stages[-1].end if stages else tc.max_steps
+    runs = {width: at_width(cfg, width, p) for width in sorted(m.ladder)}  # every width checked before any training
+    wider = {width: at_width(cfg, width, p).model for width in m.extrapolate}
     ladder = []
-    for width in sorted(m.ladder):
-        run = at_width(cfg, width, p)
+    for width, run in runs.items():
         run.train = dataclasses.replace(run.train, max_steps=steps, warmup_steps=min(run.train.warmup_steps, steps))
         result = train_and_evaluate(run)
         if result.diverged:
@@ -87,8 +88,8 @@ def predict(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         r["relative_error"] = abs(r["predicted"] - r["val_loss"]) / r["val_loss"]
         r["in_fit"] = r in fit_rows
     extrapolated = []
-    for width in m.extrapolate:
-        model = resolve_model_config(at_width(cfg, width, p).model, data)
+    for width, model in wider.items():
+        model = resolve_model_config(model, data)
         extrapolated.append({"width": width, "params": non_embedding_params(model),
                              "predicted": float(law(non_embedding_params(model)))})
     out = {"parametrization": p, "steps": steps, "lr": tc.lr, "init_std": cfg.model.init_std,

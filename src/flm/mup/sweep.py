@@ -38,12 +38,13 @@ def sweep(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train every point at every sweep width under every parametrization; the best point of each, and transfer."""
     m = cfg.mup
     points = sweep_points(cfg)
+    shapes = {(p, w): at_width(cfg, w, p) for p in m.parametrizations for w in m.sweep_widths}  # checked up front
     runs = []
     total = len(points) * len(m.sweep_widths) * len(m.parametrizations)
     for p in m.parametrizations:
         for width in m.sweep_widths:
             for point in points:
-                run = with_hyperparameters(at_width(cfg, width, p), **point)
+                run = with_hyperparameters(shapes[p, width], **point)
                 result = train_and_evaluate(run)
                 runs.append({"parametrization": p, "width": width, **point,
                              "val_loss": None if result.diverged else result.val_loss,
@@ -113,7 +114,11 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.plot(lrs, [by_lr[lr] for lr in lrs], "o-", ms=4, label=f"width {width}")
                 best_lr = min(by_lr, key=by_lr.get)
                 ax.plot([best_lr], [by_lr[best_lr]], "k*", ms=10)
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        ticks = sorted({r["lr"] for r in result["runs"]})
+        if len(ticks) <= 12:  # a grid: label its points
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], minor=False)
+            ax.set_xticks([], minor=True)
         ax.set_xlabel("peak learning rate")
         ax.set_title(NAMES[p])
         ax.grid(alpha=0.3)
