@@ -83,10 +83,10 @@ def predict(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         log(f"width {width}: N {ladder[-1]['params']:,}, validation loss {result.val_loss:.4f} ({result.seconds:.0f} s)")
     fit_rows, held = ladder[:-m.holdout], ladder[-m.holdout:]
     law = fit_power_law([r["params"] for r in fit_rows], [r["val_loss"] for r in fit_rows])
-    for r in ladder:
+    for i, r in enumerate(ladder):
         r["predicted"] = float(law(r["params"]))
         r["relative_error"] = abs(r["predicted"] - r["val_loss"]) / r["val_loss"]
-        r["in_fit"] = r in fit_rows
+        r["in_fit"] = i < len(fit_rows)
     extrapolated = []
     for width, model in wider.items():
         model = resolve_model_config(model, data)

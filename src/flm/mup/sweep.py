@@ -111,12 +111,14 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
                     by_lr[r["lr"]] = min(by_lr.get(r["lr"], math.inf), r["val_loss"])
             if by_lr:
                 lrs = sorted(by_lr)
-                ax.plot(lrs, [by_lr[lr] for lr in lrs], "o-", ms=4, label=f"width {width}")
+                # A grid's points form a curve; random points are a scatter (their other hyperparameters differ).
+                style = "o-" if result["search"] == "grid" else "o"
+                ax.plot(lrs, [by_lr[lr] for lr in lrs], style, ms=4, label=f"width {width}")
                 best_lr = min(by_lr, key=by_lr.get)
                 ax.plot([best_lr], [by_lr[best_lr]], "k*", ms=10)
         ax.set_xscale("log")
-        ticks = sorted({r["lr"] for r in result["runs"]})
-        if len(ticks) <= 12:  # a grid: label its points
+        if result["search"] == "grid":  # label the grid's LRs
+            ticks = sorted({r["lr"] for r in result["runs"]})
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks], minor=False)
             ax.set_xticks([], minor=True)
         ax.set_xlabel("peak learning rate")
