@@ -108,9 +108,9 @@ def test_moments_map_into_the_old_block_and_new_entries_are_zero(old_model):
     fc1 = new_m["blocks.1.mlp.fc1.weight"]
     assert torch.equal(fc1[:128, :32], old_m["blocks.1.mlp.fc1.weight"])
     assert fc1[128:].abs().sum() == 0 and fc1[:, 32:].abs().sum() == 0
-    qkv = new_m["blocks.0.attn.qkv.weight"].view(3, 4, 16, 64)
-    assert torch.equal(qkv[:, :2, :, :32], old_m["blocks.0.attn.qkv.weight"].view(3, 2, 16, 32))
-    assert qkv[:, 2:].abs().sum() == 0 and qkv[..., 32:].abs().sum() == 0
+    qkv = new_m["blocks.0.attn.qkv.weight"].view(4, 3, 16, 64)  # rows head by head: [q | k | v] each
+    assert torch.equal(qkv[:2, :, :, :32], old_m["blocks.0.attn.qkv.weight"].view(2, 3, 16, 32))
+    assert qkv[2:].abs().sum() == 0 and qkv[..., 32:].abs().sum() == 0
     assert all(new_m[k].abs().sum() == 0 for k in new_m if k.startswith(("blocks.2.", "blocks.3.")))
 
 

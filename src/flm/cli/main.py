@@ -32,20 +32,22 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from flm.config import load_config
     from flm.data import prepare
-    from flm.train import Trainer
+    from flm.parallel.trainer import make_trainer
 
     cfg = load_config(args.config, args.overrides)
-    prepare(cfg.data)  # reuses the shards when they are already there
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg, prepare=prepare)  # under torchrun, the first process prepares the data
+    say = trainer.log
     if args.resume:
         if not trainer.resume(args.resume):
-            print(f"no checkpoint in {trainer.ckpt_root}: starting from scratch")
-    print(trainer.describe())
+            say(f"no checkpoint in {trainer.ckpt_root}: starting from scratch")
+    say(trainer.describe())
     summary = trainer.train(until_step=args.until_step)
     if trainer.step >= trainer.max_steps and cfg.train.sample_tokens:
-        print(f"sample: {trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)!r}")
-    print(f"validation loss {summary['val_loss']:.4f} at step {summary['step']}; "
-          f"run folder {trainer.run_dir} (checkpoint {summary['checkpoint']}, metrics.jsonl, loss.png)")
+        text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)
+        say(f"sample: {text!r}" if text is not None else f"sample: `flm generate {trainer.run_dir}`")
+    say(f"validation loss {summary['val_loss']:.4f} at step {summary['step']}; "
+        f"run folder {trainer.run_dir} (checkpoint {summary['checkpoint']}, metrics.jsonl, loss.png)")
+    trainer.close()
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -4,9 +4,10 @@ from flm.config.load import config_from_dict, config_to_dict, load_config, model
 from flm.config.mup import MupConfig
 from flm.config.presets import PRESETS
 from flm.config.plan import PlanConfig
-from flm.config.schema import Config, DataConfig, ModelConfig, StageConfig, TrainConfig
+from flm.config.schema import Config, DataConfig, ModelConfig, ParallelConfig, StageConfig, TrainConfig
 
 __all__ = [
-    "Config", "DataConfig", "ModelConfig", "MupConfig", "PlanConfig", "StageConfig", "TrainConfig", "PRESETS",
+    "Config", "DataConfig", "ModelConfig", "MupConfig", "ParallelConfig", "PlanConfig", "StageConfig", "TrainConfig",
+    "PRESETS",
     "config_from_dict", "config_to_dict", "load_config", "model_config_from_dict",
 ]

@@ -192,9 +192,10 @@ class StageConfig:
     ramp_steps: int = 100  # K: growth masks ramp 0 -> 1 over this many steps after growing into the stage
     new_layers: str = "stack"  # depth growth: "stack" copies top layers, "insert" interleaves copies, "random"
     batch_size: int | None = None  # sequences per optimizer step (None: train.batch_size * grad_accum)
-    tp: int = 1  # parallel layout while training this stage
-    pp: int = 1
-    dp: int = 1
+    # Parallel layout while training this stage (None: [parallel]'s); dp counts all data-parallel ranks.
+    tp: int | None = None
+    pp: int | None = None
+    dp: int | None = None
 
     def validate(self, where: str) -> None:
         for name in ("n_layers", "d_model", "n_heads", "d_ff", "batch_size"):
@@ -204,7 +205,41 @@ class StageConfig:
         _require(self.lr is None or self.lr > 0, f"{where}.lr must be positive, got {self.lr}")
         _require(self.warmup_steps >= 0 and self.ramp_steps >= 0, f"{where}.warmup_steps and ramp_steps must be >= 0")
         _require(self.new_layers in _NEW_LAYERS, f"{where}.new_layers must be one of {_NEW_LAYERS}, got {self.new_layers!r}")
-        _require(min(self.tp, self.pp, self.dp) > 0, f"{where}.tp, pp and dp must be positive")
+        for name in ("tp", "pp", "dp"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{where}.{name} must be positive, got {value}")
+
+
+_PP_SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass
+class ParallelConfig:
+    """How a run launched with `torchrun` spreads over its processes (docs/parallel.md).
+
+    dp x tp x pp must equal the number of processes. A stage may set its own tp/pp/dp: the layout
+    then changes at that growth boundary. Without torchrun, `flm train` runs in one process and this
+    section must describe one (the defaults).
+    """
+
+    dp: int = 1  # data-parallel ranks: FSDP2 shards weights, gradients and Adam state over them
+    dp_replicate: int = 1  # HSDP: the dp ranks form this many replica groups, sharding within each
+    tp: int = 1  # tensor parallel (DTensor): heads, FFN units and vocabulary split over these ranks
+    pp: int = 1  # pipeline parallel: each of the pp ranks runs a consecutive range of blocks
+    pp_schedule: str = "1f1b"  # "gpipe" (all forwards, then all backwards) or "1f1b" (interleaved)
+    pp_microbatches: int | None = None  # pipeline micro-batches per micro-batch of train.batch_size (None: pp)
+    sequence_parallel: bool = False  # with tp > 1: LayerNorm and dropout activations split along the sequence
+    activation_checkpointing: bool = False  # recompute each block's activations during backward (less memory)
+
+    def validate(self) -> None:
+        for name in ("dp", "dp_replicate", "tp", "pp"):
+            _require(getattr(self, name) > 0, f"parallel.{name} must be positive, got {getattr(self, name)}")
+        _require(self.dp % self.dp_replicate == 0,
+                 f"parallel.dp_replicate ({self.dp_replicate}) must divide parallel.dp ({self.dp})")
+        _require(self.pp_schedule in _PP_SCHEDULES,
+                 f"parallel.pp_schedule must be one of {_PP_SCHEDULES}, got {self.pp_schedule!r}")
+        _require(self.pp_microbatches is None or self.pp_microbatches > 0,
+                 f"parallel.pp_microbatches must be positive, got {self.pp_microbatches}")
 
 
 @dataclass
@@ -217,6 +252,14 @@ class Config:
     stages: list[StageConfig] = field(default_factory=list)
     plan: PlanConfig = field(default_factory=PlanConfig)
     mup: MupConfig = field(default_factory=MupConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def stage_layout(self, stage: StageConfig | None) -> tuple[int, int, int]:
+        """(tp, pp, dp) for a stage: its own values where set, else [parallel]'s."""
+        p = self.parallel
+        if stage is None:
+            return p.tp, p.pp, p.dp
+        return tuple(getattr(p, k) if getattr(stage, k) is None else getattr(stage, k) for k in ("tp", "pp", "dp"))
 
     def stage_models(self) -> list[ModelConfig]:
         """The model shape of every stage, each stage's overrides applied to the previous shape."""
@@ -234,6 +277,7 @@ class Config:
         self.train.validate()
         self.plan.validate()
         self.mup.validate()
+        self.parallel.validate()
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
         for i, shape in enumerate(self.stage_models()):

@@ -75,10 +75,10 @@ def check_growable(old: ModelConfig, new: ModelConfig) -> None:
 
 
 def _shape_dims(name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The 'logical' shape of a tensor: QKV is viewed as [3, heads, head_dim, ...] so heads grow as units."""
+    """The 'logical' shape of a tensor: QKV is viewed as [heads, 3, head_dim, ...] so heads grow as units."""
     d, f, a = cfg.d_model, cfg.ffn_dim, cfg.attn_dim
     table = {
-        "attn.qkv.weight": (3, cfg.n_heads, cfg.head_dim, d), "attn.qkv.bias": (3, cfg.n_heads, cfg.head_dim),
+        "attn.qkv.weight": (cfg.n_heads, 3, cfg.head_dim, d), "attn.qkv.bias": (cfg.n_heads, 3, cfg.head_dim),
         "attn.proj.weight": (d, a), "attn.proj.bias": (d,), "mlp.fc1.weight": (f, d), "mlp.fc1.bias": (f,),
         "mlp.fc2.weight": (d, f), "mlp.fc2.bias": (d,),
         "ln1.weight": (d,), "ln1.bias": (d,), "ln2.weight": (d,), "ln2.bias": (d,),

@@ -76,7 +76,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim)  # rows: [q heads | k heads | v heads]
+        # Rows head by head, each head's [q | k | v] (Megatron's layout): a contiguous slice of rows is a
+        # set of whole heads, so tensor parallelism splits it without reordering anything.
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim)
         self.proj = nn.Linear(cfg.attn_dim, cfg.d_model)
         self.dropout = cfg.dropout
         self.register_buffer("head_mask", None, persistent=False)  # [n_heads] while new heads ramp in
@@ -84,7 +86,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # -1 heads: under tensor parallelism this module holds a slice of the heads.
+        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         cos_q, sin_q, cos_k, sin_k = rope
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
         dropout = self.dropout if self.training else 0.0
@@ -102,7 +105,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if self.head_mask is not None:
             y = y * self.head_mask.view(1, -1, 1, 1)
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):

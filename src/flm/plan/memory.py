@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from flm.config import Config, ModelConfig, PlanConfig, StageConfig
+from flm.config import Config, ModelConfig, StageConfig
 from flm.errors import FlmError
 from flm.model.counting import param_count
 from flm.plan.cost import planned_stages
@@ -75,8 +75,11 @@ class MemoryEstimate:
         return self.total <= self.usable
 
 
-def layout_for(stage: StageConfig, plan: PlanConfig) -> Layout:
-    return Layout(tp=stage.tp, pp=stage.pp, dp=stage.dp, micro_batch_size=plan.micro_batch_size,
+def layout_for(cfg: Config, stage: StageConfig) -> Layout:
+    """The stage's tp/pp/dp (its own, else [parallel]'s) under the plan's precision settings."""
+    tp, pp, dp = cfg.stage_layout(stage)
+    plan = cfg.plan
+    return Layout(tp=tp, pp=pp, dp=dp, micro_batch_size=plan.micro_batch_size,
                   sequence_parallel=plan.sequence_parallel, recompute=plan.recompute,
                   distributed_optimizer=plan.distributed_optimizer)
 
@@ -132,7 +135,7 @@ def stage_memory(cfg: Config, gpu: GPU) -> list[tuple[str, Layout, MemoryEstimat
     """The memory check for every stage's own tp/pp/dp layout under the plan's precision settings."""
     rows = []
     for stage, model in planned_stages(cfg):
-        layout = layout_for(stage, cfg.plan)
+        layout = layout_for(cfg, stage)
         try:
             estimate = estimate_memory(model, cfg.train.seq_len, layout, gpu, cfg.plan.memory_margin)
         except FlmError as e:

@@ -25,6 +25,7 @@ from flm.errors import FlmError
 
 _NAME = re.compile(r"^step_(\d{8})$")
 FORMAT_VERSION = 1
+SHARDED = "sharded"  # the folder of a checkpoint written by several processes
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,29 +71,33 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep_last: int, write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write `root/step_<step>/` atomically, then delete all but the newest `keep_last` checkpoints.
+def staging_path(root: Path, step: int) -> Path:
+    return root / f".step_{step:08d}.tmp"
 
-    `write_extra(folder)` adds files (the tokenizer) so that a checkpoint folder stands on its own.
-    """
+
+def staging_dir(root: Path, step: int) -> Path:
+    """A fresh hidden folder to write checkpoint `step` into; `publish` moves it into place."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     for stale in root.glob(".step_*"):  # left by a crash mid-write (one writer per run)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp = staging_path(root, step)
     tmp.mkdir()
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
-    save_file({**optimizer_tensors(optimizer), **rng_tensors()}, str(tmp / "train_state.safetensors"))
-    if write_extra is not None:
-        write_extra(tmp)
+    return tmp
+
+
+def publish(tmp: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
+    """Write meta.json into the staged folder, flush everything to disk, rename it to `step_<step>/`, and
+    delete all but the newest `keep_last` checkpoints."""
+    root = tmp.parent
+    final = root / f"step_{step:08d}"
     (tmp / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1))
     for f in tmp.rglob("*"):
         if f.is_file():
             _fsync_file(f)
-    _fsync_dir(tmp)
+    for d in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
+        _fsync_dir(d)
     if final.exists():  # re-saving a step: move the old one aside first, so one of them always exists
-        old = root / f".{final.name}.old-{os.getpid()}"
+        old = root / f".{final.name}.old"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -102,6 +107,20 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     for stale in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(stale)
     return final
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    meta: dict[str, Any], keep_last: int, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `root/step_<step>/` atomically, then delete all but the newest `keep_last` checkpoints.
+
+    `write_extra(folder)` adds files (the tokenizer) so that a checkpoint folder stands on its own.
+    """
+    tmp = staging_dir(root, step)
+    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    save_file({**optimizer_tensors(optimizer), **rng_tensors()}, str(tmp / "train_state.safetensors"))
+    if write_extra is not None:
+        write_extra(tmp)
+    return publish(tmp, step, meta, keep_last)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -133,7 +152,12 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(path: Path, model: nn.Module) -> None:
-    """Copy a checkpoint's weights into `model` (shapes must match)."""
+    """Copy a checkpoint's weights into `model` (shapes must match); also from a sharded checkpoint."""
+    if is_sharded(path):
+        from flm.parallel.checkpoint import load_sharded
+
+        load_sharded(Path(path), None, _named_tensors(model), distributed=False)
+        return
     tensors = _load_tensors(Path(path) / "model.safetensors")
     expected = model_tensors(model)
     missing = sorted(set(expected) - set(tensors))
@@ -147,7 +171,13 @@ def load_model_state(path: Path, model: nn.Module) -> None:
 
 
 def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Restore Adam moments by parameter name, and the RNG states."""
+    """Restore Adam moments by parameter name, and the RNG states (of the first process, for a sharded
+    checkpoint written by several)."""
+    if is_sharded(path):
+        from flm.parallel.checkpoint import load_sharded, named_params
+
+        load_sharded(Path(path), optimizer, named_params(optimizer), distributed=False, rng_rank=0)
+        return
     tensors = _load_tensors(Path(path) / "train_state.safetensors")
     by_param: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -164,6 +194,21 @@ def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def is_sharded(path: Path) -> bool:
+    """Written under torchrun (flm.parallel.checkpoint): tensors in `sharded/`, not `model.safetensors`."""
+    return (Path(path) / SHARDED).is_dir()
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's persistent tensors by name, in place (each shared tensor once, as `model_tensors`)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t.detach()
+    return out
 
 
 def resolve_checkpoint(spec: str, root: Path) -> Path | None:

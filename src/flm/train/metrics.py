@@ -32,11 +32,15 @@ class MetricsLogger:
     """Appends one JSON object per event to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
     On resume, records after the checkpoint's step (written by the run that crashed) are dropped so
-    the file describes exactly one history.
+    the file describes exactly one history. A disabled logger (processes other than the first one
+    of a distributed run) writes nothing.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self._file, self._tb = None, None
+        if not enabled:
+            return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -52,6 +56,8 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
 
     def log(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -60,7 +66,8 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -45,6 +45,11 @@ def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
 
 
 class Trainer:
+    """One process. flm.parallel.ParallelTrainer runs the same loop under torchrun, overriding the hooks
+    marked below (how a micro-batch runs, gradient clipping, masks, checkpoints, growth)."""
+
+    is_main = True  # the process that writes metrics and prints
+
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
         tc = cfg.train
@@ -125,29 +130,45 @@ class Trainer:
         # masked sources leave micro-batches with different counts, and weighting each micro-batch's mean by its
         # share of the tokens makes accumulation equal one big batch.
         counts = [int((y != IGNORE).sum()) for _, y in batches]
-        n_loss_tokens = sum(counts)
+        n_loss_tokens = self._global_count(sum(counts))
         if n_loss_tokens == 0:
             raise FlmError(f"step {self.step} drew no loss targets (every target masked): check the data sources")
         total = torch.zeros((), device=self.device)
         for (x, y), n in zip(batches, counts):
-            if n == 0:
-                continue  # its mean would be 0/0; it contributes nothing to the step's mean
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast:
-                _, loss = self.step_fn(x, y)
-            (loss * (n / n_loss_tokens)).backward()
-            total += loss.detach() * n
-        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            loss = self._forward_backward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                                          n, n_loss_tokens)
+            total += loss * n
+        grad_norm = self._clip_grad_norm(tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ramp is not None:
             self.ramp.steps_done += 1
-            apply_masks(self.model, self.ramp)
+            self._apply_masks()
             if self.ramp.c >= 1.0:
                 self.ramp = None  # folded: an ordinary model of the new shape
         return total / n_loss_tokens, grad_norm
+
+    # Hooks (overridden by flm.parallel.ParallelTrainer).
+    def _global_count(self, n: int) -> int:
+        """Loss tokens of the whole step, from this process's count (more processes read the same step)."""
+        return n
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, n: int, n_step: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch holding `n` of the step's `n_step` loss tokens, its mean
+        loss weighted by n / n_step; returns that (detached) mean."""
+        if n == 0:
+            return torch.zeros((), device=self.device)  # its mean would be 0/0; it contributes nothing
+        with self.autocast:
+            _, loss = self.step_fn(x, y)
+        (loss * (n / n_step)).backward()
+        return loss.detach()
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _apply_masks(self) -> None:
+        apply_masks(self.model, self.ramp)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -182,10 +203,9 @@ class Trainer:
         tc = self.cfg.train
         x, y = next(iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, 1, self.data.val_masks))
         self.model.eval()
-        with self.autocast:
-            _, loss = self.model(x.to(self.device), y.to(self.device))
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        n = int((y != IGNORE).sum())
+        loss = self._forward_backward(x.to(self.device), y.to(self.device), n, self._global_count(n))
+        norm = self._clip_grad_norm(float("inf"))
         self.model.zero_grad(set_to_none=True)
         self.model.train()
         return loss.item(), norm.item()
@@ -210,6 +230,9 @@ class Trainer:
         out = generate(self.model, ids, max_new_tokens, temperature=0.8, top_k=50, eot_id=tok.eot_id,
                        generator=gen, vocab_limit=tok.vocab_size)
         return prompt + tok.decode([t for t in out if t != tok.eot_id])
+
+    def close(self) -> None:
+        """Release what the run holds beyond its objects (the process group under torchrun)."""
 
     # ---- the loop ----------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -241,9 +264,10 @@ class Trainer:
         """Run all stages to the end (or stop after `until_step`, keeping the schedule of the full run)."""
         tc = self.cfg.train
         end = min(self.max_steps, until_step) if until_step is not None else self.max_steps
-        metrics = MetricsLogger(self.run_dir, tc.tensorboard, resume_step=self.step if self.step else None)
+        metrics = MetricsLogger(self.run_dir, tc.tensorboard and self.is_main,
+                                resume_step=self.step if self.step else None, enabled=self.is_main)
         progress = None
-        if tc.progress:
+        if tc.progress and self.is_main:
             from tqdm import tqdm
 
             progress = tqdm(total=end, initial=self.step, unit="step", dynamic_ncols=True)
@@ -295,6 +319,7 @@ class Trainer:
             metrics.close()
         if val_loss is None:  # nothing left to train (e.g. resuming a finished run): still report where it stands
             val_loss = self.evaluate()
-        plot_losses(self.run_dir)
+        if self.is_main:
+            plot_losses(self.run_dir)
         found = list_checkpoints(self.ckpt_root)
         return {"step": self.step, "val_loss": val_loss, "checkpoint": str(found[-1]) if found else None}

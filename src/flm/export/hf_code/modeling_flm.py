@@ -88,7 +88,7 @@ class FLMAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, ...], mask: Optional[torch.Tensor],
                 cache: Optional[Cache]) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, T, self.n_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # rows per head: q, k, v
         cos_q, sin_q, cos_k, sin_k = rope
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
         if cache is not None:

@@ -1,0 +1,87 @@
+"""Processes and device meshes: the torchrun environment, the process group, and one named mesh per layout.
+
+A layout is tp x pp x dp processes; dp may be split into dp_replicate groups that each shard the model
+over dp_shard ranks (HSDP). The mesh has the dimensions ("pp", "dp_replicate", "dp_shard", "tp"), tp
+innermost so that tensor-parallel ranks are neighbours (one node, the fastest links), pp outermost.
+Dimensions of size 1 are kept, so every piece of code can ask for the same names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from flm.device import resolve_device
+from flm.errors import FlmError
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1  # all data-parallel ranks: dp_replicate x dp_shard
+    dp_replicate: int = 1
+
+    @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def describe(self) -> str:
+        hsdp = f" ({self.dp_replicate} replicas x {self.dp_shard} shards)" if self.dp_replicate > 1 else ""
+        return f"dp{self.dp}{hsdp} x tp{self.tp} x pp{self.pp}"
+
+
+def torchrun_world() -> int | None:
+    """The number of processes torchrun started, or None outside torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["WORLD_SIZE"])
+
+
+def init_distributed(device_spec: str) -> torch.device:
+    """Join the process group torchrun describes: NCCL with one GPU per process, gloo on CPU.
+
+    Returns this process's device (cuda:LOCAL_RANK, or cpu).
+    """
+    device = resolve_device(device_spec)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device
+
+
+def build_mesh(layout: ParallelLayout, device: torch.device) -> DeviceMesh:
+    """The named mesh for `layout` over all processes (an explicit CPU mesh on CPU); collective."""
+    world = dist.get_world_size()
+    if layout.world_size != world:
+        raise FlmError(f"parallel layout {layout.describe()} needs {layout.world_size} processes, "
+                       f"but torchrun started {world}")
+    shape = (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp)
+    return init_device_mesh(device.type, shape, mesh_dim_names=DIMS)
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 shards over: 1-D (FSDP), or 2-D (replicate, shard) for HSDP."""
+    if mesh["dp_replicate"].size() > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def dp_rank(mesh: DeviceMesh) -> int:
+    """This process's index among the data-parallel ranks (which slice of each global batch it reads)."""
+    return mesh.get_local_rank("dp_replicate") * mesh["dp_shard"].size() + mesh.get_local_rank("dp_shard")

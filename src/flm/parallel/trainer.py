@@ -1,0 +1,260 @@
+"""The training loop under torchrun: flm.train.Trainer with its model spread over a 3-D layout.
+
+Every process builds the same stage-1 model from the same seed, then keeps only its part (tensor
+parallel slices, pipeline stage, FSDP shards). The data order does not depend on the layout: each
+optimizer step reads the same global batch of train.batch_size x grad_accum sequences as one process
+would, each data-parallel rank a contiguous slice of every micro-batch. Losses are means over equal
+numbers of tokens, so the average over data-parallel ranks (what FSDP does to gradients) is the
+single-process value: dpN x tpM computes what one process computes, up to floating-point reduction
+order. Checkpoints are DCP (flm.parallel.checkpoint) and reshard to any other layout on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.tensor.parallel import loss_parallel
+
+from flm.config import Config, config_to_dict
+from flm.data import TokenLoader, iter_eval_batches
+from flm.errors import FlmError
+from flm.growth import Ramp, apply_masks
+from flm.model import FLM
+from flm.parallel.checkpoint import load_sharded, named_params, save_sharded
+from flm.parallel.fsdp import apply_fsdp
+from flm.parallel.mesh import ParallelLayout, build_mesh, dp_mesh, dp_rank, init_distributed, torchrun_world
+from flm.parallel.norms import clip_grad_norm
+from flm.parallel.recompute import apply_activation_checkpointing
+from flm.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, local_slice
+from flm.train.checkpoint import is_sharded, publish, read_meta, resolve_checkpoint, staging_dir, staging_path
+from flm.train.optim import build_optimizer
+from flm.train.trainer import Trainer
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class ParallelTrainer(Trainer):
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        self.device = init_distributed(cfg.train.device)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self._meshes: dict[ParallelLayout, Any] = {}
+        self.layout = self._layout_of(0, cfg)
+        super().__init__(cfg, log if self.is_main else _quiet)
+        self.loader = self._loader(0)
+
+    # ---- layout ------------------------------------------------------------------------------------
+    def _layout_of(self, stage: int, cfg: Config | None = None) -> ParallelLayout:
+        cfg = cfg or self.cfg
+        tp, pp, dp = cfg.stage_layout(cfg.stages[stage] if cfg.stages else None)
+        layout = ParallelLayout(tp=tp, pp=pp, dp=dp, dp_replicate=cfg.parallel.dp_replicate)
+        where = f"stages[{stage}]" if cfg.stages else "[parallel]"
+        if dp % layout.dp_replicate:
+            raise FlmError(f"{where}: parallel.dp_replicate ({layout.dp_replicate}) must divide dp ({dp})")
+        if layout.world_size != self.world:
+            raise FlmError(f"{where}: layout {layout.describe()} needs {layout.world_size} processes, "
+                           f"but torchrun started {self.world}")
+        if cfg.train.batch_size % dp:
+            raise FlmError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the data-parallel "
+                           f"degree ({dp}): each rank reads an equal slice of every micro-batch")
+        return layout
+
+    @property
+    def mesh(self):
+        if self.layout not in self._meshes:
+            self._meshes[self.layout] = build_mesh(self.layout, self.device)
+        return self._meshes[self.layout]
+
+    def _loader(self, samples_seen: int) -> TokenLoader:
+        """This rank's slice of every global micro-batch, continuing at `samples_seen` global samples."""
+        tc, dp = self.cfg.train, self.layout.dp
+        loader = TokenLoader(self.data.train_shards, tc.batch_size // dp, tc.seq_len, seed=tc.seed,
+                             rank=dp_rank(self.mesh), world_size=dp)
+        loader.samples_seen = samples_seen
+        return loader
+
+    # ---- model -------------------------------------------------------------------------------------
+    def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Shard a whole single-device `model` over the current layout (unless `optimizer` says it is
+        already sharded) and make it the one being trained."""
+        if optimizer is None:
+            self._parallelize(model)
+            optimizer = build_optimizer(model, self.cfg.train)
+        self.model, self.optimizer = model, optimizer
+        self.step_fn = torch.compile(model) if self.cfg.train.compile else model
+
+    def _parallelize(self, model: FLM) -> None:
+        pc, layout = self.cfg.parallel, self.layout
+        if layout.tp > 1:
+            check_tensor_parallel(model.cfg, layout.tp, self.cfg.train.seq_len, pc.sequence_parallel)
+            apply_tensor_parallel(model, self.mesh["tp"], pc.sequence_parallel)
+        if pc.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        bf16 = not isinstance(self.autocast, contextlib.nullcontext)
+        apply_fsdp(model, dp_mesh(self.mesh), bf16)
+
+    def _context(self) -> contextlib.ExitStack:
+        """What a forward/backward under tensor parallelism needs: the loss over vocabulary-sharded
+        logits, and plain mask buffers treated as replicated values."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.autocast)
+        if self.layout.tp > 1:
+            stack.enter_context(loss_parallel())
+            stack.enter_context(implicit_replication())
+        return stack
+
+    # ---- hooks of the training step ----------------------------------------------------------------
+    def _global_count(self, n: int) -> int:
+        """Loss tokens of the step over all data-parallel ranks (tensor/pipeline ranks read the same ones)."""
+        total = torch.tensor(n, dtype=torch.int64, device=self.device)
+        dist.all_reduce(total)
+        return int(total) // (self.layout.tp * self.layout.pp)
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, n: int, n_step: int) -> torch.Tensor:
+        """As one process, but FSDP averages gradients over the dp ranks, so the weight is n·dp / n_step;
+        a micro-batch without loss tokens still runs (every rank takes part in every collective), at weight 0."""
+        with self._context():
+            logits, loss = self.step_fn(x, y)
+            objective = loss * (n * self.layout.dp / n_step) if n else logits.sum() * 0.0
+            objective.backward()
+        return _local(loss.detach()) if n else torch.zeros((), device=self.device)
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self.model.parameters(), max_norm, None)
+
+    def _apply_masks(self) -> None:
+        apply_masks(self.model, self.ramp)
+        if self.layout.tp > 1:  # heads and FFN units are split over tp: each rank keeps its part of the masks
+            for block in self.model.blocks:
+                block.attn.head_mask = local_slice(block.attn.head_mask, self.mesh["tp"])
+                block.mlp.unit_mask = local_slice(block.mlp.unit_mask, self.mesh["tp"])
+
+    def _data_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over data-parallel ranks of a value that the tensor- and pipeline-parallel ranks share."""
+        total = value.detach().float().clone()
+        dist.all_reduce(total)
+        return total / (self.layout.tp * self.layout.pp)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, grad_norm = super().train_step()  # this rank's tokens' share of the step's mean
+        return self._data_sum(loss), grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the same batches as one process; each data-parallel rank takes a
+        slice of every batch (the whole batch when it is smaller than dp)."""
+        tc, dp = self.cfg.train, self.layout.dp
+        self.model.eval()
+        losses = []
+        for x, y in iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches):
+            sliced = len(x) % dp == 0
+            if sliced:
+                part = dp_rank(self.mesh)
+                x, y = x.chunk(dp)[part], y.chunk(dp)[part]
+            with self._context():
+                _, loss = self.step_fn(x.to(self.device), y.to(self.device))
+            loss = _local(loss).float()
+            if sliced:  # the batch's mean over all its loss tokens, from every slice's sum
+                n = int((y != IGNORE).sum())
+                loss = self._data_sum(loss * n if n else torch.zeros_like(loss)) / self._global_count(n)
+            losses.append(loss)
+        self.model.train()
+        return torch.stack(losses).mean().item()
+
+    def grow(self) -> dict[str, Any]:
+        raise FlmError("growth at a stage boundary under torchrun is not available in this version; "
+                       "grow offline with `flm grow` and resume")
+
+    def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str | None:
+        """No sampling from a sharded model: `flm generate RUN_DIR` reads the sharded checkpoint."""
+        return None
+
+    def describe(self) -> str:
+        pc = self.cfg.parallel
+        extras = [name for name, on in (("sequence parallel", pc.sequence_parallel and self.layout.tp > 1),
+                                        ("activation checkpointing", pc.activation_checkpointing)) if on]
+        return (super().describe() + f"\nparallel: {self.world} processes, {self.layout.describe()}"
+                + "".join(f", {e}" for e in extras))
+
+    def close(self) -> None:
+        dist.destroy_process_group()
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> Path:
+        meta = {"config": config_to_dict(self.cfg), "model": config_to_dict(self.model.cfg), "stage": self.stage,
+                "ramp": self.ramp.to_dict() if self.ramp else None, "data": self.loader.state_dict(),
+                "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                           "dp_replicate": self.layout.dp_replicate, "world_size": self.world}}
+        if self.is_main:
+            staging_dir(self.ckpt_root, self.step)
+        dist.barrier()
+        tmp = staging_path(self.ckpt_root, self.step)
+        save_sharded(tmp, self.optimizer)
+        dist.barrier()
+        final = self.ckpt_root / f"step_{self.step:08d}"
+        if self.is_main:
+            self.tokenizer.save(tmp)
+            publish(tmp, self.step, meta, self.cfg.train.keep_last)
+        dist.barrier()
+        return final
+
+    def resume(self, spec: str) -> bool:
+        path = resolve_checkpoint(spec, self.ckpt_root)
+        if path is None:
+            return False
+        meta = read_meta(path)
+        stage = meta.get("stage", 0)
+        if stage >= len(self.stages) or meta["model"] != config_to_dict(self.stages[stage].model):
+            raise FlmError(f"checkpoint {path} was trained with a different model config; "
+                           "use the same config (growth between shapes is `flm grow`)")
+        if stage != self.stage:
+            self.stage, self.layout = stage, self._layout_of(stage)
+            self._use(FLM(self.stages[stage].model).to(self.device))
+        saved_world = (meta.get("layout") or {}).get("world_size", 1)
+        if is_sharded(path):
+            load_sharded(path, self.optimizer, named_params(self.optimizer), distributed=True,
+                         rng_rank=self.rank if saved_world == self.world else None)
+        else:
+            raise FlmError(f"{path} is a single-process checkpoint; resuming it under torchrun is not supported")
+        self.ramp = Ramp.from_dict(meta["ramp"]) if meta.get("ramp") else None
+        if self.ramp:
+            self._apply_masks()
+        if meta.get("data"):
+            self.loader.load_state_dict(meta["data"])
+        self.step = meta["step"]
+        self.log(f"resumed from {path} at step {self.step} (stage {self.stage + 1}/{len(self.stages)}), "
+                 f"saved with {saved_world} processes, now {self.layout.describe()}")
+        return True
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value as a plain tensor (plain tensors pass through)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def make_trainer(cfg: Config, prepare: Callable[[Any], Any], log: Callable[[str], None] = print) -> Trainer:
+    """A ParallelTrainer under torchrun, else the single-process Trainer (whose layout must be one process).
+
+    `prepare(cfg.data)` makes sure the shards exist; under torchrun only the first process writes them.
+    """
+    if torchrun_world() is None:
+        for i, stage in enumerate(cfg.stages or [None]):
+            tp, pp, dp = cfg.stage_layout(stage)
+            if tp * pp * dp > 1:
+                where = f"stages[{i}]" if stage is not None else "[parallel]"
+                raise FlmError(f"{where} asks for {tp * pp * dp} processes (dp{dp} x tp{tp} x pp{pp}): launch with "
+                               f"`torchrun --nproc-per-node {tp * pp * dp} -m flm.cli.main train ...`")
+        prepare(cfg.data)
+        return Trainer(cfg, log)
+    init_distributed(cfg.train.device)
+    if dist.get_rank() == 0:
+        prepare(cfg.data)
+    dist.barrier()
+    return ParallelTrainer(cfg, log)

@@ -1,0 +1,148 @@
+"""3-D parallel training under torchrun on CPU (gloo), checked against one process on the same global batch.
+
+Tolerances. Parallel runs add the same numbers in another order (gradients summed over ranks and
+shards, norms per mesh), so results differ from one process in the last bits of fp32, never more:
+- per-step losses: relative 1e-5 (after 3 steps we observe < 1e-6);
+- final weights: absolute 3e-5, i.e. 1% of one Adam step at lr 3e-3. Adam divides each gradient
+  entry by its own running RMS, so for the few entries whose gradient is near zero, a 1e-7 relative
+  change of the gradient moves the update by a larger fraction; we observe <= 1.2e-5 on a handful of
+  entries and < 1e-6 on all others, while any real error (a wrong shard, a missing reduction, a
+  skipped sample) moves weights by ~lr = 3e-3.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from flm.config import ModelConfig, load_config
+from flm.data import prepare
+from flm.model import FLM
+from flm.parallel.recompute import apply_activation_checkpointing
+from flm.train import Trainer
+from flm.train.checkpoint import load_for_inference
+from flm.train.metrics import read_metrics
+from multiprocess import flm_cli, torchrun
+
+STEPS = 4
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 3e-5
+
+
+def settings(data_dir, run_dir, *extra):
+    return [f"data.dir='{data_dir}'", "data.corpus=kjv", "data.max_chars=150000", "data.vocab_size=512",
+            "data.val_fraction=0.05", f"train.run_dir='{run_dir}'",
+            "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.head_dim=32", "model.max_seq_len=64",
+            "train.batch_size=4", "train.grad_accum=2", "train.seq_len=32", f"train.max_steps={STEPS}",
+            "train.warmup_steps=2", "train.lr=3e-3", f"train.eval_every={STEPS}", "train.eval_batches=2",
+            "train.ckpt_every=2", "train.keep_last=5", "train.log_every=1", "train.progress=false",
+            "train.tensorboard=false", "train.sample_tokens=0", *extra]
+
+
+def cli_args(data_dir, run_dir, *extra):
+    return ["train", *(a for s in settings(data_dir, run_dir, *extra) for a in ("--set", s))]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pdata") / "prepared"
+    prepare(load_config(None, settings(root, "unused")).data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """One process, same global batch: 4 sequences x 2 micro-batches per step."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    trainer = Trainer(load_config(None, settings(data_dir, run)), log=lambda _: None)
+    trainer.train()
+    return run, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def train_losses(run):
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train"]
+
+
+def assert_same_run(run, reference):
+    ref_run, ref_weights = reference
+    got, want = train_losses(run), train_losses(ref_run)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=LOSS_RTOL)
+    model, _, meta = load_for_inference(run)  # the sharded DCP checkpoint, read by one process
+    assert meta["step"] == STEPS
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, ref_weights[name], atol=WEIGHT_ATOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("nproc, layout", [
+    (2, ["parallel.dp=2"]),
+    (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.activation_checkpointing=true"]),
+    (4, ["parallel.dp=2", "parallel.tp=2"]),
+], ids=["dp2", "tp2-sp-ac", "dp2xtp2"])
+def test_layout_matches_one_process(data_dir, reference, tmp_path, nproc, layout):
+    run = tmp_path / "run"
+    torchrun(nproc, *cli_args(data_dir, run, *layout))
+    assert_same_run(run, reference)
+
+
+def test_resume_on_other_layouts_and_one_process(data_dir, reference, tmp_path):
+    """Saved at dp2 x tp2 after 2 steps; resumed at dp4 (4 ranks, other slices of each batch) and in
+    one process without torchrun: both continue on the same samples and end where one process ends."""
+    first = tmp_path / "first"
+    torchrun(4, *cli_args(data_dir, first, "parallel.dp=2", "parallel.tp=2"), "--until-step", "2")
+    for name in ("dp4", "single"):
+        run = tmp_path / name
+        shutil.copytree(first, run)
+        args = [*cli_args(data_dir, run), "--resume", "auto"]
+        proc = torchrun(4, *args, "--set", "parallel.dp=4") if name == "dp4" else flm_cli(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+        assert_same_run(run, reference)
+
+
+def test_layout_that_does_not_match_the_processes_is_one_line(data_dir, tmp_path):
+    proc = torchrun(2, *cli_args(data_dir, tmp_path / "run", "parallel.tp=4"), check=False)
+    assert proc.returncode != 0
+    line = "error: [parallel]: layout dp1 x tp4 x pp1 needs 4 processes, but torchrun started 2"
+    assert proc.stderr.count(line) == 2  # one line from each process (then torchrun's own report)
+    assert "FlmError" not in proc.stderr
+    proc = flm_cli(*cli_args(data_dir, tmp_path / "run", "parallel.dp=2"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: [parallel] asks for 2 processes (dp2 x tp1 x pp1): launch with "
+        "`torchrun --nproc-per-node 2 -m flm.cli.main train ...`"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("parallel.dp_replicate=3", "parallel.dp_replicate (3) must divide parallel.dp (1)"),
+    ("parallel.pp_schedule='zigzag'", "parallel.pp_schedule must be one of"),
+    ("parallel.tp=0", "parallel.tp must be positive"),
+])
+def test_bad_parallel_settings(bad, message):
+    from flm.errors import FlmError
+
+    with pytest.raises(FlmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [bad])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, vocab_size=64, max_seq_len=16, dropout=0.1)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = FLM(cfg)
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        calls = []
+        for block in model.blocks:
+            block.mlp.register_forward_hook(lambda *_: calls.append(1))
+        torch.manual_seed(1)  # the same dropout masks, replayed during recomputation
+        loss = model(x, y)[1]
+        loss.backward()
+        assert len(calls) == cfg.n_layers * (2 if checkpointing else 1)  # each block ran again in backward
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
