@@ -60,9 +60,9 @@ def test_mup_init_draws_the_rule_std_and_zero_query():
     params = dict(model.named_parameters())
     for name in ("blocks.0.mlp.fc1.weight", "blocks.1.attn.proj.weight", "embed.weight", "lm_head.weight"):
         assert params[name].std().item() == pytest.approx(mup.init_std(cfg, name), rel=0.05), name
-    qkv = params["blocks.0.attn.qkv.weight"]
-    assert qkv[:cfg.attn_dim].abs().max() == 0  # queries
-    assert qkv[cfg.attn_dim:].std().item() == pytest.approx(mup.init_std(cfg, "blocks.0.attn.qkv.weight"), rel=0.05)
+    qkv = params["blocks.0.attn.qkv.weight"].view(cfg.n_heads, 3, cfg.head_dim, -1)  # rows per head: q, k, v
+    assert qkv[:, 0].abs().max() == 0  # queries
+    assert qkv[:, 1:].std().item() == pytest.approx(mup.init_std(cfg, "blocks.0.attn.qkv.weight"), rel=0.05)
 
 
 def test_optimizer_groups_carry_the_width_lr_and_adam_moves_hidden_matrices_less():

@@ -22,7 +22,7 @@ from flm.parallel.recompute import apply_activation_checkpointing
 from flm.train import Trainer
 from flm.train.checkpoint import load_for_inference
 from flm.train.metrics import read_metrics
-from multiprocess import flm_cli, torchrun
+from flm_torchrun import flm_cli, torchrun
 
 STEPS = 4
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 3e-5

@@ -195,7 +195,7 @@ class FLM(nn.Module):
                 nn.init.normal_(lin.weight, std=init_std(cfg, f"{path}.weight"))
                 nn.init.zeros_(lin.bias)
             if cfg.zero_query:
-                block.attn.qkv.weight[:cfg.attn_dim].zero_()
+                block.attn.qkv.weight.view(cfg.n_heads, 3, cfg.head_dim, -1)[:, 0].zero_()  # each head's q rows
         nn.init.ones_(self.ln_f.weight)
         nn.init.zeros_(self.ln_f.bias)
 

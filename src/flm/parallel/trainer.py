@@ -21,7 +21,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 
 from flm.config import Config, config_to_dict
-from flm.data import TokenLoader, iter_eval_batches
+from flm.data import iter_eval_batches
 from flm.errors import FlmError
 from flm.growth import Ramp, apply_masks
 from flm.model import FLM
@@ -72,11 +72,11 @@ class ParallelTrainer(Trainer):
             self._meshes[self.layout] = build_mesh(self.layout, self.device)
         return self._meshes[self.layout]
 
-    def _loader(self, samples_seen: int) -> TokenLoader:
+    def _loader(self, samples_seen: int):
         """This rank's slice of every global micro-batch, continuing at `samples_seen` global samples."""
         tc, dp = self.cfg.train, self.layout.dp
-        loader = TokenLoader(self.data.train_shards, tc.batch_size // dp, tc.seq_len, seed=tc.seed,
-                             rank=dp_rank(self.mesh), world_size=dp)
+        loader = self.data.train_loader(tc.batch_size // dp, tc.seq_len, seed=tc.seed, rank=dp_rank(self.mesh),
+                                        world_size=dp)
         loader.samples_seen = samples_seen
         return loader
 
@@ -153,7 +153,8 @@ class ParallelTrainer(Trainer):
         tc, dp = self.cfg.train, self.layout.dp
         self.model.eval()
         losses = []
-        for x, y in iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches):
+        for x, y in iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches,
+                                      self.data.val_masks):
             sliced = len(x) % dp == 0
             if sliced:
                 part = dp_rank(self.mesh)
