@@ -22,6 +22,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from flm.config import Config, config_to_dict
 from flm.data import iter_eval_batches
+from flm.data.loader import IGNORE
 from flm.errors import FlmError
 from flm.growth import Ramp, apply_masks
 from flm.model import FLM
@@ -61,6 +62,8 @@ class ParallelTrainer(Trainer):
         if layout.world_size != self.world:
             raise FlmError(f"{where}: layout {layout.describe()} needs {layout.world_size} processes, "
                            f"but torchrun started {self.world}")
+        if pp > 1:
+            raise FlmError(f"{where}: pipeline parallelism (pp={pp}) is not available in this version")
         if cfg.train.batch_size % dp:
             raise FlmError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the data-parallel "
                            f"degree ({dp}): each rank reads an equal slice of every micro-batch")
@@ -168,6 +171,12 @@ class ParallelTrainer(Trainer):
             losses.append(loss)
         self.model.train()
         return torch.stack(losses).mean().item()
+
+    def evaluate_teacher(self) -> dict[str, float]:
+        """Teacher-signal accuracy needs whole logits; sharded over tp or pp it is left to `flm eval teacher`."""
+        if self.layout.tp > 1 or self.layout.pp > 1:
+            return {}
+        return super().evaluate_teacher()
 
     def grow(self) -> dict[str, Any]:
         raise FlmError("growth at a stage boundary under torchrun is not available in this version; "
