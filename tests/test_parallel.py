@@ -3,11 +3,13 @@
 Tolerances. Parallel runs add the same numbers in another order (gradients summed over ranks and
 shards, norms per mesh), so results differ from one process in the last bits of fp32, never more:
 - per-step losses: relative 1e-5 (after 3 steps we observe < 1e-6);
-- final weights: absolute 3e-5, i.e. 1% of one Adam step at lr 3e-3. Adam divides each gradient
-  entry by its own running RMS, so for the few entries whose gradient is near zero, a 1e-7 relative
-  change of the gradient moves the update by a larger fraction; we observe <= 1.2e-5 on a handful of
-  entries and < 1e-6 on all others, while any real error (a wrong shard, a missing reduction, a
-  skipped sample) moves weights by ~lr = 3e-3.
+- final weights: every entry within 1e-4 (3% of one Adam step at lr 3e-3), and at most 0.1% of the
+  entries further apart than 1e-6. Adam divides each gradient entry by its own running RMS, so for the
+  rare entries whose gradient is near zero a 1e-7 relative change of the gradient moves the update
+  by a visible fraction of the step: after 4 steps we observe <= 1.2e-5 on a handful of entries, after
+  9 steps with two growths <= 4.6e-5 on 5 of 600k entries and > 1e-6 on 0.05%, while every other entry
+  agrees to < 1e-6. A real error (a wrong shard, a missing reduction, a skipped sample) moves most
+  entries by ~lr = 3e-3.
 """
 
 import shutil
@@ -25,7 +27,7 @@ from flm.train.metrics import read_metrics
 from flm_torchrun import flm_cli, torchrun
 
 STEPS = 4
-LOSS_RTOL, WEIGHT_ATOL = 1e-5, 3e-5
+LOSS_RTOL, WEIGHT_ATOL, CLOSE, MOST = 1e-5, 1e-4, 1e-6, 0.999
 
 
 def settings(data_dir, run_dir, *extra):
@@ -70,15 +72,28 @@ def assert_same_run(run, reference):
         assert a == pytest.approx(b, rel=LOSS_RTOL)
     model, _, meta = load_for_inference(run)  # the sharded DCP checkpoint, read by one process
     assert meta["step"] == STEPS
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(tensor, ref_weights[name], atol=WEIGHT_ATOL, rtol=0, msg=name)
+    assert_weights_match(model.state_dict(), ref_weights)
+
+
+def assert_weights_match(got, want):
+    """See the module docstring: all entries within WEIGHT_ATOL, nearly all within CLOSE."""
+    assert got.keys() == want.keys()
+    close = total = 0
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], atol=WEIGHT_ATOL, rtol=0, msg=name)
+        close += int(((tensor - want[name]).abs() <= CLOSE).sum())
+        total += tensor.numel()
+    assert close >= MOST * total, (close, total)
 
 
 @pytest.mark.parametrize("nproc, layout", [
     (2, ["parallel.dp=2"]),
     (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.activation_checkpointing=true"]),
     (4, ["parallel.dp=2", "parallel.tp=2"]),
-], ids=["dp2", "tp2-sp-ac", "dp2xtp2"])
+    (4, ["parallel.dp=4", "parallel.dp_replicate=2"]),
+    (2, ["parallel.pp=2", "parallel.pp_schedule='1f1b'"]),
+    (8, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule='gpipe'"]),
+], ids=["dp2", "tp2-sp-ac", "dp2xtp2", "hsdp2x2", "pp2-1f1b", "dp2xtp2xpp2-gpipe"])
 def test_layout_matches_one_process(data_dir, reference, tmp_path, nproc, layout):
     run = tmp_path / "run"
     torchrun(nproc, *cli_args(data_dir, run, *layout))
@@ -146,3 +161,68 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.equal(loss_a, loss_b)
     for name in grads_a:
         assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def test_growth_inside_a_run_reshards_and_matches_one_process(data_dir, tmp_path):
+    """Three stages on 4 processes, the layout changing at each growth as FLM-101B's did: dp2 x tp2, then
+    tp2 x pp2, then tp4. Growth (depth, width, heads, FFN) happens inside the run, one tensor at a time:
+    the probe loss is unchanged by each growth, and every step and the final weights match the same
+    schedule in one process (new entries get exactly the fresh values single-process growth gives them)."""
+    stages = """
+[[stages]]
+tokens = 768
+{0}
+[[stages]]
+n_layers = 3
+d_model = 96
+n_heads = 4
+tokens = 768
+ramp_steps = 2
+{1}
+[[stages]]
+n_layers = 4
+d_model = 128
+tokens = 768
+ramp_steps = 2
+{2}
+"""
+    layouts = {"parallel": ("tp = 2\ndp = 2", "tp = 2\npp = 2\ndp = 1", "tp = 4\ndp = 1"), "single": ("", "", "")}
+    runs = {}
+    for name, layout in layouts.items():
+        config = tmp_path / f"{name}.toml"
+        config.write_text(stages.format(*layout))
+        runs[name] = tmp_path / name
+        if name == "parallel":
+            torchrun(4, "train", "-c", str(config), *(a for s in settings(data_dir, runs[name]) for a in ("--set", s)))
+        else:
+            Trainer(load_config(config, settings(data_dir, runs[name])), log=lambda _: None).train()
+    growth = {name: [r for r in read_metrics(run) if r["kind"] == "growth"] for name, run in runs.items()}
+    assert [r["step"] for r in growth["parallel"]] == [3, 6]
+    for grown, reference in zip(growth["parallel"], growth["single"]):
+        assert grown["params_after"] > grown["params_before"]
+        assert grown["loss_after"] == pytest.approx(grown["loss_before"], rel=1e-6)  # the function is preserved
+        assert grown["loss_after"] == pytest.approx(reference["loss_after"], rel=LOSS_RTOL)
+    got, want = train_losses(runs["parallel"]), train_losses(runs["single"])
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 10))
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=LOSS_RTOL)
+    single, _, _ = load_for_inference(runs["single"])
+    parallel, _, meta = load_for_inference(runs["parallel"])
+    assert meta["layout"] == {"tp": 4, "pp": 1, "dp": 1, "dp_replicate": 1, "world_size": 4}
+    assert_weights_match(parallel.state_dict(), single.state_dict())
+
+
+def test_plan_reports_memory_per_gpu_for_the_parallel_layout(tmp_path, capsys):
+    from flm.cli.main import main
+    from flm.plan.hardware import get_gpu
+    from flm.plan.memory import GIB, Layout, estimate_memory
+
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\npreset = "flm-1b"\nvocab_size = 50304\n[train]\nseq_len = 2048\n'
+                      '[plan]\ngpu = "H100-SXM"\nn_gpus = 16\n[parallel]\ntp = 2\npp = 2\ndp = 4\n')
+    assert main(["plan", str(config), "--memory"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model ") and "TP" in line)
+    cfg = load_config(config)
+    want = estimate_memory(cfg.model, 2048, Layout(tp=2, pp=2, dp=4), get_gpu("H100-SXM"), cfg.plan.memory_margin)
+    assert row.split()[1:5] == ["TP2", "PP2", "DP4", "16"]
+    assert row.split()[9] == f"{want.total / GIB:.1f}"

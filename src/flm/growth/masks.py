@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from flm.config import ModelConfig, model_config_from_dict
 from flm.growth.operators import LayerSource, check_growable, iter_grown, layer_sources
@@ -51,17 +52,21 @@ def _mask(size: int, old_size: int, c: float, like: torch.Tensor) -> torch.Tenso
     return m
 
 
-def apply_masks(model: FLM, ramp: Ramp, fold: bool = True) -> None:
-    """Set the model's mask buffers for the ramp's current c; at c = 1 remove them (unless not `fold`)."""
+def apply_masks(model: FLM, ramp: Ramp, fold: bool = True, blocks: dict[int, nn.Module] | None = None) -> None:
+    """Set the model's mask buffers for the ramp's current c; at c = 1 remove them (unless not `fold`).
+
+    `blocks`: the blocks by global index, when the model holds only some of them (a pipeline stage).
+    """
     new, old, c = model.cfg, ramp.old, ramp.c
-    like = model.embed.weight
+    like = next(model.parameters())
     done = fold and c >= 1.0
     model.hidden_mask = None if done else _mask(new.d_model, old.d_model, c, like)
     # One tensor of each kind, shared by every block: the masks are the same in all layers.
     gate = None if done else torch.tensor(c, dtype=like.dtype, device=like.device)
     head_mask = None if done else _mask(new.n_heads, old.n_heads, c, like)
     unit_mask = None if done else _mask(new.ffn_dim, old.ffn_dim, c, like)
-    for block, src in zip(model.blocks, ramp.sources):
+    for i, block in (blocks.items() if blocks is not None else enumerate(model.blocks)):
+        src = ramp.sources[i]
         block.gate = gate if src.new else None
         block.attn.head_mask = head_mask
         block.mlp.unit_mask = unit_mask

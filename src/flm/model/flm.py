@@ -150,6 +150,40 @@ class Block(nn.Module):
         return x
 
 
+_BLOCK_PARAMS = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "attn.qkv.weight", "attn.qkv.bias",
+                 "attn.proj.weight", "attn.proj.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+
+
+def init_order(cfg: ModelConfig) -> list[str]:
+    """Every parameter's name, in the order initialisation draws their random numbers.
+
+    Code that builds a model one tensor at a time (sharded models, growth) follows this order with
+    `init_parameter` and gets exactly the values `FLM(cfg)` would have.
+    """
+    head = [] if cfg.tie_embeddings else ["lm_head.weight"]
+    blocks = [f"blocks.{i}.{p}" for i in range(cfg.n_layers) for p in _BLOCK_PARAMS]
+    return ["embed.weight", *head, *blocks, "ln_f.weight", "ln_f.bias"]
+
+
+@torch.no_grad()
+def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    """Initialise parameter `name` in place and return it.
+
+    Matrices ~ N(0, σ) with σ from flm.mup.rules.init_std (init_std; hidden matrices divided by
+    sqrt(width_mult) under μP, residual-stream writers attn.proj and mlp.fc2 also by sqrt(2L) as in
+    GPT-2/3), biases 0, LayerNorm γ = 1, β = 0; with `zero_query`, the query rows of QKV are 0.
+    """
+    local = name.split(".", 2)[2] if name.startswith("blocks.") else name
+    if local.endswith("bias"):
+        return t.zero_()
+    if local.startswith(("ln", "ln_f")):
+        return t.fill_(1.0)
+    t.normal_(0.0, init_std(cfg, local))
+    if cfg.zero_query and local == "attn.qkv.weight":
+        t.view(cfg.n_heads, 3, cfg.head_dim, -1)[:, 0].zero_()  # each head's q rows
+    return t
+
+
 class FLM(nn.Module):
     """Decoder-only FLM language model. `forward(tokens, targets)` -> (logits, loss or None)."""
 
@@ -159,45 +193,35 @@ class FLM(nn.Module):
             raise FlmError("model.vocab_size is not set: take it from the prepared data or a preset")
         cfg.validate()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg)):
-            self.register_buffer(name, table, persistent=False)
+        device = torch.empty(0).device  # where the model was asked for (honours `with torch.device(...)`)
+        with torch.device("meta"):  # shapes first: every value is drawn once, by init_weights
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.drop = nn.Dropout(cfg.dropout)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.embed.weight
+            for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg)):
+                self.register_buffer(name, table, persistent=False)
         self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
-        if self.embed.weight.device.type != "meta":
+        if device.type != "meta":
+            self.to_empty(device=device)
             self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise parameters and recompute the rotary tables (also after `to_empty` from meta).
+        """Initialise parameters (`init_parameter`, in `init_order`) and the rotary tables (also after
+        `to_empty` from meta)."""
+        self.init_rotary()
+        params = dict(self.named_parameters())
+        for name in init_order(self.cfg):
+            init_parameter(self.cfg, name, params[name])
 
-        Matrices ~ N(0, σ) with σ from flm.mup.rules.init_std (init_std; hidden matrices divided by
-        sqrt(width_mult) under μP, residual-stream writers attn.proj and mlp.fc2 also by sqrt(2L) as in
-        GPT-2/3), biases 0, LayerNorm γ = 1, β = 0; with `zero_query`, the query rows of QKV are 0.
-        """
-        cfg = self.cfg
-        for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg, self.cos_q.device)):
+    @torch.no_grad()
+    def init_rotary(self) -> None:
+        for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(self.cfg, self.cos_q.device)):
             getattr(self, name).copy_(table)
-        nn.init.normal_(self.embed.weight, std=init_std(cfg, "embed.weight"))
-        if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=init_std(cfg, "lm_head.weight"))
-        for block in self.blocks:
-            for ln in (block.ln1, block.ln2):
-                nn.init.ones_(ln.weight)
-                nn.init.zeros_(ln.bias)
-            for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-                lin = block.get_submodule(path)
-                nn.init.normal_(lin.weight, std=init_std(cfg, f"{path}.weight"))
-                nn.init.zeros_(lin.bias)
-            if cfg.zero_query:
-                block.attn.qkv.weight.view(cfg.n_heads, 3, cfg.head_dim, -1)[:, 0].zero_()  # each head's q rows
-        nn.init.ones_(self.ln_f.weight)
-        nn.init.zeros_(self.ln_f.bias)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -209,20 +233,34 @@ class FLM(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise FlmError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.cfg.max_seq_len})")
-        rope = tuple(t[start:start + T] for t in (self.cos_q, self.sin_q, self.cos_k, self.sin_k))
-        hm = self.hidden_mask
-        x = self.drop(self.embed(tokens))
-        if hm is not None:
-            x = x * hm
+        rope = self.rope(start, T)
+        x = self.embed_tokens(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, hm, cache, i)
+            x = block(x, rope, self.hidden_mask, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(layer_norm(self.ln_f, x, hm))
+        logits = self.logits(x)
+        return logits, (lm_loss(logits, targets) if targets is not None else None)
+
+    # The pieces of `forward`, also run separately by pipeline stages (flm.parallel.pipeline).
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, ...]:
+        """The rotary tables for positions start..start+length-1."""
+        return tuple(t[start:start + length] for t in (self.cos_q, self.sin_q, self.cos_k, self.sin_k))
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.embed(tokens))
+        return x if self.hidden_mask is None else x * self.hidden_mask
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm, LM head and the readout multiplier."""
+        logits = self.lm_head(layer_norm(self.ln_f, x, self.hidden_mask))
         mult = readout_multiplier(self.cfg)
         if mult != 1.0:  # skip a pass over the [B, T, V] logits when it would change nothing
             logits = logits * mult
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of next-token logits [B, T, V] against targets [B, T], skipping targets == -100."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                           reduction=reduction)

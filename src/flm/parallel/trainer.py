@@ -12,6 +12,7 @@ order. Checkpoints are DCP (flm.parallel.checkpoint) and reshard to any other la
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,25 +21,34 @@ import torch.distributed as dist
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 
-from flm.config import Config, config_to_dict
+from flm.config import Config, ModelConfig, config_to_dict
 from flm.data import iter_eval_batches
 from flm.data.loader import IGNORE
 from flm.errors import FlmError
-from flm.growth import Ramp, apply_masks
+from flm.growth import Ramp, apply_masks, layer_sources
 from flm.model import FLM
+from flm.model.flm import init_order, lm_loss
 from flm.parallel.checkpoint import load_sharded, named_params, save_sharded
 from flm.parallel.fsdp import apply_fsdp
+from flm.parallel.grow import Lazy, broadcast_whole, fresh_values, gather, grow_sharded, write_pieces
+from flm.parallel.pipeline import StageModule, build_schedule, check_pipeline, held_blocks, keep_stage, owner_stage
 from flm.parallel.mesh import ParallelLayout, build_mesh, dp_mesh, dp_rank, init_distributed, torchrun_world
 from flm.parallel.norms import clip_grad_norm
 from flm.parallel.recompute import apply_activation_checkpointing
 from flm.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, local_slice
 from flm.train.checkpoint import is_sharded, publish, read_meta, resolve_checkpoint, staging_dir, staging_path
 from flm.train.optim import build_optimizer
+from flm.train.schedule import Stage
 from flm.train.trainer import Trainer
 
 
 def _quiet(_: str) -> None:
     pass
+
+
+# DTensor warns, on every process, each time a reduction over the 2-D (dp, tp) mesh takes two collectives
+# instead of one: here that is one scalar per step (the gradient norm) and the one-off gathers of growth.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 
 class ParallelTrainer(Trainer):
@@ -62,8 +72,6 @@ class ParallelTrainer(Trainer):
         if layout.world_size != self.world:
             raise FlmError(f"{where}: layout {layout.describe()} needs {layout.world_size} processes, "
                            f"but torchrun started {self.world}")
-        if pp > 1:
-            raise FlmError(f"{where}: pipeline parallelism (pp={pp}) is not available in this version")
         if cfg.train.batch_size % dp:
             raise FlmError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the data-parallel "
                            f"degree ({dp}): each rank reads an equal slice of every micro-batch")
@@ -83,25 +91,79 @@ class ParallelTrainer(Trainer):
         loader.samples_seen = samples_seen
         return loader
 
-    # ---- model -------------------------------------------------------------------------------------
-    def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Shard a whole single-device `model` over the current layout (unless `optimizer` says it is
-        already sharded) and make it the one being trained."""
-        if optimizer is None:
-            self._parallelize(model)
-            optimizer = build_optimizer(model, self.cfg.train)
-        self.model, self.optimizer = model, optimizer
-        self.step_fn = torch.compile(model) if self.cfg.train.compile else model
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp")
 
-    def _parallelize(self, model: FLM) -> None:
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def pp_microbatches(self) -> int:
+        return self.cfg.parallel.pp_microbatches or self.layout.pp
+
+    # ---- model ----------------------------------------------------------------------------------
+    def _shell(self, cfg: ModelConfig) -> FLM:
+        """A model of shape `cfg` sharded over the current layout (this process's pipeline stage, its
+        tensor-parallel slices, its FSDP shards), with memory for its own pieces only and no values yet
+        (rotary tables excepted). Under pipeline parallelism `self._root` is the stage module around it."""
+        with torch.device("meta"):
+            model = FLM(cfg)
         pc, layout = self.cfg.parallel, self.layout
+        root = model
+        if layout.pp > 1:
+            check_pipeline(cfg, layout.pp, self.cfg.train.batch_size // layout.dp, self.pp_microbatches)
+            if pc.sequence_parallel and layout.tp > 1:
+                raise FlmError("sequence parallelism with pipeline parallelism is not supported: set "
+                               "parallel.sequence_parallel = false or parallel.pp = 1")
+            keep_stage(model, self.pp_rank, layout.pp)
+            root = StageModule(model)
         if layout.tp > 1:
-            check_tensor_parallel(model.cfg, layout.tp, self.cfg.train.seq_len, pc.sequence_parallel)
+            check_tensor_parallel(cfg, layout.tp, self.cfg.train.seq_len, pc.sequence_parallel)
             apply_tensor_parallel(model, self.mesh["tp"], pc.sequence_parallel)
         if pc.activation_checkpointing:
             apply_activation_checkpointing(model)
-        bf16 = not isinstance(self.autocast, contextlib.nullcontext)
-        apply_fsdp(model, dp_mesh(self.mesh), bf16)
+        apply_fsdp(root, held_blocks(model).values(), dp_mesh(self.mesh),
+                   bf16=not isinstance(self.autocast, contextlib.nullcontext), reshard_after_forward=layout.pp == 1)
+        root.to_empty(device=self.device)
+        model.init_rotary()
+        self._root = root
+        return model
+
+    def _new_model(self, cfg: ModelConfig) -> FLM:
+        """Sharded, with exactly the initial values of `FLM(cfg)` from the same seed, made tensor by tensor."""
+        model = self._shell(cfg)
+        write_pieces(model, fresh_values(cfg).items())
+        return model
+
+    def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Make the sharded `model` (just built by `_shell`) the one being trained."""
+        self.model = model
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(model, self.cfg.train)
+        self.step_fn = torch.compile(model) if self.cfg.train.compile else model
+        self.schedule = None
+        if self.layout.pp > 1:
+            self.schedule = build_schedule(self._root, self.mesh["pp"], self.device, self.cfg.parallel.pp_schedule,
+                                           self.pp_microbatches, self._pipeline_loss)
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """A pipeline micro-batch's loss: its summed cross-entropy times the weight of one token."""
+        return lm_loss(logits, targets, reduction="sum") * self._token_weight
+
+    def _pipeline_run(self, x: torch.Tensor, y: torch.Tensor, token_weight: float, train: bool) -> torch.Tensor:
+        """One micro-batch through the pipeline (forward, and backward if `train`); returns the sum of its
+        micro-batches' losses, on every stage (the last one computes it)."""
+        self._token_weight = token_weight
+        losses: list[torch.Tensor] = []
+        run = self.schedule.step if train else self.schedule.eval
+        first, last = self.pp_rank == 0, self.last_stage
+        with self._context():
+            run(*([x] if first else []), **({"target": y, "losses": losses} if last else {}))
+        total = torch.stack([_local(v).detach().float() for v in losses]).sum() if last else torch.zeros(())
+        total = total.to(self.device)
+        dist.all_reduce(total, group=self.mesh["pp"].get_group())
+        return total
 
     def _context(self) -> contextlib.ExitStack:
         """What a forward/backward under tensor parallelism needs: the loss over vocabulary-sharded
@@ -123,6 +185,9 @@ class ParallelTrainer(Trainer):
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, n: int, n_step: int) -> torch.Tensor:
         """As one process, but FSDP averages gradients over the dp ranks, so the weight is n·dp / n_step;
         a micro-batch without loss tokens still runs (every rank takes part in every collective), at weight 0."""
+        if self.schedule is not None:  # summed token losses, each weighted dp / n_step
+            total = self._pipeline_run(x, y, self.layout.dp / n_step, train=True)
+            return total * n_step / (self.layout.dp * n) if n else torch.zeros((), device=self.device)
         with self._context():
             logits, loss = self.step_fn(x, y)
             objective = loss * (n * self.layout.dp / n_step) if n else logits.sum() * 0.0
@@ -130,12 +195,14 @@ class ParallelTrainer(Trainer):
         return _local(loss.detach()) if n else torch.zeros((), device=self.device)
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm(self.model.parameters(), max_norm, None)
+        pp_group = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
+        return clip_grad_norm(self.model.parameters(), max_norm, pp_group)
 
     def _apply_masks(self) -> None:
-        apply_masks(self.model, self.ramp)
+        blocks = held_blocks(self.model)
+        apply_masks(self.model, self.ramp, blocks=blocks)
         if self.layout.tp > 1:  # heads and FFN units are split over tp: each rank keeps its part of the masks
-            for block in self.model.blocks:
+            for block in blocks.values():
                 block.attn.head_mask = local_slice(block.attn.head_mask, self.mesh["tp"])
                 block.mlp.unit_mask = local_slice(block.mlp.unit_mask, self.mesh["tp"])
 
@@ -162,9 +229,7 @@ class ParallelTrainer(Trainer):
             if sliced:
                 part = dp_rank(self.mesh)
                 x, y = x.chunk(dp)[part], y.chunk(dp)[part]
-            with self._context():
-                _, loss = self.step_fn(x.to(self.device), y.to(self.device))
-            loss = _local(loss).float()
+            loss = self._eval_loss(x.to(self.device), y.to(self.device))
             if sliced:  # the batch's mean over all its loss tokens, from every slice's sum
                 n = int((y != IGNORE).sum())
                 loss = self._data_sum(loss * n if n else torch.zeros_like(loss)) / self._global_count(n)
@@ -172,15 +237,50 @@ class ParallelTrainer(Trainer):
         self.model.train()
         return torch.stack(losses).mean().item()
 
+    def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss over one batch's loss tokens, on every process."""
+        if self.schedule is not None:
+            n = int((y != IGNORE).sum())
+            return self._pipeline_run(x, y, 1.0, train=False) / max(n, 1)
+        with self._context():
+            _, loss = self.step_fn(x, y)
+        return _local(loss).float()
+
     def evaluate_teacher(self) -> dict[str, float]:
         """Teacher-signal accuracy needs whole logits; sharded over tp or pp it is left to `flm eval teacher`."""
         if self.layout.tp > 1 or self.layout.pp > 1:
             return {}
         return super().evaluate_teacher()
 
-    def grow(self) -> dict[str, Any]:
-        raise FlmError("growth at a stage boundary under torchrun is not available in this version; "
-                       "grow offline with `flm grow` and resume")
+    def _grow_into(self, nxt: Stage) -> Ramp:
+        """Grow the sharded model and Adam state into stage `nxt`, under that stage's layout."""
+        old, old_optimizer, old_cfg, old_layout = self.model, self.optimizer, self.model.cfg, self.layout
+        old_params = named_params(old_optimizer)
+        old_mesh = self.mesh
+
+        def whole(name: str, field: str | None) -> torch.Tensor:
+            """Parameter `name` (or its Adam `field`) of the old model, whole, on every process."""
+            value = None
+            if name in old_params:
+                value = old_params[name] if field is None else old_optimizer.state[old_params[name]][field]
+            if old_layout.pp == 1:
+                return gather(value)
+            return broadcast_whole(value, owner_stage(name, old_cfg.n_layers, old_layout.pp), old_mesh["pp"])
+
+        self.layout = self._layout_of(nxt.index)
+        sources = layer_sources(old_cfg.n_layers, nxt.model.n_layers, nxt.new_layers)
+        model = self._shell(nxt.model)
+        names = init_order(old_cfg)
+        optimizer = grow_sharded(old_cfg, Lazy(names, lambda name: whole(name, None)),
+                                 Lazy(names, lambda name: Lazy(["exp_avg", "exp_avg_sq", "step"],
+                                                               lambda field: whole(name, field))),
+                                 model, sources, nxt.new_layers != "random", self.cfg.train)
+        del old, old_optimizer, old_params
+        self._use(model, optimizer)
+        self.loader = self._loader(self.loader.samples_seen)  # the data-parallel slices may have changed
+        self.ramp = Ramp(old_cfg, sources, nxt.ramp_steps)
+        self._apply_masks()
+        return self.ramp
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str | None:
         """No sampling from a sharded model: `flm generate RUN_DIR` reads the sharded checkpoint."""
@@ -226,7 +326,8 @@ class ParallelTrainer(Trainer):
                            "use the same config (growth between shapes is `flm grow`)")
         if stage != self.stage:
             self.stage, self.layout = stage, self._layout_of(stage)
-            self._use(FLM(self.stages[stage].model).to(self.device))
+            self._use(self._shell(self.stages[stage].model))  # the checkpoint fills it
+            self.loader = self._loader(0)
         saved_world = (meta.get("layout") or {}).get("world_size", 1)
         if is_sharded(path):
             load_sharded(path, self.optimizer, named_params(self.optimizer), distributed=True,

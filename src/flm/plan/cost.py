@@ -158,12 +158,16 @@ def resolve_tflops(plan: PlanConfig, gpu: GPU, n_stages: int) -> list[float]:
 
 def planned_stages(cfg: Config) -> list[tuple[StageConfig, ModelConfig]]:
     """The stages with their shapes; a config without [[stages]] is one stage of train.max_steps steps
-    on all GPUs as data parallelism."""
+    on all GPUs, data parallel over what [parallel]'s tensor and pipeline degrees leave."""
     if cfg.stages:
         stages, models = cfg.stages, cfg.stage_models()
     else:
+        model_parallel = cfg.parallel.tp * cfg.parallel.pp
+        if cfg.plan.n_gpus % model_parallel:
+            raise FlmError(f"plan.n_gpus ({cfg.plan.n_gpus}) is not a multiple of parallel.tp x parallel.pp "
+                           f"({model_parallel})")
         stages = [StageConfig(name="model", tokens=cfg.train.max_steps * cfg.train.tokens_per_step,
-                              dp=cfg.plan.n_gpus)]
+                              dp=cfg.plan.n_gpus // model_parallel)]
         models = [cfg.model]
     if cfg.model.vocab_size is None:
         raise FlmError("planning needs model.vocab_size (it otherwise comes from the prepared data); set it")

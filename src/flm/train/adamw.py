@@ -17,11 +17,17 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A reduction over a sharded (DTensor) step count, completed over all shards."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _settled(step: torch.Tensor, beta1: float, beta2: float) -> bool:
-    """True when 1 - β^step is exactly 1.0 in double precision for every entry."""
-    low = float(step.min())
+    """True when 1 - β^step is exactly 1.0 in double precision for every entry (of every shard)."""
+    low = float(_whole(step.min()))
     return 1.0 - beta1 ** low == 1.0 and 1.0 - beta2 ** low == 1.0
 
 
@@ -78,4 +84,4 @@ class AdamW(torch.optim.Optimizer):
         bc2_sqrt = (1 - beta2 ** s).sqrt().to(p.dtype)
         p.sub_(lr * m / bc1 / (v.sqrt() / bc2_sqrt + eps))
         if _settled(step, beta1, beta2):
-            state["step"] = step.max().cpu()
+            state["step"] = _whole(step.max()).cpu()

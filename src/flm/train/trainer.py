@@ -32,7 +32,7 @@ from flm.train.checkpoint import (list_checkpoints, load_model_state, load_train
                                   resolve_checkpoint, save_checkpoint)
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
 from flm.train.optim import build_optimizer, grow_optimizer
-from flm.train.schedule import lr_at, plan_stages, tokens_and_flops_at
+from flm.train.schedule import Stage, lr_at, plan_stages, tokens_and_flops_at
 
 
 def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
@@ -65,10 +65,14 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.stage = 0
         self.ramp: Ramp | None = None
-        self._use(FLM(self.stages[0].model).to(self.device))
+        self._use(self._new_model(self.stages[0].model))
         self.loader = self.data.train_loader(tc.batch_size, tc.seq_len, seed=tc.seed)
         self._heldout = None  # teacher-signal held-out records, read at the first evaluation
         self.step = 0
+
+    def _new_model(self, cfg: ModelConfig) -> FLM:
+        """A freshly initialised model of shape `cfg`, ready to train (hook: sharded under torchrun)."""
+        return FLM(cfg).to(self.device)
 
     def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Make `model` the one being trained, with `optimizer` (default: a fresh one over its parameters)."""
@@ -102,7 +106,7 @@ class Trainer:
             raise FlmError(f"checkpoint {path} was trained with a different model config; "
                            "use the same config (growth between shapes is `flm grow`)")
         if stage != self.stage:
-            self._use(FLM(self.stages[stage].model).to(self.device))
+            self._use(self._new_model(self.stages[stage].model))
         self.stage = stage
         load_model_state(path, self.model)
         load_train_state(path, self.optimizer)
@@ -214,14 +218,19 @@ class Trainer:
         """Grow model and Adam state into the next stage's shape; returns the growth record."""
         nxt = self.stages[self.stage + 1]
         loss_before, grad_before = self.probe()
-        model, ramp = grow_model(self.model, nxt.model, nxt.new_layers, nxt.ramp_steps)
-        self._use(model, grow_optimizer(self.optimizer, self.model.cfg, model, ramp.sources, self.cfg.train))
+        ramp = self._grow_into(nxt)
         self.stage += 1
         self.ramp = ramp if ramp.c < 1.0 else None
         loss_after, grad_after = self.probe()
         return {"kind": "growth", "step": self.step, "stage": self.stage + 1, "loss_before": loss_before,
                 "loss_after": loss_after, "grad_norm_before": grad_before, "grad_norm_after": grad_after,
                 "params_before": param_count(self.stages[self.stage - 1].model), "params_after": param_count(nxt.model)}
+
+    def _grow_into(self, nxt: Stage) -> Ramp:
+        """Replace model and optimizer by their growth into stage `nxt`, masks set at c = 0 (hook)."""
+        model, ramp = grow_model(self.model, nxt.model, nxt.new_layers, nxt.ramp_steps)
+        self._use(model, grow_optimizer(self.optimizer, self.model.cfg, model, ramp.sources, self.cfg.train))
+        return ramp
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         tok = self.tokenizer
