@@ -13,14 +13,18 @@ shards, norms per mesh), so results differ from one process in the last bits of 
 """
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from flm.config import ModelConfig, load_config
 from flm.data import prepare
+from flm.errors import FlmError
 from flm.model import FLM
+from flm.parallel.pipeline import check_pipeline
 from flm.parallel.recompute import apply_activation_checkpointing
+from flm.parallel.tensor import check_tensor_parallel
 from flm.train import Trainer
 from flm.train.checkpoint import load_for_inference
 from flm.train.metrics import read_metrics
@@ -134,8 +138,6 @@ def test_layout_that_does_not_match_the_processes_is_one_line(data_dir, tmp_path
     ("parallel.tp=0", "parallel.tp must be positive"),
 ])
 def test_bad_parallel_settings(bad, message):
-    from flm.errors import FlmError
-
     with pytest.raises(FlmError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [bad])
 
@@ -226,3 +228,18 @@ def test_plan_reports_memory_per_gpu_for_the_parallel_layout(tmp_path, capsys):
     want = estimate_memory(cfg.model, 2048, Layout(tp=2, pp=2, dp=4), get_gpu("H100-SXM"), cfg.plan.memory_margin)
     assert row.split()[1:5] == ["TP2", "PP2", "DP4", "16"]
     assert row.split()[9] == f"{want.total / GIB:.1f}"
+
+
+@pytest.mark.parametrize("check, message", [
+    (lambda cfg: check_tensor_parallel(cfg, 2, 32, False), "tensor parallelism tp=2 must divide model.n_heads (3)"),
+    (lambda cfg: check_tensor_parallel(replace(cfg, n_heads=4), 4, 30, True),
+     "sequence parallelism needs tp=4 to divide train.seq_len (30)"),
+    (lambda cfg: check_pipeline(replace(cfg, tie_embeddings=True), 2, 4, 2), "a tied embedding and head cannot sit"),
+    (lambda cfg: check_pipeline(cfg, 4, 4, 2), "pp=4 needs at least one block per stage; model.n_layers is 2"),
+    (lambda cfg: check_pipeline(cfg, 2, 3, 2), "parallel.pp_microbatches (2) must divide"),
+])
+def test_layouts_the_model_cannot_take_are_one_line(check, message):
+    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=3, head_dim=32, vocab_size=512)
+    with pytest.raises(FlmError) as e:
+        check(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -1,13 +1,13 @@
 """The training loop under torchrun: flm.train.Trainer with its model spread over a 3-D layout.
 
-Every process builds the same stage-1 model from the same seed, then keeps only its part (tensor
-parallel slices, pipeline stage, FSDP shards). The data order does not depend on the layout: each
-optimizer step reads the same global batch of train.batch_size x grad_accum sequences as one process
-would, each data-parallel rank a contiguous slice of every micro-batch. Losses are means over equal
-numbers of tokens, so the average over data-parallel ranks (what FSDP does to gradients) is the
-single-process value: dpN x tpM computes what one process computes, up to floating-point reduction
-order. Checkpoints are DCP (flm.parallel.checkpoint) and reshard to any other layout on load.
-"""
+Every process lays the model out on the meta device, keeps only its part (pipeline stage, tensor-
+parallel slices, FSDP shards) and receives the values of that part tensor by tensor, exactly those
+`FLM(cfg)` draws from the same seed. The data order does not depend on the layout: each optimizer
+step reads the same global batch of train.batch_size x grad_accum sequences as one process would,
+each data-parallel rank a contiguous slice of every micro-batch, and each rank's loss is weighted by
+its share of the step's loss tokens over all ranks. So any layout computes what one process computes,
+up to floating-point reduction order. Checkpoints are DCP (flm.parallel.checkpoint) and reshard to
+any other layout on load; growth at a stage boundary reshards too (flm.parallel.grow)."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from flm.model.flm import init_order, lm_loss
 from flm.parallel.checkpoint import load_sharded, named_params, save_sharded
 from flm.parallel.fsdp import apply_fsdp
 from flm.parallel.grow import Lazy, broadcast_whole, fresh_values, gather, grow_sharded, write_pieces
-from flm.parallel.pipeline import StageModule, build_schedule, check_pipeline, held_blocks, keep_stage, owner_stage
 from flm.parallel.mesh import ParallelLayout, build_mesh, dp_mesh, dp_rank, init_distributed, torchrun_world
 from flm.parallel.norms import clip_grad_norm
+from flm.parallel.pipeline import StageModule, build_schedule, check_pipeline, held_blocks, keep_stage, owner_stage
 from flm.parallel.recompute import apply_activation_checkpointing
 from flm.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, local_slice
 from flm.train.checkpoint import is_sharded, publish, read_meta, resolve_checkpoint, staging_dir, staging_path
@@ -57,8 +57,12 @@ class ParallelTrainer(Trainer):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self._meshes: dict[ParallelLayout, Any] = {}
-        self.layout = self._layout_of(0, cfg)
+        # Every stage's layout is checked now, not hours into the run when its growth comes.
+        layouts = [self._layout_of(i, cfg) for i in range(max(1, len(cfg.stages)))]
+        self.layout = layouts[0]
         super().__init__(cfg, log if self.is_main else _quiet)
+        for stage, layout in zip(self.stages[1:], layouts[1:]):
+            self._check_model(stage.model, layout)
         self.loader = self._loader(0)
 
     # ---- layout ------------------------------------------------------------------------------------
@@ -111,16 +115,12 @@ class ParallelTrainer(Trainer):
         with torch.device("meta"):
             model = FLM(cfg)
         pc, layout = self.cfg.parallel, self.layout
+        self._check_model(cfg, layout)
         root = model
         if layout.pp > 1:
-            check_pipeline(cfg, layout.pp, self.cfg.train.batch_size // layout.dp, self.pp_microbatches)
-            if pc.sequence_parallel and layout.tp > 1:
-                raise FlmError("sequence parallelism with pipeline parallelism is not supported: set "
-                               "parallel.sequence_parallel = false or parallel.pp = 1")
             keep_stage(model, self.pp_rank, layout.pp)
             root = StageModule(model)
         if layout.tp > 1:
-            check_tensor_parallel(cfg, layout.tp, self.cfg.train.seq_len, pc.sequence_parallel)
             apply_tensor_parallel(model, self.mesh["tp"], pc.sequence_parallel)
         if pc.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -130,6 +130,17 @@ class ParallelTrainer(Trainer):
         model.init_rotary()
         self._root = root
         return model
+
+    def _check_model(self, cfg: ModelConfig, layout: ParallelLayout) -> None:
+        pc = self.cfg.parallel
+        if layout.pp > 1:
+            check_pipeline(cfg, layout.pp, self.cfg.train.batch_size // layout.dp,
+                           pc.pp_microbatches or layout.pp)
+            if pc.sequence_parallel and layout.tp > 1:
+                raise FlmError("sequence parallelism with pipeline parallelism is not supported: set "
+                               "parallel.sequence_parallel = false or parallel.pp = 1")
+        if layout.tp > 1:
+            check_tensor_parallel(cfg, layout.tp, self.cfg.train.seq_len, pc.sequence_parallel)
 
     def _new_model(self, cfg: ModelConfig) -> FLM:
         """Sharded, with exactly the initial values of `FLM(cfg)` from the same seed, made tensor by tensor."""
