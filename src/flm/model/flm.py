@@ -200,13 +200,14 @@ class FLM(nn.Module):
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
             self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            if cfg.tie_embeddings:
-                self.lm_head.weight = self.embed.weight
             for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg)):
                 self.register_buffer(name, table, persistent=False)
         self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
         if device.type != "meta":
             self.to_empty(device=device)
+        if cfg.tie_embeddings:  # after to_empty, which gives every module a tensor of its own
+            self.lm_head.weight = self.embed.weight
+        if device.type != "meta":
             self.init_weights()
 
     @torch.no_grad()

@@ -64,6 +64,8 @@ class ParallelTrainer(Trainer):
         for stage, layout in zip(self.stages[1:], layouts[1:]):
             self._check_model(stage.model, layout)
         self.loader = self._loader(0)
+        if self.peak_flops:  # MFU: the run's tokens/s against the peak of all its GPUs
+            self.peak_flops *= self.world
 
     # ---- layout ------------------------------------------------------------------------------------
     def _layout_of(self, stage: int, cfg: Config | None = None) -> ParallelLayout:
