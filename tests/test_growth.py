@@ -77,7 +77,7 @@ def test_ramp_moves_the_function_and_folding_changes_nothing(old_model, name):
     apply_masks(model, ramp)  # folded: no masks left, an ordinary model of the new shape
     assert model.hidden_mask is None and all(b.gate is None and b.mlp.unit_mask is None for b in model.blocks)
     # Same function; only float rounding differs (mask-weighted vs fused LayerNorm statistics).
-    assert (model(x)[0] - masked).abs().max() <= 1e-5 * masked.abs().max()
+    assert (model(x)[0] - masked).abs().max() <= 3e-5 * masked.abs().max()  # ~1e-5 seen: ~100 fp32 ulps
     plain = FLM(model.cfg).eval()
     plain.load_state_dict(model.state_dict())
     assert torch.equal(plain(x)[0], model(x)[0])

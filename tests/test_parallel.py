@@ -104,19 +104,31 @@ def test_layout_matches_one_process(data_dir, reference, tmp_path, nproc, layout
     assert_same_run(run, reference)
 
 
-def test_resume_on_other_layouts_and_one_process(data_dir, reference, tmp_path):
-    """Saved at dp2 x tp2 after 2 steps; resumed at dp4 (4 ranks, other slices of each batch) and in
-    one process without torchrun: both continue on the same samples and end where one process ends."""
+def test_resume_on_the_same_and_other_layouts_and_one_process(data_dir, reference, tmp_path):
+    """Saved at dp2 x tp2 after 2 steps; resumed at dp2 x tp2, at dp4 (4 ranks, other slices of each batch)
+    and in one process without torchrun: all continue on the same samples and end where one process ends."""
     first = tmp_path / "first"
     torchrun(4, *cli_args(data_dir, first, "parallel.dp=2", "parallel.tp=2"), "--until-step", "2")
-    for name in ("dp4", "single"):
+    for name, layout in (("same", ["parallel.dp=2", "parallel.tp=2"]), ("dp4", ["parallel.dp=4"]), ("single", [])):
         run = tmp_path / name
         shutil.copytree(first, run)
-        args = [*cli_args(data_dir, run), "--resume", "auto"]
-        proc = torchrun(4, *args, "--set", "parallel.dp=4") if name == "dp4" else flm_cli(*args)
+        args = [*cli_args(data_dir, run, *layout), "--resume", "auto"]
+        proc = torchrun(4, *args) if layout else flm_cli(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "resumed from" in proc.stdout and "step 2" in proc.stdout
         assert_same_run(run, reference)
+    # The sharded checkpoint also exports to a Hugging Face folder with the same logits.
+    from transformers import AutoModelForCausalLM
+
+    from flm.export.hf import export_hf
+
+    out = export_hf(first, tmp_path / "hf")
+    ours, _, _ = load_for_inference(first)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, local_files_only=True).eval()
+    tokens = torch.randint(0, 400, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens)[0], rtol=0, atol=1e-5)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
 
 
 def test_layout_that_does_not_match_the_processes_is_one_line(data_dir, tmp_path):

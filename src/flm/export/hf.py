@@ -30,7 +30,8 @@ from flm.data.tokenizer import (CL100K_PATTERN, EOT, LABELS, TIKTOKEN_FILE, TIKT
                                 load_tokenizer_dir)
 from flm.errors import FlmError
 from flm.model import FLM
-from flm.train.checkpoint import find_checkpoint, read_meta, save_checkpoint
+from flm.train.checkpoint import (find_checkpoint, is_sharded, load_model_state, model_tensors, read_meta,
+                                  save_checkpoint)
 from flm.train.optim import build_optimizer
 
 CODE_DIR = Path(__file__).parent / "hf_code"
@@ -125,7 +126,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_size: str =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_weights(ckpt / WEIGHTS_FILE, cfg, tmp, max_bytes, DTYPES[dtype])
+        source = _single_file(ckpt, tmp)
+        write_weights(source, cfg, tmp, max_bytes, DTYPES[dtype])
+        if source.parent == tmp:
+            source.unlink()  # the gathered copy of a sharded checkpoint
         write_tokenizer(tok, cfg, tmp)
         _write_json(tmp / "config.json", hf_config(cfg, tok.eot_id, dtype))
         _write_json(tmp / "generation_config.json", generation_config(cfg, tok))
@@ -151,6 +155,18 @@ def refuse_ramp(ckpt: Path, meta: dict[str, Any]) -> None:
     raise FlmError(f"{ckpt} is in the middle of a growth ramp (step {done} of {total}, masks at "
                    f"c = {done / total:.2f}); its outputs depend on the growth masks, which an exported model does "
                    f"not have. Train {total - done} more steps until the ramp ends, or export an earlier checkpoint")
+
+
+def _single_file(ckpt: Path, tmp: Path) -> Path:
+    """The checkpoint's weights as one safetensors file: a checkpoint written by several processes
+    (flm.parallel) is first gathered into `tmp` (whole, in this one process, as the export is)."""
+    if not is_sharded(ckpt):
+        return ckpt / WEIGHTS_FILE
+    model = FLM(model_config_from_dict(read_meta(ckpt)["model"]))
+    load_model_state(ckpt, model)
+    gathered = tmp / ".gathered.safetensors"
+    save_file(model_tensors(model), str(gathered))
+    return gathered
 
 
 def write_weights(source: Path, cfg: ModelConfig, out: Path, max_bytes: int, dtype: torch.dtype) -> None:
