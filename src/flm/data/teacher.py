@@ -21,7 +21,7 @@ from flm.data.jsonl import read_jsonl
 
 BUNDLED = "bundled"
 # Part of the prepared-data fingerprint: bump when `bundled_items` changes what it generates.
-BUNDLED_VERSION = 2
+BUNDLED_VERSION = 5
 _BUNDLED_SEED = 20240901
 
 
@@ -94,35 +94,39 @@ def items_jsonl(items: list[TeacherItem]) -> bytes:
 
 
 # ---- the bundled set ----------------------------------------------------------------------------------------------
-_LIMIT = 20  # numbers compared are below this; summands are single digits
+_OLD_TESTAMENT_BOOKS = 39  # KJV_BOOKS lists the Old Testament first
+# The first 27 Old Testament books (Genesis..Daniel) and the 27 of the New: half of the statements are true.
+_BOOKS = 27
+_TEMPLATES = ("{book} is a book of the Old Testament.", "The book of {book} belongs to the Old Testament.",
+              "In the Bible, {book} is part of the Old Testament.", "{book} is found in the Old Testament.",
+              "The Old Testament contains the book of {book}.", "One book of the Old Testament is {book}.",
+              "{book} was written before the time of Jesus.", "《{book}》属于旧约。")
+
+
+def book_title(stem: str) -> str:
+    """"1Samuel" -> "1 Samuel", "SongofSolomon" -> "Song of Solomon": the file stems of the bundled KJV."""
+    if stem == "SongofSolomon":
+        return "Song of Solomon"
+    return f"{stem[0]} {stem[1:]}" if stem[0].isdigit() else stem
 
 
 def bundled_items() -> list[TeacherItem]:
-    """Every distinct statement of four kinds about small numbers, half of them true, in a seeded order.
+    """Statements that a book of the bundled King James Bible belongs to the Old Testament, in a seeded order.
 
-    Comparisons of two different numbers below 20 in English ("14 is greater than 9.") and Chinese ("14比9大。"),
-    both relations for every ordered pair; for every pair of digits the true sum and one wrong one ("3 plus 4
-    equals 7." / "3 plus 4 equals 9."); and for every pair of digits a two-option question ("3 + 4 = " + "7" /
-    "9"). Judging them needs the order of the numbers and the addition table, which the corpus does not
-    teach, and held-out statements are ones never seen in training: accuracy on them measures what the model took
-    from the teacher signal.
+    27 books of each testament (Genesis..Daniel, Matthew..Revelation), eight phrasings each ("Ruth is a book of
+    the Old Testament.", "The Old Testament contains the book of Ruth.", ..., "《Ruth》属于旧约。"), so half of the
+    statements are true; and 27 two-option questions pairing an Old with a New Testament book ("Of Ruth and Mark,
+    the Old Testament book is " + "Ruth." / "Mark."). The corpus never says which testament a book is in, so the
+    fact comes from the teacher signal, and a held-out statement is a phrasing the model never saw for its book.
     """
+    from flm.data.corpus import KJV_BOOKS
+
     rng = random.Random(_BUNDLED_SEED)
-    items = []
-    for a in range(_LIMIT):
-        for b in range(_LIMIT):
-            if a != b:
-                items += [TeacherItem(f"{a} is greater than {b}.", label=a > b),
-                          TeacherItem(f"{a} is less than {b}.", label=a < b),
-                          TeacherItem(f"{a}比{b}大。", label=a > b), TeacherItem(f"{a}比{b}小。", label=a < b)]
-    for a in range(10):
-        for b in range(10):
-            wrong = rng.choice([c for c in range(max(a + b - 3, 0), a + b + 4) if c != a + b])
-            items += [TeacherItem(f"{a} plus {b} equals {a + b}.", label=True),
-                      TeacherItem(f"{a} plus {b} equals {wrong}.", label=False)]
-            options = [a + b, rng.choice([c for c in range(max(a + b - 3, 0), a + b + 4) if c != a + b])]
-            if rng.random() < 0.5:
-                options.reverse()
-            items.append(TeacherItem(f"{a} + {b} = ", options=tuple(map(str, options)), answer=options.index(a + b)))
+    old, new = ([book_title(s) for s in books] for books in (KJV_BOOKS[:_BOOKS], KJV_BOOKS[_OLD_TESTAMENT_BOOKS:]))
+    items = [TeacherItem(template.format(book=book), label=book in old) for book in old + new for template in _TEMPLATES]
+    for i, (a, b) in enumerate(zip(old, rng.sample(new, len(new)))):
+        options = (a, b) if i % 2 == 0 else (b, a)
+        items.append(TeacherItem(f"Of {options[0]} and {options[1]}, the Old Testament book is ",
+                                 options=tuple(f"{o}." for o in options), answer=options.index(a)))
     rng.shuffle(items)
     return items
