@@ -106,7 +106,8 @@ def test_layout_matches_one_process(data_dir, reference, tmp_path, nproc, layout
 
 def test_resume_on_the_same_and_other_layouts_and_one_process(data_dir, reference, tmp_path):
     """Saved at dp2 x tp2 after 2 steps; resumed at dp2 x tp2, at dp4 (4 ranks, other slices of each batch)
-    and in one process without torchrun: all continue on the same samples and end where one process ends."""
+    and in one process without torchrun; and one process's checkpoint resumed at dp2 x tp2: all continue on
+    the same samples and end where one process ends."""
     first = tmp_path / "first"
     torchrun(4, *cli_args(data_dir, first, "parallel.dp=2", "parallel.tp=2"), "--until-step", "2")
     for name, layout in (("same", ["parallel.dp=2", "parallel.tp=2"]), ("dp4", ["parallel.dp=4"]), ("single", [])):
@@ -117,6 +118,13 @@ def test_resume_on_the_same_and_other_layouts_and_one_process(data_dir, referenc
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "resumed from" in proc.stdout and "step 2" in proc.stdout
         assert_same_run(run, reference)
+    # And the other way: one process's checkpoint (step 2 of the reference run) resumed at dp2 x tp2.
+    run = tmp_path / "from_single"
+    shutil.copytree(reference[0], run)
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")
+    proc = torchrun(4, *cli_args(data_dir, run, "parallel.dp=2", "parallel.tp=2"), "--resume", "auto")
+    assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    assert_same_run(run, reference)
     # The sharded checkpoint also exports to a Hugging Face folder with the same logits.
     from transformers import AutoModelForCausalLM
 

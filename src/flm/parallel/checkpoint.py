@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from flm.errors import FlmError
+from flm.parallel.pieces import shard_like, write_pieces
 from flm.train.checkpoint import SHARDED
 
 
@@ -103,3 +105,26 @@ def _restore_rng(folder: Path, rank: int) -> None:
     torch.set_rng_state(states["torch_cpu"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+@torch.no_grad()
+def load_whole(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Load a single-process checkpoint (`model.safetensors`, `train_state.safetensors`) into a sharded model:
+    each tensor is read whole from the file, one at a time, and every process keeps its piece."""
+    params = named_params(optimizer)
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f, \
+                safe_open(str(folder / "train_state.safetensors"), framework="pt") as g:
+            missing = sorted(set(params) - set(f.keys()))
+            if missing:
+                raise FlmError(f"checkpoint {folder} does not fit this model: missing {missing[:3]}")
+            write_pieces(params, ((name, f.get_tensor(name)) for name in params))
+            saved = set(g.keys())
+            for name, p in params.items():
+                fields = {k: f"opt.{name}.{k}" for k in ("exp_avg", "exp_avg_sq", "step")}
+                if all(key in saved for key in fields.values()):
+                    state = {k: g.get_tensor(key) for k, key in fields.items()}
+                    optimizer.state[p] = {k: v if k == "step" and v.dim() == 0 else shard_like(p, v)
+                                          for k, v in state.items()}
+    except (SafetensorError, OSError) as e:
+        raise FlmError(f"cannot read {folder}: {e}") from None

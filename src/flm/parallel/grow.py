@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from flm.config import ModelConfig, TrainConfig
 from flm.growth import LayerSource, iter_grown, iter_grown_adam_state
 from flm.model import FLM
 from flm.model.flm import init_order, init_parameter
 from flm.parallel.checkpoint import named_params
+from flm.parallel.pieces import gather, shard_like, write_pieces
 from flm.train.optim import build_optimizer
 
 
@@ -35,19 +35,6 @@ def global_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
         return {name: p.shape for name, p in FLM(cfg).named_parameters()}
 
 
-def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This process's piece of `full`, placed like `param` (a DTensor), or `full` itself for a plain tensor.
-
-    Every process holds `full`, so each takes its piece locally without communication.
-    """
-    if isinstance(param, DTensor):
-        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return full.to(param.device)
-
-
-def gather(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor from its shards (collective over the tensor's mesh)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class Lazy(Mapping):
@@ -71,17 +58,6 @@ class Lazy(Mapping):
         return len(self._keys)
 
 
-@torch.no_grad()
-def write_pieces(model: FLM, values: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy this process's piece of each (name, whole tensor) into the model's parameter of that name."""
-    params = dict(model.named_parameters())
-    for name, full in values:
-        if name in params:  # a pipeline stage holds only its own blocks
-            local = shard_like(params[name], full)
-            (params[name].to_local() if isinstance(params[name], DTensor) else params[name]).copy_(
-                local.to_local() if isinstance(local, DTensor) else local)
-
-
 def fresh_values(cfg: ModelConfig) -> Lazy:
     """Freshly initialised whole tensors of a model of shape `cfg`, made one at a time in init order."""
     shapes = global_shapes(cfg)
@@ -97,7 +73,8 @@ def grow_sharded(old_cfg: ModelConfig, old_weights: Mapping[str, torch.Tensor],
     `old_weights` and `old_state` give the old model's whole tensors by name when asked (gathering them
     from their shards), so only one is ever whole at a time. Collective: every process runs it alike.
     """
-    write_pieces(new, iter_grown(old_cfg, old_weights, new.cfg, fresh_values(new.cfg), sources, copy_new_layers))
+    grown = iter_grown(old_cfg, old_weights, new.cfg, fresh_values(new.cfg), sources, copy_new_layers)
+    write_pieces(dict(new.named_parameters()), grown)
     new.init_rotary()
     optimizer = build_optimizer(new, cfg)
     named = named_params(optimizer)

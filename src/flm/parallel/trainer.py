@@ -28,9 +28,10 @@ from flm.errors import FlmError
 from flm.growth import Ramp, apply_masks, layer_sources
 from flm.model import FLM
 from flm.model.flm import init_order, lm_loss
-from flm.parallel.checkpoint import load_sharded, named_params, save_sharded
+from flm.parallel.checkpoint import load_sharded, load_whole, named_params, save_sharded
 from flm.parallel.fsdp import apply_fsdp
-from flm.parallel.grow import Lazy, broadcast_whole, fresh_values, gather, grow_sharded, write_pieces
+from flm.parallel.grow import Lazy, broadcast_whole, fresh_values, grow_sharded
+from flm.parallel.pieces import gather, write_pieces
 from flm.parallel.mesh import ParallelLayout, build_mesh, dp_mesh, dp_rank, init_distributed, torchrun_world
 from flm.parallel.norms import clip_grad_norm
 from flm.parallel.pipeline import StageModule, build_schedule, check_pipeline, held_blocks, keep_stage, owner_stage
@@ -147,7 +148,7 @@ class ParallelTrainer(Trainer):
     def _new_model(self, cfg: ModelConfig) -> FLM:
         """Sharded, with exactly the initial values of `FLM(cfg)` from the same seed, made tensor by tensor."""
         model = self._shell(cfg)
-        write_pieces(model, fresh_values(cfg).items())
+        write_pieces(dict(model.named_parameters()), fresh_values(cfg).items())
         return model
 
     def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -345,8 +346,8 @@ class ParallelTrainer(Trainer):
         if is_sharded(path):
             load_sharded(path, self.optimizer, named_params(self.optimizer), distributed=True,
                          rng_rank=self.rank if saved_world == self.world else None)
-        else:
-            raise FlmError(f"{path} is a single-process checkpoint; resuming it under torchrun is not supported")
+        else:  # written by one process (a plain run, `flm grow`, `flm import hf`)
+            load_whole(path, self.optimizer)
         self.ramp = Ramp.from_dict(meta["ramp"]) if meta.get("ramp") else None
         if self.ramp:
             self._apply_masks()
