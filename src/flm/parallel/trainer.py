@@ -37,7 +37,7 @@ from flm.parallel.norms import clip_grad_norm
 from flm.parallel.pipeline import StageModule, build_schedule, check_pipeline, held_blocks, keep_stage, owner_stage
 from flm.parallel.recompute import apply_activation_checkpointing
 from flm.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, local_slice
-from flm.train.checkpoint import is_sharded, publish, read_meta, resolve_checkpoint, staging_dir, staging_path
+from flm.train.checkpoint import is_sharded, publish, staging_dir, staging_path
 from flm.train.optim import build_optimizer
 from flm.train.schedule import Stage
 from flm.train.trainer import Trainer
@@ -329,34 +329,18 @@ class ParallelTrainer(Trainer):
         dist.barrier()
         return final
 
-    def resume(self, spec: str) -> bool:
-        path = resolve_checkpoint(spec, self.ckpt_root)
-        if path is None:
-            return False
-        meta = read_meta(path)
-        stage = meta.get("stage", 0)
-        if stage >= len(self.stages) or meta["model"] != config_to_dict(self.stages[stage].model):
-            raise FlmError(f"checkpoint {path} was trained with a different model config; "
-                           "use the same config (growth between shapes is `flm grow`)")
+    def _load_checkpoint(self, path: Path, meta: dict[str, Any], stage: int) -> None:
         if stage != self.stage:
             self.stage, self.layout = stage, self._layout_of(stage)
             self._use(self._shell(self.stages[stage].model))  # the checkpoint fills it
             self.loader = self._loader(0)
         saved_world = (meta.get("layout") or {}).get("world_size", 1)
+        self.log(f"loading {path}, saved with {saved_world} processes, into {self.layout.describe()}")
         if is_sharded(path):
             load_sharded(path, self.optimizer, named_params(self.optimizer), distributed=True,
                          rng_rank=self.rank if saved_world == self.world else None)
         else:  # written by one process (a plain run, `flm grow`, `flm import hf`)
             load_whole(path, self.optimizer)
-        self.ramp = Ramp.from_dict(meta["ramp"]) if meta.get("ramp") else None
-        if self.ramp:
-            self._apply_masks()
-        if meta.get("data"):
-            self.loader.load_state_dict(meta["data"])
-        self.step = meta["step"]
-        self.log(f"resumed from {path} at step {self.step} (stage {self.stage + 1}/{len(self.stages)}), "
-                 f"saved with {saved_world} processes, now {self.layout.describe()}")
-        return True
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

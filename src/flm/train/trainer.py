@@ -105,14 +105,10 @@ class Trainer:
         if stage >= len(self.stages) or meta["model"] != config_to_dict(self.stages[stage].model):
             raise FlmError(f"checkpoint {path} was trained with a different model config; "
                            "use the same config (growth between shapes is `flm grow`)")
-        if stage != self.stage:
-            self._use(self._new_model(self.stages[stage].model))
-        self.stage = stage
-        load_model_state(path, self.model)
-        load_train_state(path, self.optimizer)
+        self._load_checkpoint(path, meta, stage)
         self.ramp = Ramp.from_dict(meta["ramp"]) if meta.get("ramp") else None
         if self.ramp:
-            apply_masks(self.model, self.ramp)
+            self._apply_masks()
         if meta.get("data"):
             self.loader.load_state_dict(meta["data"])
         else:  # e.g. imported from a Hugging Face folder: no data position to restore
@@ -120,6 +116,14 @@ class Trainer:
         self.step = meta["step"]
         self.log(f"resumed from {path} at step {self.step} (stage {self.stage + 1}/{len(self.stages)})")
         return True
+
+    def _load_checkpoint(self, path: Path, meta: dict[str, Any], stage: int) -> None:
+        """Weights and optimizer state of checkpoint `path` into this trainer, at `stage`'s shape."""
+        if stage != self.stage:
+            self._use(self._new_model(self.stages[stage].model))
+        self.stage = stage
+        load_model_state(path, self.model)
+        load_train_state(path, self.optimizer)
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
