@@ -176,7 +176,7 @@ def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor
     local = name.split(".", 2)[2] if name.startswith("blocks.") else name
     if local.endswith("bias"):
         return t.zero_()
-    if local.startswith(("ln", "ln_f")):
+    if local.startswith("ln"):  # ln1, ln2, ln_f: γ = 1
         return t.fill_(1.0)
     t.normal_(0.0, init_std(cfg, local))
     if cfg.zero_query and local == "attn.qkv.weight":
