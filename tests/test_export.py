@@ -104,12 +104,26 @@ def test_logits_equal_ours(exported, tok):
         assert hf(x, labels=x).loss.item() == pytest.approx(model(x[:, :-1], x[:, 1:])[1].item(), rel=1e-6)
 
 
+def context_free_greedy(model: FLM, ids: list[int], n: int, vocab_limit: int) -> list[int]:
+    """Greedy decoding as a remote code that drops the cache would do it: the first token from the whole prompt,
+    then every token from the previous one alone, at position 0."""
+    out = []
+    with torch.no_grad():
+        for step in range(n):
+            context = ids if step == 0 else out[-1:]
+            out.append(int(model(torch.tensor([context]))[0][0, -1, :vocab_limit].argmax()))
+    return out
+
+
 def test_greedy_generate_equals_flm_generate(exported, tok):
     model, _, _, hf = exported
     padded_wins = 0
     for prompt in ["The quick brown", "Question: What is", "前提：他住在"]:
         ids = tok.encode(prompt)
         ours = generate(model, ids, 24, temperature=0, eot_id=tok.eot_id, vocab_limit=tok.vocab_size)
+        assert len(ours) == 24  # no end-of-text: all 24 tokens are compared
+        # The continuation depends on more than the last token, so decoding that loses the cache is caught.
+        assert context_free_greedy(model, ids, 24, tok.vocab_size) != ours
         with torch.no_grad():
             cached = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
             full = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
@@ -117,6 +131,45 @@ def test_greedy_generate_equals_flm_generate(exported, tok):
             padded_wins += int(model(torch.tensor([ids + ours]))[0][0].argmax(-1).ge(tok.vocab_size).any())
         assert cached == ours and full == ours and len(set(ours)) > 3
     assert padded_wins  # without suppressing the padded rows, greedy decoding would have emitted one
+
+
+def test_forward_takes_the_cache_under_either_keyword(exported, tok):
+    """transformers 5 passes the cache as `cache=`, 4.x as `past_key_values=`; both continue the sequence at the
+    right positions (logits equal a full pass), `cache_position` is checked, and a cache under any other keyword,
+    or two caches at once, are errors instead of a silently fresh cache."""
+    from transformers.cache_utils import DynamicCache
+
+    model, _, _, hf = exported
+    ids = torch.tensor([tok.encode(" ".join(TEXTS[:3]))[:30]])
+    with torch.no_grad():
+        whole = model(ids)[0]
+        for keyword in ("cache", "past_key_values"):
+            cache = DynamicCache()
+            hf(ids[:, :20], **{keyword: cache})
+            assert cache.get_seq_length() == 20
+            step = hf(ids[:, 20:], **{keyword: cache}, cache_position=torch.arange(20, 30)).logits
+            # Equal up to fp32 rounding of differently ordered sums (relative to logits of size ~80); a wrong
+            # position would move them by O(1).
+            assert (step - whole[:, 20:]).abs().max().item() <= 1e-6 * whole.abs().max().item()
+            assert cache.get_seq_length() == 30
+        cache = DynamicCache()
+        hf(ids[:, :20], cache=cache)
+        with pytest.raises(ValueError, match="does not continue a cache holding 20"):
+            hf(ids[:, 20:21], cache=cache, cache_position=torch.tensor([0]))
+        with pytest.raises(ValueError, match="unknown keyword 'kv_cache'"):
+            hf(ids[:, 20:21], kv_cache=cache)
+        with pytest.raises(ValueError, match="two different caches"):
+            hf(ids[:, 20:21], cache=cache, past_key_values=DynamicCache())
+
+
+def test_export_carries_flms_own_xpos_code(exported):
+    """One xPos definition: the folder's xpos.py is flm's module, byte for byte, and the modeling code uses it."""
+    import flm.model.xpos
+
+    out = exported[2]
+    assert (out / "xpos.py").read_bytes() == Path(flm.model.xpos.__file__).read_bytes()
+    assert "from .xpos import apply_rotary, xpos_tables" in (out / "modeling_flm.py").read_text()
+    assert "def xpos_tables" not in (out / "modeling_flm.py").read_text()
 
 
 def test_auto_tokenizer_encodes_like_ours(exported, tok):
@@ -244,6 +297,39 @@ def test_lm_eval_runs_offline_on_an_export(exported, tok, tmp_path):
 
     expected = sum(ours(d) == d["gold"] for d in docs) / len(docs)
     assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(expected)
+
+
+def test_lm_eval_generate_until_on_an_export_equals_flm_eval_harness(exported, tok, tmp_path):
+    """A local generate-until task, offline: `lm_eval --model hf` on the export (transformers' generate() with
+    its cache) produces exactly the generations of our own lm-eval model on the checkpoint (`flm eval harness`)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from flm.eval.harness import FlmLM
+    from flm.eval.scorer import load_scorer
+
+    _, ckpt, out, _ = exported
+    docs = [{"prompt": p} for p in ["The quick brown", "Question: What is two", "In the beginning God", "前提：他住在"]]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    (tmp_path / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: ''\n"
+        "generation_kwargs:\n  until: ['<|endoftext|>']\n  max_gen_toks: 16\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+
+    def generations(model) -> list[str]:
+        result = simple_evaluate(model=model, model_args=model_args if isinstance(model, str) else None,
+                                 tasks=["tiny_gen"], device="cpu", bootstrap_iters=0, log_samples=True,
+                                 task_manager=TaskManager(include_path=[str(tmp_path)], include_defaults=False))
+        samples = sorted(result["samples"]["tiny_gen"], key=lambda s: s["doc_id"])
+        return [s["resps"][0][0] for s in samples]
+
+    model_args = f"pretrained={out},trust_remote_code=True,dtype=float32"
+    theirs = generations("hf")
+    ours = generations(FlmLM(scorer=load_scorer(ckpt, "cpu")))
+    assert theirs == ours
+    assert all(len(g) >= 4 for g in ours), ours  # real continuations, not empty strings
 
 
 def test_imported_checkpoint_continues_training(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flm.config import ModelConfig, model_config_from_dict
-from flm.model import FLM, KVCache, filter_logits, flops_per_token, generate, param_count, xpos_tables
-from flm.model.flm import apply_rotary
+from flm.model import FLM, KVCache, filter_logits, flops_per_token, generate, param_count, rotary_tables
+from flm.model.xpos import apply_rotary
 
 
 def tiny(**kw) -> ModelConfig:
@@ -28,7 +28,7 @@ def test_changing_future_tokens_never_changes_past_logits():
 
 def test_xpos_scores_depend_only_on_relative_position():
     cfg = tiny(head_dim=32, max_seq_len=512)
-    cos_q, sin_q, cos_k, sin_k = xpos_tables(cfg)
+    cos_q, sin_q, cos_k, sin_k = rotary_tables(cfg)
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 32, dtype=torch.float32), torch.randn(1, 1, 1, 32)
 
@@ -50,9 +50,32 @@ def test_xpos_scores_depend_only_on_relative_position():
     assert torch.allclose(combined.double(), expected, atol=1e-6)
 
 
+def test_qkv_rows_are_laid_out_head_by_head_as_documented():
+    """docs/export.md: head h owns rows 3·h·d .. 3·(h+1)·d - 1 of the fused QKV, its q rows, then k, then v.
+    Attention written from that description alone (plain softmax, explicit causal mask) equals the module's."""
+    cfg = tiny(n_heads=3, head_dim=8, d_model=32)
+    torch.manual_seed(0)
+    model = FLM(cfg).eval()
+    attn, T, d = model.blocks[0].attn, 12, cfg.head_dim
+    x = torch.randn(2, T, cfg.d_model)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    heads = []
+    for h in range(cfg.n_heads):
+        rows = [slice(3 * h * d + j * d, 3 * h * d + (j + 1) * d) for j in range(3)]
+        q, k, v = (x @ w[r].T + b[r] for r in rows)
+        q = apply_rotary(q[:, None], model.cos_q[:T], model.sin_q[:T])[:, 0]
+        k = apply_rotary(k[:, None], model.cos_k[:T], model.sin_k[:T])[:, 0]
+        scores = (q @ k.transpose(-1, -2)) / d ** 0.5
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v)
+    by_hand = attn.proj(torch.cat(heads, dim=-1))
+    with torch.no_grad():
+        assert torch.allclose(attn(x, model.rope(0, T)), by_hand, atol=1e-6)
+
+
 def test_xpos_centred_scales_fit_in_fp16_at_long_context():
     cfg = tiny(head_dim=128, max_seq_len=8192)
-    for t in xpos_tables(cfg):
+    for t in rotary_tables(cfg):
         assert t.abs().max().item() < torch.finfo(torch.float16).max
     # Uncentred, the key scale at 8192 would be ~5e8: the centre is what keeps it small.
     zeta_min = 0.4 / 1.4

@@ -29,13 +29,15 @@ from flm.config import Config, ModelConfig, TrainConfig, config_from_dict, confi
 from flm.data.tokenizer import (CL100K_PATTERN, EOT, LABELS, TIKTOKEN_FILE, TIKTOKEN_META, Tokenizer, read_ranks,
                                 load_tokenizer_dir)
 from flm.errors import FlmError
-from flm.model import FLM
+from flm.model import FLM, xpos
 from flm.train.checkpoint import (find_checkpoint, is_sharded, load_model_state, model_tensors, read_meta,
                                   save_checkpoint)
 from flm.train.optim import build_optimizer
 
 CODE_DIR = Path(__file__).parent / "hf_code"
-CODE_FILES = ("configuration_flm.py", "modeling_flm.py")
+# The folder's code: ours for transformers, plus flm's own xPos module, copied byte for byte (one definition).
+CODE_FILES = {"configuration_flm.py": CODE_DIR / "configuration_flm.py", "modeling_flm.py": CODE_DIR / "modeling_flm.py",
+              "xpos.py": Path(xpos.__file__)}
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TRAINING_FILE = "flm_training.json"
@@ -134,8 +136,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_size: str =
         _write_json(tmp / "config.json", hf_config(cfg, tok.eot_id, dtype))
         _write_json(tmp / "generation_config.json", generation_config(cfg, tok))
         _write_json(tmp / TRAINING_FILE, {k: v for k, v in meta.items() if k not in ("format", "ramp")})
-        for name in CODE_FILES:
-            shutil.copyfile(CODE_DIR / name, tmp / name)
+        for name, source_file in CODE_FILES.items():
+            shutil.copyfile(source_file, tmp / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,35 +17,13 @@ from torch import nn
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
+from flm.model.xpos import apply_rotary, xpos_tables
 from flm.mup.rules import init_std, readout_multiplier
 
 
-def xpos_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
-    """Rotary tables with the xPos decay folded in, for positions 0..max_seq_len-1.
-
-    Returns (cos_q, sin_q, cos_k, sin_k), each [max_seq_len, head_dim]. A query at position n is
-    scaled by ζ^((n-c)/B) and a key at m by ζ^(-(m-c)/B), so q·k carries ζ^((n-m)/B): relative only.
-    The fixed centre c = max_seq_len // 2 keeps the factors near 1 (uncentred, they overflow fp16 by
-    position ~8k) and, being the same for queries and cached keys, keeps KV-cache logits identical.
-    Rotary pairs are (i, i + head_dim/2) with θ_i = θ^(-2i/d) and ζ_i = (2i + 0.4d) / (1.4d).
-    """
-    d, n = cfg.head_dim, cfg.max_seq_len
-    i = torch.arange(d // 2, device=device, dtype=torch.float64)
-    inv_freq = cfg.rope_theta ** (-2.0 * i / d)
-    zeta = (2.0 * i + 0.4 * d) / (1.4 * d)
-    pos = torch.arange(n, device=device, dtype=torch.float64)
-    angle = pos[:, None] * inv_freq[None, :]
-    scale = zeta[None, :] ** ((pos[:, None] - n // 2) / cfg.xpos_scale_base)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    tables = (cos * scale, sin * scale, cos / scale, sin / scale)
-    return tuple(torch.cat([t, t], dim=-1).float() for t in tables)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i+d/2) of x [B, H, T, d] by the angles in cos/sin [T, d] (scales included)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def rotary_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """(cos_q, sin_q, cos_k, sin_k) for `cfg`'s head size, context length, θ and xPos scale base (flm.model.xpos)."""
+    return xpos_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.xpos_scale_base, device)
 
 
 def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -200,7 +178,7 @@ class FLM(nn.Module):
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
             self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(cfg)):
+            for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), rotary_tables(cfg)):
                 self.register_buffer(name, table, persistent=False)
         self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
         if device.type != "meta":
@@ -221,7 +199,7 @@ class FLM(nn.Module):
 
     @torch.no_grad()
     def init_rotary(self) -> None:
-        for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), xpos_tables(self.cfg, self.cos_q.device)):
+        for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), rotary_tables(self.cfg, self.cos_q.device)):
             getattr(self, name).copy_(table)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,

@@ -1,19 +1,22 @@
 """An FLM decoder for transformers (`trust_remote_code=True`), written by `flm export hf`.
 
 Self-contained (torch and transformers only) and the same math as flm's own model, step by step, so logits agree
-to float rounding: pre-LayerNorm blocks with biases, fused QKV with rows [q heads | k heads | v heads], rotary
-pairs (i, i + head_dim/2) with xPos decay centred at max_position_embeddings // 2, a GeLU(tanh) MLP, a final
-LayerNorm, and the μP readout multiplier on the logits.
+to float rounding: pre-LayerNorm blocks with biases, fused QKV with rows laid out head by head (for each head its
+q rows, then its k rows, then its v rows: `[q|k|v]` per head, Megatron's order), rotary pairs (i, i + head_dim/2)
+with xPos decay centred at max_position_embeddings // 2 (`xpos.py`, a verbatim copy of flm's own definition), a
+GeLU(tanh) MLP, a final LayerNorm, and the μP readout multiplier on the logits.
 
-Decoding uses transformers' `Cache` objects (a `DynamicCache` by default). A token's position is the number of
-tokens before it in the cache, exactly as in flm, so cached decoding equals full recomputation. xPos depends only
-on the distance between query and key, so left padding (which shifts absolute positions) leaves the attention
-scores unchanged up to rounding.
+Decoding uses transformers' `Cache` objects (a `DynamicCache` by default), received under whichever keyword the
+installed transformers uses (`cache` since 5.x, `past_key_values` before); a cache object under any other keyword
+is refused rather than ignored. A token's position is the number of tokens before it in the cache (or
+`cache_position` when given), exactly as in flm, so cached decoding equals full recomputation. xPos depends only on
+the distance between query and key, so left padding (which shifts absolute positions) leaves the attention scores
+unchanged up to rounding.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,55 +27,53 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_flm import FLMConfig
+from .xpos import apply_rotary, xpos_tables
 
 # transformers 5 declares tied weights as {target: source}; 4.x as a list of targets.
 _TIED_WEIGHTS = ({"lm_head.weight": "model.embed.weight"} if int(transformers.__version__.split(".")[0]) >= 5
                  else ["lm_head.weight"])
+# The output field that carries the cache: `cache` in newer transformers, `past_key_values` in older ones.
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
-def xpos_tables(config: FLMConfig) -> Tuple[torch.Tensor, ...]:
-    """(cos_q, sin_q, cos_k, sin_k), each [max_position_embeddings, head_dim], with the xPos scales folded in.
+def take_cache(cache: Optional[Cache], past_key_values: Optional[Cache], kwargs: dict) -> Optional[Cache]:
+    """The one cache this call was given, whatever the keyword; None when there is none.
 
-    θ_i = rope_theta^(-2i/d), ζ_i = (2i + 0.4d) / (1.4d); a query at n is scaled by ζ^((n-c)/B) and a key at m by
-    ζ^(-(m-c)/B) with c = max_position_embeddings // 2, so q·k carries ζ^((n-m)/B). Computed in float64 on the
-    CPU, then rounded to float32, like flm's tables.
+    Two different caches, a cache that is not a `Cache` object (the legacy tuple format) or a `Cache` under an
+    unknown keyword are errors: silently starting a fresh cache instead would decode every new token at position 0.
     """
-    d, n = config.head_dim, config.max_position_embeddings
-    i = torch.arange(d // 2, dtype=torch.float64)
-    inv_freq = config.rope_theta ** (-2.0 * i / d)
-    zeta = (2.0 * i + 0.4 * d) / (1.4 * d)
-    pos = torch.arange(n, dtype=torch.float64)
-    angle = pos[:, None] * inv_freq[None, :]
-    scale = zeta[None, :] ** ((pos[:, None] - n // 2) / config.xpos_scale_base)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    tables = (cos * scale, sin * scale, cos / scale, sin / scale)
-    return tuple(torch.cat([t, t], dim=-1).float() for t in tables)
+    for key, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise ValueError(f"FLM received a cache under the unknown keyword {key!r}; pass it as `cache` "
+                             "(or `past_key_values` on transformers 4.x)")
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("FLM received two different caches (`cache` and `past_key_values`); pass one")
+    found = cache if cache is not None else past_key_values
+    if found is not None and not isinstance(found, Cache):
+        raise ValueError(f"FLM needs a transformers Cache object (e.g. DynamicCache), got {type(found).__name__}")
+    return found
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + d/2) of x [B, H, T, d] by cos/sin [T, d] (xPos scales included)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def attention_mask_for(attention_mask: Optional[torch.Tensor], positions: torch.Tensor, n_keys: int,
+                       plain_causal: bool) -> Optional[torch.Tensor]:
+    """A boolean [B|1, 1, T, n_keys] mask (True = may attend), or None where plain causal attention is exact.
 
-
-def attention_mask_for(attention_mask: Optional[torch.Tensor], past: int, length: int,
-                       device: torch.device) -> Optional[torch.Tensor]:
-    """A boolean [B|1, 1, T, past+T] mask (True = may attend), or None where plain causal attention is exact.
-
-    `attention_mask` is the usual [B, past+T] padding mask (1 = token) or an already built 4-D mask. A padded
-    query may always see its own key, so no row is fully masked (that would give NaNs that leak into real tokens).
+    Key j sits at position j; the query at `positions[i]` may see keys 0..positions[i]. `attention_mask` is the
+    usual [B, n_keys] padding mask (1 = token) or an already built 4-D mask. A padded query may always see its own
+    key, so no row is fully masked (that would give NaNs that leak into real tokens).
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if past == 0 and not padded:
+    if plain_causal and not padded:
         return None
-    keys = torch.arange(past + length, device=device)
-    queries = torch.arange(past, past + length, device=device)
-    mask = (keys[None, :] <= queries[:, None])[None, None]
+    keys = torch.arange(n_keys, device=positions.device)
+    mask = (keys[None, :] <= positions[:, None])[None, None]
     if padded:
-        mask = (mask & attention_mask[:, None, None, :].bool()) | (keys[None, :] == queries[:, None])
+        if attention_mask.shape[-1] != n_keys:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the cache and the input "
+                             f"hold {n_keys}")
+        mask = (mask & attention_mask[:, None, None, :].bool()) | (keys[None, :] == positions[:, None])
     return mask
 
 
@@ -132,7 +133,7 @@ class FLMPreTrainedModel(PreTrainedModel):
     config_class = FLMConfig
     base_model_prefix = "model"
     _no_split_modules = ["FLMBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_cache_class = True  # transformers 4.x: hand us Cache objects, not tuples
     _supports_sdpa = True
 
@@ -159,30 +160,40 @@ class FLMModel(FLMPreTrainedModel):
 
     def _rope(self, device: torch.device) -> Tuple[torch.Tensor, ...]:
         if device not in self._rope_tables:
-            self._rope_tables[device] = tuple(t.to(device) for t in xpos_tables(self.config))
+            c = self.config
+            self._rope_tables[device] = xpos_tables(c.head_dim, c.max_position_embeddings, c.rope_theta,
+                                                    c.xpos_scale_base, device)
         return self._rope_tables[device]
 
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 past_key_values: Optional[Cache] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                use_cache: Optional[bool] = None, **kwargs) -> BaseModelOutputWithPast:
+                use_cache: Optional[bool] = None, cache: Optional[Cache] = None,
+                cache_position: Optional[torch.LongTensor] = None, **kwargs: Any) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        cache = take_cache(cache, past_key_values, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()  # nothing was passed: start one (generate() passes its own)
+        past = cache.get_seq_length() if cache is not None else 0
         T = x.shape[1]
+        if cache_position is None:
+            positions = torch.arange(past, past + T, device=x.device)
+        else:
+            positions = cache_position.to(x.device).view(-1)
+            if positions.numel() != T or (T and int(positions[0]) != past):
+                raise ValueError(f"cache_position {positions.tolist()} does not continue a cache holding {past} "
+                                 f"tokens with {T} new ones")
         if past + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
         rope = tuple(t[past:past + T] for t in self._rope(x.device))
-        mask = attention_mask_for(attention_mask, past, T, x.device)
+        mask = attention_mask_for(attention_mask, positions, past + T, plain_causal=past == 0)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, mask, past_key_values)
-        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x),
-                                       past_key_values=past_key_values if use_cache else None)
+            x = block(x, rope, mask, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), **{_CACHE_FIELD: cache if use_cache else None})
 
 
 class FLMForCausalLM(FLMPreTrainedModel, GenerationMixin):
@@ -211,10 +222,14 @@ class FLMForCausalLM(FLMPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 past_key_values: Optional[Cache] = None, inputs_embeds: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None, use_cache: Optional[bool] = None,
-                logits_to_keep: int = 0, return_dict: Optional[bool] = None, **kwargs):
+                logits_to_keep: int = 0, return_dict: Optional[bool] = None, cache: Optional[Cache] = None,
+                **kwargs: Any):
         """Logits [B, T, V] (the last `logits_to_keep` positions when > 0); with `labels`, the mean next-token
-        cross-entropy (labels are shifted here, -100 is ignored), as in other transformers causal LMs."""
-        out = self.model(input_ids, attention_mask, past_key_values, inputs_embeds, use_cache)
+        cross-entropy (labels are shifted here, -100 is ignored), as in other transformers causal LMs. The cache
+        comes as `cache` (transformers 5) or `past_key_values` (4.x); `cache_position` is honoured when given."""
+        cache = take_cache(cache, past_key_values, kwargs)
+        out = self.model(input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
+                         cache_position=kwargs.get("cache_position"))
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -226,5 +241,5 @@ class FLMForCausalLM(FLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         return result if return_dict is not False else result.to_tuple()
