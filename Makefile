@@ -2,14 +2,27 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# torch is installed on its own, pinned: the CPU build where there is no CUDA (a bare `torch` would pull the CUDA
+# wheels). Everything else comes from requirements.lock, exact versions with hashes (`make lock` refreshes it).
+TORCH ?= 2.13.0
+LOCK := requirements.lock
+# The lock covers Linux x86-64 with Python >= 3.10; elsewhere the set-up falls back to pyproject.toml's ranges.
+LOCKED_PLATFORM := import sys, platform; sys.exit(not (sys.platform == "linux" and platform.machine() == "x86_64"))
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup lock test-latest bench clean
 
-# torch==2.13.0: the CPU build where there is no CUDA (a bare `torch` would pull the CUDA wheels).
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet torch==$(TORCH)
+	@if $(BIN)/python -c '$(LOCKED_PLATFORM)'; then \
+		echo "installing the locked versions ($(LOCK))"; \
+		$(BIN)/pip install --quiet --no-deps --require-hashes -r $(LOCK) && \
+		$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . ; \
+	else \
+		echo "warning: $(LOCK) covers Linux x86-64 only; installing the newest versions within pyproject.toml's ranges"; \
+		$(BIN)/pip install --quiet -e ".[dev]" ; \
+	fi
+	$(BIN)/pip check
 	touch $@
 
 setup: $(BIN)/.installed
@@ -19,6 +32,24 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# Re-resolve every dependency (transitive ones included) to the newest versions pyproject.toml allows, with uv.
+# uv comes from the set-up environment (it is in the lock), or from a small one of its own before there is one.
+lock:
+	@test -x $(BIN)/uv || test -x $(VENV)-lock/bin/uv || \
+		{ $(PYTHON) -m venv $(VENV)-lock && $(VENV)-lock/bin/pip install --quiet uv; }
+	echo "torch==$(TORCH)" | $$(test -x $(BIN)/uv && echo $(BIN)/uv || echo $(VENV)-lock/bin/uv) pip compile - \
+		pyproject.toml --extra dev --universal --python-version 3.10 --generate-hashes --no-emit-package torch \
+		--no-header --upgrade -o $(LOCK)
+
+# The suite against the newest release of every dependency (torch stays at TORCH), in a throwaway environment.
+test-latest:
+	rm -rf $(VENV)-latest
+	$(PYTHON) -m venv $(VENV)-latest
+	$(VENV)-latest/bin/pip install --quiet torch==$(TORCH)
+	$(VENV)-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(VENV)-latest/bin/pip list --format freeze | grep -iE '^(torch|transformers|lm.eval|tokenizers|safetensors|numpy|scipy|accelerate|datasets|pytest)=='
+	$(VENV)-latest/bin/python -m pytest -p no:cacheprovider; status=$$?; rm -rf $(VENV)-latest; exit $$status
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
