@@ -186,7 +186,8 @@ def test_hf_scorer_runs_iq_offline(hf_dir):
 def test_cli_export_then_harness(scorer, tmp_path, capsys):
     model = scorer.model
     opt = torch.optim.SGD([{"params": list(model.parameters()), "names": [n for n, _ in model.named_parameters()]}])
-    save_checkpoint(tmp_path / "run" / "checkpoints", 3, model, opt, {"model": config_to_dict(model.cfg)}, keep_last=1,
+    save_checkpoint(tmp_path / "run" / "checkpoints", 3, model, opt, {"model": config_to_dict(model.cfg), "ramp": None},
+                    keep_last=1,
                     write_extra=scorer.tokenizer.save)
 
     def flm_cli(*argv: str) -> None:

@@ -265,7 +265,7 @@ def checkpoint(tmp_path_factory):
     model = FLM(cfg)
     opt = torch.optim.SGD([{"params": list(model.parameters()), "names": [n for n, _ in model.named_parameters()]}])
     root = tmp_path_factory.mktemp("run") / "checkpoints"
-    save_checkpoint(root, 1, model, opt, {"model": config_to_dict(cfg)}, keep_last=1, write_extra=tok.save)
+    save_checkpoint(root, 1, model, opt, {"model": config_to_dict(cfg), "ramp": None}, keep_last=1, write_extra=tok.save)
     return root.parent
 
 

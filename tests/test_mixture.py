@@ -345,7 +345,7 @@ def test_accumulation_equals_one_big_batch_with_uneven_masks(mixed_dir, tmp_path
     assert counts[0] != counts[1]  # the micro-batches hold different numbers of loss tokens
     grads = []
     for trainer in (accumulated, big):  # keep the gradients the optimizer is handed
-        trainer.optimizer.step = lambda t=trainer: grads.append([p.grad.clone() for p in t.model.parameters()])
+        trainer.optimizer.step = lambda t=trainer, **_: grads.append([p.grad.clone() for p in t.model.parameters()])
     loss_a, norm_a = accumulated.train_step()
     loss_b, norm_b = big.train_step()
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)

@@ -80,10 +80,13 @@ def test_crash_while_writing_keeps_the_last_good_checkpoint(data_dir, tmp_path, 
         real_save(tensors, path)
 
     monkeypatch.setattr(ckpt_mod, "save_file", failing_save)
-    with pytest.raises(OSError):
-        trainer.train()  # crashes writing the step-12 checkpoint
+    with pytest.raises(FlmError, match=f"could not write checkpoint step 12 .*disk full; the last good checkpoint "
+                                       f"is {good[0]}$"):
+        trainer.train()  # fails writing the step-12 checkpoint
     monkeypatch.undo()
+    trainer.close()
     assert list_checkpoints(trainer.ckpt_root) == good
+    assert not list(trainer.ckpt_root.glob(".step_*"))  # the partial checkpoint is gone
     resumed = Trainer(make_cfg(data_dir, tmp_path), log=quiet)
     assert resumed.resume("auto") and resumed.step == 6
     resumed.train()

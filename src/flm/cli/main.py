@@ -1,7 +1,8 @@
 """`flm <command>`: parses arguments and calls the packages; holds no logic of its own.
 
-User mistakes (FlmError) print one line and exit 2; Ctrl-C exits 130 and leaves the last checkpoint
-intact (checkpoints are written atomically).
+User mistakes (FlmError) print one line and exit 2, a run halted by its step guard or a stuck rank
+(TrainingHalted) exits 3; Ctrl-C exits 130 and leaves the last checkpoint intact (checkpoints are
+written atomically).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FlmError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted; checkpoints already written are intact", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -32,6 +33,8 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and ok and not math.isfinite(value):  # TOML has inf and nan; no setting means either
+        raise FlmError(f"config error: {where} must be a finite number, got {value!r}")
     if not ok:
         raise FlmError(f"config error: {where} must be {_TYPE_NAMES.get(tp, tp)}, got {value!r}")
     return value

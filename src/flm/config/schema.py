@@ -149,6 +149,17 @@ class TrainConfig:
     sample_tokens: int = 48
     tensorboard: bool = True
     progress: bool = True
+    # The step guard (flm.train.guard): a step whose loss or gradient norm is not finite, or whose loss exceeds
+    # spike_factor x the median of the last spike_window accepted losses (0: no spike test), changes nothing;
+    # then "skip" goes on (stopping after max_bad_steps such steps in a row), "rollback" returns to the newest
+    # checkpoint and continues with the data after the bad batches (skipping rollback_skip more steps' worth of
+    # batches; at most max_rollbacks times), "stop" ends the run with exit status 3.
+    on_bad_step: str = "rollback"
+    spike_factor: float = 3.0
+    spike_window: int = 100
+    max_bad_steps: int = 20
+    rollback_skip: int = 0
+    max_rollbacks: int = 5
 
     @property
     def tokens_per_step(self) -> int:
@@ -161,7 +172,8 @@ class TrainConfig:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
-        _require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        _require(0 < self.lr <= 1, f"train.lr must be in (0, 1] (an Adam step of more than 1 per entry is no "
+                                   f"learning rate), got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, lr], got {self.min_lr}")
         _require(0 <= self.warmup_steps <= self.max_steps, f"train.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
@@ -169,6 +181,16 @@ class TrainConfig:
         _require(self.adam_eps > 0, f"train.adam_eps must be positive, got {self.adam_eps}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+        _require(self.on_bad_step in _ON_BAD_STEP,
+                 f"train.on_bad_step must be one of {_ON_BAD_STEP}, got {self.on_bad_step!r}")
+        _require(self.spike_factor == 0 or self.spike_factor > 1,
+                 f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
+        for name in ("spike_window", "max_bad_steps", "max_rollbacks"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        _require(self.rollback_skip >= 0, f"train.rollback_skip must be >= 0, got {self.rollback_skip}")
+
+
+_ON_BAD_STEP = ("skip", "rollback", "stop")
 
 
 _NEW_LAYERS = ("stack", "insert", "random")
@@ -202,7 +224,7 @@ class StageConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, f"{where}.{name} must be positive, got {value}")
         _require(self.tokens > 0, f"{where}.tokens must be positive, got {self.tokens}")
-        _require(self.lr is None or self.lr > 0, f"{where}.lr must be positive, got {self.lr}")
+        _require(self.lr is None or 0 < self.lr <= 1, f"{where}.lr must be in (0, 1], got {self.lr}")
         _require(self.warmup_steps >= 0 and self.ramp_steps >= 0, f"{where}.warmup_steps and ramp_steps must be >= 0")
         _require(self.new_layers in _NEW_LAYERS, f"{where}.new_layers must be one of {_NEW_LAYERS}, got {self.new_layers!r}")
         for name in ("tp", "pp", "dp"):
@@ -230,8 +252,13 @@ class ParallelConfig:
     pp_microbatches: int | None = None  # pipeline micro-batches per micro-batch of train.batch_size (None: pp)
     sequence_parallel: bool = False  # with tp > 1: LayerNorm and dropout activations split along the sequence
     activation_checkpointing: bool = False  # recompute each block's activations during backward (less memory)
+    # A collective (all-reduce, gather, barrier) that has not finished after this many seconds ends the run with
+    # one line instead of hanging: a rank is stuck (stopped, swapping, a hung GPU) or gone. Growth and
+    # checkpoints of very large models may need more.
+    timeout_s: float = 300.0
 
     def validate(self) -> None:
+        _require(self.timeout_s > 0, f"parallel.timeout_s must be positive, got {self.timeout_s}")
         for name in ("dp", "dp_replicate", "tp", "pp"):
             _require(getattr(self, name) > 0, f"parallel.{name} must be positive, got {getattr(self, name)}")
         _require(self.dp % self.dp_replicate == 0,

@@ -33,6 +33,7 @@ from flm.model import FLM, xpos
 from flm.train.checkpoint import (find_checkpoint, is_sharded, load_model_state, model_tensors, read_meta,
                                   save_checkpoint)
 from flm.train.optim import build_optimizer
+from flm.train.runlock import RunLock
 
 CODE_DIR = Path(__file__).parent / "hf_code"
 # The folder's code: ours for transformers, plus flm's own xPos module, copied byte for byte (one definition).
@@ -318,8 +319,12 @@ def import_hf(source: str | Path, out_run_dir: str | Path) -> Path:
     load_hf_weights(src, model)
     optimizer = build_optimizer(model, config_from_dict(meta["config"]).train)
     step = meta.pop("step", 0)
-    return save_checkpoint(Path(out_run_dir) / "checkpoints", step, model, optimizer, {**meta, "ramp": None},
-                           keep_last=1 << 30, write_extra=tok.save)
+    lock = RunLock(Path(out_run_dir)).acquire()  # the output run folder has one writer, like any run
+    try:
+        return save_checkpoint(Path(out_run_dir) / "checkpoints", step, model, optimizer, {**meta, "ramp": None},
+                               keep_last=1 << 30, write_extra=tok.save)
+    finally:
+        lock.release()
 
 
 def _training_meta(src: Path, cfg: ModelConfig) -> dict[str, Any]:
@@ -327,7 +332,8 @@ def _training_meta(src: Path, cfg: ModelConfig) -> dict[str, Any]:
     path = src / TRAINING_FILE
     if not path.is_file():
         train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))
-        return {"model": config_to_dict(cfg), "config": config_to_dict(Config(model=cfg, train=train)), "stage": 0}
+        return {"model": config_to_dict(cfg), "config": config_to_dict(Config(model=cfg, train=train)), "stage": 0,
+                "data": None}
     meta = _read_json(path)
     if "model" not in meta or "config" not in meta:
         raise FlmError(f"{path} lacks the model or run config; delete it to import without training state")

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 
 from flm.errors import FlmError
 from flm.parallel.pieces import shard_like, write_pieces
+from flm.train.adamw import scalar_step
 from flm.train.checkpoint import SHARDED
 
 
@@ -86,7 +87,7 @@ def load_sharded(folder: Path, optimizer: torch.optim.Optimizer | None, params: 
             if f"opt.{name}.exp_avg" not in shapes:
                 continue
             per_element = len(shapes[f"opt.{name}.step"]) > 0
-            state = {"step": torch.zeros_like(p) if per_element else torch.zeros((), dtype=torch.float32),
+            state = {"step": torch.zeros_like(p) if per_element else scalar_step(0, p.device),
                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
             optimizer.state[p] = state
             wanted.update({f"opt.{name}.{k}": v for k, v in state.items()})
@@ -124,7 +125,7 @@ def load_whole(folder: Path, optimizer: torch.optim.Optimizer) -> None:
                 fields = {k: f"opt.{name}.{k}" for k in ("exp_avg", "exp_avg_sq", "step")}
                 if all(key in saved for key in fields.values()):
                     state = {k: g.get_tensor(key) for k, key in fields.items()}
-                    optimizer.state[p] = {k: v if k == "step" and v.dim() == 0 else shard_like(p, v)
-                                          for k, v in state.items()}
+                    optimizer.state[p] = {k: scalar_step(v, p.device) if k == "step" and v.dim() == 0
+                                          else shard_like(p, v) for k, v in state.items()}
     except (SafetensorError, OSError) as e:
         raise FlmError(f"cannot read {folder}: {e}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,8 +49,9 @@ def torchrun_world() -> int | None:
     return int(os.environ["WORLD_SIZE"])
 
 
-def init_distributed(device_spec: str) -> torch.device:
-    """Join the process group torchrun describes: NCCL with one GPU per process, gloo on CPU.
+def init_distributed(device_spec: str, timeout_s: float) -> torch.device:
+    """Join the process group torchrun describes: NCCL with one GPU per process, gloo on CPU, every
+    collective bounded by `timeout_s` (torch's default would wait 30 minutes on a stuck rank).
 
     Returns this process's device (cuda:LOCAL_RANK, or cpu).
     """
@@ -58,10 +60,11 @@ def init_distributed(device_spec: str) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return device
 
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 
-from flm.config import Config, ModelConfig, config_to_dict
+from flm.config import Config, ModelConfig
 from flm.data import iter_eval_batches
 from flm.data.loader import IGNORE
 from flm.errors import FlmError
@@ -37,7 +40,7 @@ from flm.parallel.norms import clip_grad_norm
 from flm.parallel.pipeline import StageModule, build_schedule, check_pipeline, held_blocks, keep_stage, owner_stage
 from flm.parallel.recompute import apply_activation_checkpointing
 from flm.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, local_slice
-from flm.train.checkpoint import is_sharded, publish, staging_dir, staging_path
+from flm.train.checkpoint import is_sharded, publish, staging_dir, staging_path, write_failure
 from flm.train.optim import build_optimizer
 from flm.train.schedule import Stage
 from flm.train.trainer import Trainer
@@ -54,7 +57,7 @@ logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERR
 
 class ParallelTrainer(Trainer):
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
-        self.device = init_distributed(cfg.train.device)
+        self.device = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self._meshes: dict[ParallelLayout, Any] = {}
@@ -226,9 +229,17 @@ class ParallelTrainer(Trainer):
         dist.all_reduce(total)
         return total / (self.layout.tp * self.layout.pp)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, grad_norm = super().train_step()  # this rank's tokens' share of the step's mean
-        return self._data_sum(loss), grad_norm
+    def _step_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens' share of the step's mean, summed over the data-parallel ranks (a collective on
+        one scalar, no host synchronisation): the step guard needs the same value on every rank."""
+        return self._data_sum(loss)
+
+    def weights_finite(self) -> bool:
+        """Every rank's pieces finite (a minimum over all ranks)."""
+        ok = torch.stack([torch.isfinite(_piece(p)).all() for p in self.model.parameters()]).all()
+        flag = ok.to(torch.int32).to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -308,25 +319,38 @@ class ParallelTrainer(Trainer):
                 + "".join(f", {e}" for e in extras))
 
     def close(self) -> None:
+        super().close()
         dist.destroy_process_group()
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save(self) -> Path:
-        meta = {"config": config_to_dict(self.cfg), "model": config_to_dict(self.model.cfg), "stage": self.stage,
-                "ramp": self.ramp.to_dict() if self.ramp else None, "data": self.loader.state_dict(),
+        meta = {**self.checkpoint_meta(),
                 "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
                            "dp_replicate": self.layout.dp_replicate, "world_size": self.world}}
         if self.is_main:
             staging_dir(self.ckpt_root, self.step)
         dist.barrier()
         tmp = staging_path(self.ckpt_root, self.step)
-        save_sharded(tmp, self.optimizer)
-        dist.barrier()
+        error = None
+        try:
+            save_sharded(tmp, self.optimizer)
+        except (OSError, SafetensorError, CheckpointException) as e:  # a full disk on any rank
+            error = e
+        failed = torch.tensor(int(error is not None), device=self.device)
+        dist.all_reduce(failed)  # every rank learns that one could not write, and all stop alike
         final = self.ckpt_root / f"step_{self.step:08d}"
-        if self.is_main:
-            self.tokenizer.save(tmp)
-            publish(tmp, self.step, meta, self.cfg.train.keep_last)
-        dist.barrier()
+        if self.is_main and not failed:
+            try:
+                self.write_extra(tmp)
+                publish(tmp, self.step, meta, self.cfg.train.keep_last)
+            except (OSError, SafetensorError) as e:
+                error = e
+        failed = torch.tensor(int(error is not None), device=self.device)
+        dist.all_reduce(failed)
+        if failed:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failure(self.ckpt_root, self.step, error or OSError("another rank could not write its part"))
         return final
 
     def _load_checkpoint(self, path: Path, meta: dict[str, Any], stage: int) -> None:
@@ -334,7 +358,7 @@ class ParallelTrainer(Trainer):
             self.stage, self.layout = stage, self._layout_of(stage)
             self._use(self._shell(self.stages[stage].model))  # the checkpoint fills it
             self.loader = self._loader(0)
-        saved_world = (meta.get("layout") or {}).get("world_size", 1)
+        saved_world = meta["layout"]["world_size"] if is_sharded(path) else 1
         self.log(f"loading {path}, saved with {saved_world} processes, into {self.layout.describe()}")
         if is_sharded(path):
             load_sharded(path, self.optimizer, named_params(self.optimizer), distributed=True,
@@ -346,6 +370,11 @@ class ParallelTrainer(Trainer):
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A replicated DTensor's value as a plain tensor (plain tensors pass through)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _piece(t: torch.Tensor) -> torch.Tensor:
+    """This rank's own piece of a sharded parameter (plain tensors pass through)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def make_trainer(cfg: Config, prepare: Callable[[Any], Any], log: Callable[[str], None] = print) -> Trainer:
@@ -362,7 +391,7 @@ def make_trainer(cfg: Config, prepare: Callable[[Any], Any], log: Callable[[str]
                                f"`torchrun --nproc-per-node {tp * pp * dp} -m flm.cli.main train ...`")
         prepare(cfg.data)
         return Trainer(cfg, log)
-    init_distributed(cfg.train.device)
+    init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     if dist.get_rank() == 0:
         prepare(cfg.data)
     dist.barrier()

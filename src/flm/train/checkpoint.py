@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flm.errors import FlmError
+from flm.train.checkpoint_meta import FORMAT_VERSION, INFERENCE_KEYS, validate_meta
 
 _NAME = re.compile(r"^step_(\d{8})$")
-FORMAT_VERSION = 1
 SHARDED = "sharded"  # the folder of a checkpoint written by several processes
 
 
@@ -76,13 +76,26 @@ def staging_path(root: Path, step: int) -> Path:
 
 
 def staging_dir(root: Path, step: int) -> Path:
-    """A fresh hidden folder to write checkpoint `step` into; `publish` moves it into place."""
+    """A fresh hidden folder to write checkpoint `step` into; `publish` moves it into place.
+
+    Only this writer's own staging folder is cleared here; those of writers that died are cleared when the
+    run lock is taken (flm.train.runlock), when no other writer can be alive.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step_*"):  # left by a crash mid-write (one writer per run)
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = staging_path(root, step)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+def write_failure(root: Path, step: int, error: BaseException) -> FlmError:
+    """The one-line error for a checkpoint that could not be written (disk full, quota, I/O error), naming the
+    checkpoint that is still good; the caller has removed the partial one."""
+    text = str(error).strip()
+    reason = getattr(error, "strerror", None) or (text.splitlines()[-1] if text else type(error).__name__)
+    found = list_checkpoints(root)
+    last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint of this run was written before"
+    return FlmError(f"could not write checkpoint step {step} in {root}: {reason}; {last}")
 
 
 def publish(tmp: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
@@ -113,14 +126,23 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
                     meta: dict[str, Any], keep_last: int, write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write `root/step_<step>/` atomically, then delete all but the newest `keep_last` checkpoints.
 
-    `write_extra(folder)` adds files (the tokenizer) so that a checkpoint folder stands on its own.
+    `meta` must hold what inference reads (`model`, `ramp`); `write_extra(folder)` adds files (the tokenizer) so
+    that a checkpoint folder stands on its own (the tokenizer, the step guard's window). A write error
+    (disk full, ...) removes the partial checkpoint and raises a one-line FlmError; the older ones are intact.
     """
+    missing = [k for k in INFERENCE_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing}")
     tmp = staging_dir(root, step)
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
-    save_file({**optimizer_tensors(optimizer), **rng_tensors()}, str(tmp / "train_state.safetensors"))
-    if write_extra is not None:
-        write_extra(tmp)
-    return publish(tmp, step, meta, keep_last)
+    try:
+        save_file(model_tensors(model), str(tmp / "model.safetensors"))
+        save_file({**optimizer_tensors(optimizer), **rng_tensors()}, str(tmp / "train_state.safetensors"))
+        if write_extra is not None:
+            write_extra(tmp)
+        return publish(tmp, step, meta, keep_last)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(root, step, e) from None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -131,17 +153,32 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path, resume: bool = False) -> dict[str, Any]:
+    """A checkpoint's meta.json, validated for inference (or for `resume`): flm.train.checkpoint_meta."""
     meta_file = Path(path) / "meta.json"
     if not meta_file.is_file():
         raise FlmError(f"not a checkpoint (no meta.json): {path}")
     try:
         meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FlmError(f"corrupt checkpoint metadata {meta_file}: {e}") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise FlmError(f"checkpoint {path} has format {meta.get('format')}, this flm reads {FORMAT_VERSION}")
-    return meta
+    except OSError as e:
+        raise FlmError(f"cannot read {meta_file}: {e.strerror or e}") from None
+    return validate_meta(meta_file, meta, resume=resume, sharded=is_sharded(path))
+
+
+GUARD_FILE = "guard.safetensors"
+
+
+def save_guard(folder: Path, history: torch.Tensor) -> None:
+    """The step guard's window of recent losses (flm.train.guard), beside the weights, in either format."""
+    save_file({"history": history.detach().cpu()}, str(folder / GUARD_FILE))
+
+
+def saved_guard(folder: Path) -> torch.Tensor | None:
+    """The window saved with a checkpoint; None in checkpoints written without one (`flm import hf`)."""
+    path = Path(folder) / GUARD_FILE
+    return _load_tensors(path)["history"] if path.is_file() else None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -187,9 +224,8 @@ def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for name, p in zip(group["names"], group["params"]):
             if name in by_param:
-                # A scalar step count stays on the CPU (as in torch.optim); a per-element one follows its parameter.
-                optimizer.state[p] = {k: (v if k == "step" and v.dim() == 0 else v.to(p.device))
-                                      for k, v in by_param[name].items()}
+                # Every field follows its parameter, step counts too (the fused AdamW kernel reads them there).
+                optimizer.state[p] = {k: v.to(p.device) for k, v in by_param[name].items()}
     torch.set_rng_state(tensors["rng.torch_cpu"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
@@ -234,13 +270,18 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
-    """(model in eval mode, tokenizer, meta) from a checkpoint or run folder; needs nothing else."""
+    """(model in eval mode, tokenizer, meta) from a checkpoint or run folder; needs nothing else. A checkpoint
+    in the middle of a growth ramp comes with its masks set, so it computes exactly what training computed."""
     from flm.config import model_config_from_dict
     from flm.data.tokenizer import load_tokenizer_dir
+    from flm.growth import Ramp, apply_masks
     from flm.model import FLM
 
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     model = FLM(model_config_from_dict(meta["model"]))
     load_model_state(ckpt, model)
-    return model.to(device).eval(), load_tokenizer_dir(ckpt), meta
+    model = model.to(device).eval()
+    if meta["ramp"]:  # in the middle of a growth ramp: the masks are part of the function
+        apply_masks(model, Ramp.from_dict(meta["ramp"]))
+    return model, load_tokenizer_dir(ckpt), meta

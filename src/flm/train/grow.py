@@ -13,6 +13,7 @@ from flm.growth import grow_model
 from flm.model import FLM
 from flm.train.checkpoint import find_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint
 from flm.train.optim import build_optimizer, grow_optimizer
+from flm.train.runlock import RunLock
 
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_ff")
 
@@ -35,8 +36,8 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
                     ramp_steps: int = 100) -> Path:
     """Grow a checkpoint (weights and Adam state) and save it under `out_run_dir/checkpoints/`."""
     ckpt = find_checkpoint(source)
-    meta = read_meta(ckpt)
-    if meta.get("ramp"):
+    meta = read_meta(ckpt, resume=True)
+    if meta["ramp"]:
         raise FlmError(f"{ckpt} is in the middle of a growth ramp; train until the masks reach 1 before growing again")
     if ramp_steps < 0:
         raise FlmError(f"--ramp-steps must be >= 0, got {ramp_steps}")
@@ -61,5 +62,9 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
             if f.name.startswith("tokenizer"):
                 shutil.copy2(f, folder / f.name)
 
-    return save_checkpoint(out_root, meta["step"], grown, new_opt, new_meta, keep_last=1 << 30,
-                           write_extra=copy_tokenizer)
+    lock = RunLock(Path(out_run_dir)).acquire()  # the output run folder has one writer, like any run
+    try:
+        return save_checkpoint(out_root, meta["step"], grown, new_opt, new_meta, keep_last=1 << 30,
+                               write_extra=copy_tokenizer)
+    finally:
+        lock.release()

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from flm.errors import FlmError
+
 # Dense bf16 peak FLOP/s by GPU name (vendor datasheets, no sparsity). MFU is reported only when the
 # device is recognised; a wrong peak is a worse lie than no MFU at all.
 _BF16_PEAK = [
@@ -28,32 +30,68 @@ def peak_bf16_flops(device: torch.device) -> float | None:
     return None
 
 
+# Records written at a checkpoint's step after the checkpoint itself: the growth at a stage boundary (the
+# checkpoint at that step holds the model before growing) and a rollback to that step. Resuming from the
+# checkpoint writes them again, so they are dropped with everything later.
+AFTER_CHECKPOINT = ("growth", "rollback")
+
+
+def history_until(lines: list[str], step: int, path: Path, note=print) -> list[str]:
+    """The records of `lines` that precede the checkpoint at `step`. A torn last line (a run killed while
+    writing it) is dropped with a note; a malformed line elsewhere is an error."""
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                note(f"{path}: dropped a torn last line (the run was stopped while writing it)")
+                continue
+            raise FlmError(f"{path}: line {i + 1} is not JSON; fix or remove it to resume") from None
+        at = record.get("step", 0)
+        if at < step or (at == step and record.get("kind") not in AFTER_CHECKPOINT):
+            kept.append(line)
+    return kept
+
+
 class MetricsLogger:
     """Appends one JSON object per event to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
-    On resume, records after the checkpoint's step (written by the run that crashed) are dropped so
-    the file describes exactly one history. A disabled logger (processes other than the first one
-    of a distributed run) writes nothing.
+    On resume (and on a rollback) the records after the checkpoint's step, written by the run that was
+    stopped, are dropped, so the file always describes exactly one history: after any sequence of kills and
+    resumes it holds the records an uninterrupted run writes. A disabled logger (processes other than the
+    first one of a distributed run) writes nothing.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None, enabled: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None, enabled: bool = True,
+                 note=print):
+        self.run_dir, self.path, self.note = run_dir, run_dir / "metrics.jsonl", note
         self._file, self._tb = None, None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
+        self._open(resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when asked for
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+
+    def _open(self, resume_step: int | None) -> None:
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = history_until(self.path.read_text().split("\n"), resume_step, self.path, self.note)
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def rewind(self, step: int) -> None:
+        """Forget the records after the checkpoint at `step` (a rollback returned there)."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._open(step)
 
     def log(self, record: dict[str, Any]) -> None:
         if self._file is None:
@@ -76,7 +114,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")
+    return [json.loads(line) for line in history_until(lines, 1 << 62, path, note=lambda _: None)]
 
 
 def plot_losses(run_dir: Path) -> Path:

@@ -5,9 +5,14 @@ are grown into the next stage's shape with MSG (flm.growth), the new structure h
 that ramp in over K steps and are then folded away.
 
 Resuming is bit-exact on CPU: the checkpoint holds the weights, Adam moments and step counts, the
-RNG state, the loader's global sample counter, the stage and the ramp position, and the learning
-rate is a pure function of the step. So N steps + resume + N steps computes exactly what 2N
-uninterrupted steps compute, also in the middle of a mask ramp.
+RNG state, the loader's global sample counter, the stage and the ramp position, the step guard's
+window, and the learning rate is a pure function of the step. So N steps + resume + N steps computes
+exactly what 2N uninterrupted steps compute, also in the middle of a mask ramp.
+
+Faults (docs/reliability.md): the run folder is locked to one writer (flm.train.runlock); every step
+passes the step guard (flm.train.guard), which cancels a non-finite or spiking step on the device and
+lets `train.on_bad_step` decide at the next point where the host reads the device anyway; a checkpoint
+is only written from finite weights, and a write error is one line naming the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from flm.config import Config, ModelConfig, config_to_dict
 from flm.data import PreparedData, iter_eval_batches, load_prepared
 from flm.data.loader import IGNORE
 from flm.device import resolve_device
-from flm.errors import FlmError
+from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp, apply_masks, grow_model
 from flm.model import FLM, flops_per_token, generate, param_count
 from flm.train.checkpoint import (list_checkpoints, load_model_state, load_train_state, read_meta,
-                                  resolve_checkpoint, save_checkpoint)
+                                  resolve_checkpoint, save_checkpoint, save_guard, saved_guard)
+from flm.train.guard import GuardReport, StepGuard
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
 from flm.train.optim import build_optimizer, grow_optimizer
+from flm.train.runlock import RunLock
 from flm.train.schedule import Stage, lr_at, plan_stages, tokens_and_flops_at
 
 
@@ -50,9 +57,11 @@ class Trainer:
 
     is_main = True  # the process that writes metrics and prints
 
-    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print, guard: bool = True):
         self.cfg, self.log = cfg, log
         tc = cfg.train
+        self.run_dir = Path(tc.run_dir)
+        self._lock = RunLock(self.run_dir).acquire() if self.is_main else None
         self.device = resolve_device(tc.device)
         use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
@@ -60,7 +69,6 @@ class Trainer:
         self.data = load_prepared(Path(cfg.data.dir))
         self.tokenizer = self.data.tokenizer()
         self.stages = plan_stages(cfg, resolve_model_config(cfg.model, self.data))
-        self.run_dir = Path(tc.run_dir)
         self.peak_flops = peak_bf16_flops(self.device) if use_bf16 else None
         torch.manual_seed(tc.seed)
         self.stage = 0
@@ -69,6 +77,10 @@ class Trainer:
         self.loader = self.data.train_loader(tc.batch_size, tc.seq_len, seed=tc.seed)
         self._heldout = None  # teacher-signal held-out records, read at the first evaluation
         self.step = 0
+        # `guard=False` (the μP tools) lets a diverging run diverge: that is what a sweep measures.
+        self.guard = StepGuard(tc.spike_factor, tc.spike_window, self.device) if guard else None
+        self.last_step_bad: torch.Tensor | None = None  # the guard's flag for the last step (device)
+        self.rollbacks = 0
 
     def _new_model(self, cfg: ModelConfig) -> FLM:
         """A freshly initialised model of shape `cfg`, ready to train (hook: sharded under torchrun)."""
@@ -89,33 +101,63 @@ class Trainer:
     def ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save(self) -> Path:
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Everything of the run's state that is not a tensor (flm.train.checkpoint_meta lists what is read)."""
         meta = {"config": config_to_dict(self.cfg), "model": config_to_dict(self.model.cfg), "stage": self.stage,
                 "ramp": self.ramp.to_dict() if self.ramp else None, "data": self.loader.state_dict()}
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta,
-                               self.cfg.train.keep_last, write_extra=self.tokenizer.save)
+        if self.guard is not None:
+            meta["guard_seen"] = self.guard.seen
+        return meta
+
+    def write_extra(self, folder: Path) -> None:
+        """The files a checkpoint holds besides tensors and meta.json: the tokenizer and the guard's window."""
+        self.tokenizer.save(folder)
+        if self.guard is not None:
+            save_guard(folder, self.guard.history)
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.checkpoint_meta(),
+                               self.cfg.train.keep_last, write_extra=self.write_extra)
+
+    def weights_finite(self) -> bool:
+        """Whether every weight is finite (hook: all ranks agree under torchrun); one read from the device."""
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
 
     def resume(self, spec: str) -> bool:
         """Load the checkpoint named by `spec` ('auto' = newest in this run); False if there is none."""
         path = resolve_checkpoint(spec, self.ckpt_root)
         if path is None:
             return False
-        meta = read_meta(path)
-        stage = meta.get("stage", 0)
+        self._restore(path)
+        self.log(f"resumed from {path} at step {self.step} (stage {self.stage + 1}/{len(self.stages)})")
+        return True
+
+    def _restore(self, path: Path) -> None:
+        """Model, optimizer, RNG, data position, ramp, guard window and step from checkpoint `path`."""
+        meta = read_meta(path, resume=True)
+        stage = meta["stage"]
         if stage >= len(self.stages) or meta["model"] != config_to_dict(self.stages[stage].model):
             raise FlmError(f"checkpoint {path} was trained with a different model config; "
                            "use the same config (growth between shapes is `flm grow`)")
         self._load_checkpoint(path, meta, stage)
-        self.ramp = Ramp.from_dict(meta["ramp"]) if meta.get("ramp") else None
+        self.ramp = Ramp.from_dict(meta["ramp"]) if meta["ramp"] else None
         if self.ramp:
             self._apply_masks()
-        if meta.get("data"):
-            self.loader.load_state_dict(meta["data"])
-        else:  # e.g. imported from a Hugging Face folder: no data position to restore
-            self.log(f"{path} holds no data position: reading the data from the start")
+        if meta["data"] is not None:
+            try:
+                self.loader.load_state_dict(meta["data"])
+            except FlmError as e:
+                raise FlmError(f"{path}: {e}") from None
+        else:  # step 0 (imported from a Hugging Face folder): a fresh run reads the data from the start too
+            self.loader.samples_seen = 0
+        if self.guard is not None:
+            # Checkpoints without a window (`flm import hf`) start an empty one: the spike test re-arms after
+            # train.spike_window steps.
+            self.guard.reset()
+            history = saved_guard(path)
+            if history is not None and isinstance(meta.get("guard_seen"), int):
+                self.guard.load_state(history, meta["guard_seen"])
         self.step = meta["step"]
-        self.log(f"resumed from {path} at step {self.step} (stage {self.stage + 1}/{len(self.stages)})")
-        return True
 
     def _load_checkpoint(self, path: Path, meta: dict[str, Any], stage: int) -> None:
         """Weights and optimizer state of checkpoint `path` into this trainer, at `stage`'s shape."""
@@ -147,7 +189,9 @@ class Trainer:
                                           n, n_loss_tokens)
             total += loss * n
         grad_norm = self._clip_grad_norm(tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        loss = self._step_loss(total / n_loss_tokens)
+        self.last_step_bad = self.guard.check(self.step + 1, loss, grad_norm) if self.guard is not None else None
+        self.optimizer.step(skip=self.last_step_bad)  # a bad step changes nothing (decided on the device)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ramp is not None:
@@ -155,9 +199,13 @@ class Trainer:
             self._apply_masks()
             if self.ramp.c >= 1.0:
                 self.ramp = None  # folded: an ordinary model of the new shape
-        return total / n_loss_tokens, grad_norm
+        return loss, grad_norm
 
     # Hooks (overridden by flm.parallel.ParallelTrainer).
+    def _step_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's mean loss over all its tokens, from this process's share (more processes share a step)."""
+        return loss
+
     def _global_count(self, n: int) -> int:
         """Loss tokens of the whole step, from this process's count (more processes read the same step)."""
         return n
@@ -244,9 +292,6 @@ class Trainer:
                        generator=gen, vocab_limit=tok.vocab_size)
         return prompt + tok.decode([t for t in out if t != tok.eot_id])
 
-    def close(self) -> None:
-        """Release what the run holds beyond its objects (the process group under torchrun)."""
-
     # ---- the loop ----------------------------------------------------------------------------------
     def describe(self) -> str:
         tc = self.cfg.train
@@ -262,7 +307,8 @@ class Trainer:
                      f"{self.data.dir}; {self.max_steps} steps on {self.device.type} ({precision})")
         return "\n".join(lines)
 
-    def _train_record(self, loss: float, grad_norm: float, tok_s: float) -> dict[str, Any]:
+    def _train_record(self, loss: float | None, grad_norm: float | None, tok_s: float) -> dict[str, Any]:
+        """A `train` metrics record; loss and grad norm are None when the interval had no finite value."""
         tc = self.cfg.train
         tokens, flops = tokens_and_flops_at(self.step, self.stages, tc.batch_size, tc.seq_len)
         record = {"kind": "train", "step": self.step, "stage": self.stage + 1, "loss": loss, "grad_norm": grad_norm,
@@ -278,7 +324,7 @@ class Trainer:
         tc = self.cfg.train
         end = min(self.max_steps, until_step) if until_step is not None else self.max_steps
         metrics = MetricsLogger(self.run_dir, tc.tensorboard and self.is_main,
-                                resume_step=self.step if self.step else None, enabled=self.is_main)
+                                resume_step=self.step if self.step else None, enabled=self.is_main, note=self.log)
         progress = None
         if tc.progress and self.is_main:
             from tqdm import tqdm
@@ -287,7 +333,7 @@ class Trainer:
         emit = progress.write if progress is not None else self.log
         val_loss = None
         t_last, step_last = time.perf_counter(), self.step
-        loss_sum, loss_n = torch.zeros((), device=self.device), 0
+        loss_sum, loss_n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         try:
             while self.step < end:
                 if self.step == self.stages[self.stage].end:
@@ -299,31 +345,49 @@ class Trainer:
                          f"{record['grad_norm_after']:.3f}")
                     t_last = time.perf_counter()
                 loss, grad_norm = self.train_step()
-                loss_sum += loss
-                loss_n += 1
+                kept = ~self.last_step_bad if self.last_step_bad is not None else torch.ones((), dtype=torch.bool)
+                loss_sum += torch.where(kept.to(self.device), loss, 0.0)  # a cancelled step's loss is not averaged
+                loss_n += kept.to(self.device)
                 if progress is not None:
                     progress.update(1)
-                if self.step % tc.log_every == 0 or self.step == end:
+                log_now = self.step % tc.log_every == 0 or self.step == end
+                eval_now = self.step % tc.eval_every == 0 or self.step == end
+                save_now = self.step % tc.ckpt_every == 0 or self.step == end
+                rolled_back = (log_now or eval_now or save_now) and self._handle_bad_steps(metrics, emit)
+                if not rolled_back and save_now and not self.weights_finite():
+                    self._on_bad_weights(metrics, emit)  # never write a checkpoint nothing can resume from
+                    rolled_back = True
+                if rolled_back:  # continue from the restored step
+                    if progress is not None:
+                        progress.n = self.step
+                        progress.refresh()
+                    t_last, step_last = time.perf_counter(), self.step
+                    loss_sum.zero_(), loss_n.zero_()
+                    continue
+                if log_now:
                     tok_s = ((self.step - step_last) * self.stages[self.stage].grad_accum * tc.batch_size * tc.seq_len
                              / (time.perf_counter() - t_last))
-                    record = self._train_record((loss_sum / loss_n).item(), grad_norm.item(), tok_s)
+                    n = loss_n.item()
+                    record = self._train_record((loss_sum / n).item() if n else None, finite(grad_norm.item()), tok_s)
                     metrics.log(record)
+                    shown = f"{record['loss']:.4f}" if n else "n/a (every step cancelled)"
                     if progress is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
+                        progress.set_postfix(loss=shown, lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
                     else:
-                        emit(f"step {self.step}/{end} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                             f"grad_norm {record['grad_norm']:.3f} tok/s {tok_s:,.0f}")
+                        norm = record["grad_norm"]
+                        emit(f"step {self.step}/{end} loss {shown} lr {record['lr']:.2e} "
+                             f"grad_norm {'n/a' if norm is None else f'{norm:.3f}'} tok/s {tok_s:,.0f}")
                     t_last, step_last = time.perf_counter(), self.step
-                    loss_sum, loss_n = torch.zeros((), device=self.device), 0
-                if self.step % tc.eval_every == 0 or self.step == end:
+                    loss_sum.zero_(), loss_n.zero_()
+                if eval_now:
                     val_loss = self.evaluate()
                     teacher = self.evaluate_teacher()
                     _, flops = tokens_and_flops_at(self.step, self.stages, tc.batch_size, tc.seq_len)
-                    metrics.log({"kind": "eval", "step": self.step, "stage": self.stage + 1, "val_loss": val_loss,
+                    metrics.log({"kind": "eval", "step": self.step, "stage": self.stage + 1, "val_loss": finite(val_loss),
                                  "flops": flops, **teacher})
-                    emit(f"step {self.step}: validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.1f})"
+                    emit(f"step {self.step}: validation loss {val_loss:.4f} (perplexity {perplexity(val_loss)})"
                          + "".join(f", {k.replace('_', ' ')} {100 * v:.1f}%" for k, v in teacher.items()))
-                if self.step % tc.ckpt_every == 0 or self.step == end:
+                if save_now:
                     self.save()
                     t_last = time.perf_counter()  # checkpoint time is not training throughput
         finally:
@@ -336,3 +400,79 @@ class Trainer:
             plot_losses(self.run_dir)
         found = list_checkpoints(self.ckpt_root)
         return {"step": self.step, "val_loss": val_loss, "checkpoint": str(found[-1]) if found else None}
+
+    # ---- faults --------------------------------------------------------------------------------------
+    def _last_good(self) -> str:
+        found = list_checkpoints(self.ckpt_root)
+        return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+
+    def _handle_bad_steps(self, metrics: MetricsLogger, emit: Callable[[str], None]) -> bool:
+        """Apply train.on_bad_step to the steps the guard cancelled since the last look; True if it rolled
+        back (the loop then continues from the restored step)."""
+        if self.guard is None:
+            return False
+        report = self.guard.report()
+        if not report.bad:
+            return False
+        tc = self.cfg.train
+        what = (f"non-finite loss or gradient norm" if report.nonfinite
+                else f"loss spike (above {tc.spike_factor:g} x the median of the last {tc.spike_window} steps)")
+        metrics.log({"kind": "guard", "step": self.step, "bad_steps": report.bad, "nonfinite": report.nonfinite,
+                     "first_bad_step": report.first, "policy": tc.on_bad_step})
+        if tc.on_bad_step == "stop":
+            raise TrainingHalted(f"step {report.first}: {what}; the update was cancelled and the run stopped "
+                                 f"(train.on_bad_step = 'stop'); {self._last_good()}")
+        if tc.on_bad_step == "skip":
+            if report.longest_run >= tc.max_bad_steps:
+                raise TrainingHalted(f"{report.longest_run} bad steps in a row up to step {self.step} ({what}): the "
+                                     f"weights or the data are broken; {self._last_good()}; "
+                                     "train.on_bad_step = 'rollback' returns to it by itself")
+            emit(f"step {self.step}: cancelled {report.bad} update(s) since the last report ({what}), the first at "
+                 f"step {report.first}; training goes on (train.on_bad_step = 'skip')")
+            return False
+        self._rollback(report.first, what, metrics, emit)
+        return True
+
+    def _on_bad_weights(self, metrics: MetricsLogger, emit: Callable[[str], None]) -> None:
+        """Non-finite weights at a checkpoint: roll back under 'rollback', else stop; nothing is written."""
+        what = "non-finite weights"
+        if self.cfg.train.on_bad_step != "rollback":
+            raise TrainingHalted(f"step {self.step}: {what}; no checkpoint written; {self._last_good()}")
+        self._rollback(self.step, what, metrics, emit)
+
+    def _rollback(self, first_bad: int, what: str, metrics: MetricsLogger, emit: Callable[[str], None]) -> None:
+        """Return to the newest checkpoint before step `first_bad` and continue with the data after the batches
+        read so far (plus train.rollback_skip steps' worth), as PaLM did after its loss spikes."""
+        tc = self.cfg.train
+        earlier = [p for p in list_checkpoints(self.ckpt_root) if int(p.name.split("_")[1]) < first_bad]
+        if not earlier:
+            raise TrainingHalted(f"step {first_bad}: {what}, and no checkpoint before it to roll back to; stopped")
+        if self.rollbacks >= tc.max_rollbacks:
+            raise TrainingHalted(f"step {first_bad}: {what} again after {self.rollbacks} rollbacks "
+                                 f"(train.max_rollbacks); stopped; {self._last_good()}")
+        detected = self.step
+        position = self.loader.samples_seen + tc.rollback_skip * self.stages[self.stage].grad_accum * tc.batch_size
+        self._restore(earlier[-1])
+        self.loader.samples_seen = position
+        self.rollbacks += 1
+        metrics.rewind(self.step)
+        metrics.log({"kind": "rollback", "step": self.step, "detected_at": detected, "first_bad_step": first_bad,
+                     "samples_seen": position, "reason": what})
+        emit(f"step {detected}: {what} at step {first_bad}; rolled back to {earlier[-1]} (step {self.step}) and "
+             f"continuing with the data after the bad batches (rollback {self.rollbacks} of {tc.max_rollbacks})")
+
+    def close(self) -> None:
+        """Release what the run holds beyond its objects: the run lock (and the process group under torchrun)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def perplexity(loss: float) -> str:
+    """exp(loss) for printing, without overflowing for a diverged loss."""
+    return f"{math.exp(loss):.1f}" if loss < 700 else ("nan" if math.isnan(loss) else "inf")
+
+
+def finite(value: float) -> float | None:
+    """A metric for metrics.jsonl: None instead of NaN or infinity, which JSON does not have."""
+    return value if math.isfinite(value) else None
