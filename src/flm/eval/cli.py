@@ -39,7 +39,7 @@ def cmd_iq(args: argparse.Namespace) -> None:
     from flm.eval.scorer import load_scorer
 
     names, settings = resolve_tasks(args.tasks), _settings(args)
-    model = load_scorer(args.model, args.device)
+    model = load_scorer(args.model, args.device, args.trust_remote_code)
     results = run_iq(model, names, settings, progress=lambda r: print(
         f"  {r.subtask.name}: {r.accuracy:.2f}% ({r.correct}/{r.total}) in {r.seconds:.1f}s", flush=True))
     summary = summarize(results)
@@ -58,7 +58,8 @@ def cmd_harness(args: argparse.Namespace) -> None:
     from flm.eval.harness import evaluate
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = evaluate(args.model, tasks, args.include_path, args.limit, args.num_fewshot, args.device, args.json)
+    results = evaluate(args.model, tasks, args.include_path, args.limit, args.num_fewshot, args.device, args.json,
+                       trust_remote_code=args.trust_remote_code)
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
@@ -118,6 +119,13 @@ def _item_args(p: argparse.ArgumentParser) -> None:
                         "afqmc, csl, ocnli, cluewsc2020) instead of the built-in set; repeatable")
 
 
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the modeling code a Hugging Face folder ships (config.json auto_map); off by default, "
+                        "as in transformers. Folders written by `flm export hf` never need it: flm reads them "
+                        "with its own model code")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval` with its sub-commands to the flm command line."""
     p_eval = subparsers.add_parser("eval", help="evaluate a model: IQ benchmark, lm-evaluation-harness tasks, "
@@ -129,6 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _item_args(p)
     p.add_argument("--json", metavar="OUT", help="also write the results (and every item's prediction) as JSON")
     p.add_argument("--device", default="auto")
+    _trust_arg(p)
     p.set_defaults(func=cmd_iq)
 
     p = sub.add_parser("harness", help="run lm-evaluation-harness tasks on a checkpoint or a local HF model")
@@ -140,6 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--json", metavar="OUT", help="also write lm-eval's results as JSON")
     p.add_argument("--device", default="auto")
+    _trust_arg(p)
     p.set_defaults(func=cmd_harness)
 
     p = sub.add_parser("teacher", help="accuracy on true/false propositions from the two label tokens' probabilities")

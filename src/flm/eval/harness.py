@@ -39,11 +39,11 @@ class FlmLM(LM):
 
     def __init__(self, pretrained: str | None = None, device: str = "auto", max_gen_toks: int = 256,
                  scorer: TokenScorer | None = None, batch_size: int | str | None = None,
-                 max_batch_size: int | None = None):
+                 max_batch_size: int | None = None, trust_remote_code: bool = False):
         super().__init__()
         if (scorer is None) == (pretrained is None):
             raise FlmError("give the flm lm-eval model exactly one of pretrained=PATH or a scorer")
-        self.scorer = scorer if scorer is not None else load_scorer(pretrained, device)
+        self.scorer = scorer if scorer is not None else load_scorer(pretrained, device, bool(trust_remote_code))
         self.max_gen_toks = int(max_gen_toks)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -83,7 +83,8 @@ class FlmLM(LM):
 
 
 def evaluate(model: str, tasks: Sequence[str], include_paths: Sequence[str] = (), limit: float | None = None,
-             num_fewshot: int | None = None, device: str = "auto", json_out: str | None = None) -> dict[str, Any]:
+             num_fewshot: int | None = None, device: str = "auto", json_out: str | None = None,
+             trust_remote_code: bool = False) -> dict[str, Any]:
     """Run lm-eval tasks (built-in names, or tasks in YAML folders under `include_paths`) on a model path."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -95,7 +96,8 @@ def evaluate(model: str, tasks: Sequence[str], include_paths: Sequence[str] = ()
     unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]
     if unknown:
         raise FlmError(f"unknown lm-eval task(s) {', '.join(unknown)} (add --include-path for local YAML tasks)")
-    results = simple_evaluate(model=FlmLM(pretrained=model, device=device), tasks=list(tasks), task_manager=manager,
+    lm = FlmLM(pretrained=model, device=device, trust_remote_code=trust_remote_code)
+    results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
                               limit=limit, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -212,22 +212,27 @@ class FlmScorer(TokenScorer):
 class HFScorer(TokenScorer):
     """A causal LM in a local Hugging Face folder, loaded with local_files_only (never touches the network)."""
 
-    def __init__(self, path: str | Path, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
         super().__init__()
         require_module("transformers", "eval")
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = resolve_device(device)
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        # A folder whose config maps to its own modeling code (as `flm export hf` writes) needs that code run;
-        # it is a local folder the user chose, never a download.
-        remote = bool(json.loads((Path(path) / "config.json").read_text()).get("auto_map")) \
-            if (Path(path) / "config.json").is_file() else False
+        # A folder's own modeling code (config.json's auto_map) runs only when the user says so, as in transformers
+        # and lm-eval: a downloaded folder is a stranger's code.
+        if not trust_remote_code and _auto_map(Path(path)):
+            raise FlmError(f"{path} ships its own modeling code (config.json has an auto_map); running it needs "
+                           "--trust-remote-code (only for folders you trust)")
+        dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote)
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote,
-                                                              dtype=getattr(torch, dtype))
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                           trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                              trust_remote_code=trust_remote_code,
+                                                              **{dtype_key: getattr(torch, dtype)})
         except (OSError, ValueError) as e:
             raise FlmError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from e
         self.model.to(self.device).eval()
@@ -255,11 +260,26 @@ class HFScorer(TokenScorer):
         return copy.deepcopy(state)  # the cache grows in place; the kept context state must stay as it is
 
 
-def load_scorer(path: str | Path, device: str = "auto") -> TokenScorer:
-    """Our checkpoint (or run folder) -> FlmScorer; a folder with a Hugging Face config.json -> HFScorer."""
+def _auto_map(folder: Path) -> bool:
+    config = folder / "config.json"
+    try:
+        return config.is_file() and bool(json.loads(config.read_text()).get("auto_map"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def load_scorer(path: str | Path, device: str = "auto", trust_remote_code: bool = False) -> TokenScorer:
+    """Our checkpoint (or run folder) -> FlmScorer; a folder that `flm export hf` wrote -> FlmScorer on flm's own
+    model code (the folder's code is never run); any other Hugging Face folder -> HFScorer, whose own modeling
+    code runs only with `trust_remote_code`."""
     path = Path(path)
     if not path.exists():
         raise FlmError(f"model path not found: {path}")
     if (path / "config.json").is_file() and not (path / "meta.json").is_file():
-        return HFScorer(path, device)
+        from flm.export.hf import is_flm_export, load_hf_export
+
+        if is_flm_export(path):
+            model, tokenizer = load_hf_export(path)
+            return FlmScorer(model.to(resolve_device(device)), tokenizer, name=str(path))
+        return HFScorer(path, device, trust_remote_code=trust_remote_code)
     return FlmScorer.load(path, device)

@@ -343,6 +343,27 @@ def _training_meta(src: Path, cfg: ModelConfig) -> dict[str, Any]:
     return meta
 
 
+def is_flm_export(folder: Path) -> bool:
+    """Whether `folder` is a Hugging Face folder of an FLM (`model_type: flm`, as `flm export hf` writes)."""
+    config = Path(folder) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "flm"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def load_hf_export(src: str | Path) -> tuple[FLM, Tokenizer]:
+    """An exported FLM folder as flm's own model and tokenizer, in memory: nothing in the folder is executed
+    (its modeling code is ignored; config.json, the safetensors weights and tokenizer.json are only read)."""
+    src = Path(src)
+    model = FLM(model_config_from_hf(_read_json(src / "config.json")))
+    load_hf_weights(src, model)
+    tok = load_tokenizer_dir(src)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise FlmError(f"{src}: the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size} rows")
+    return model.eval(), tok
+
+
 def load_hf_weights(src: Path, model: FLM) -> None:
     """Copy an exported folder's weights (one file or shards) into `model`, checking names and shapes."""
     index = src / INDEX_FILE

@@ -27,7 +27,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from flm.config import Config, ModelConfig
 from flm.data import iter_eval_batches
 from flm.data.loader import IGNORE
-from flm.errors import FlmError
+from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp, apply_masks, layer_sources
 from flm.model import FLM
 from flm.model.flm import init_order, lm_loss
@@ -317,6 +317,20 @@ class ParallelTrainer(Trainer):
                                         ("activation checkpointing", pc.activation_checkpointing)) if on]
         return (super().describe() + f"\nparallel: {self.world} processes, {self.layout.describe()}"
                 + "".join(f", {e}" for e in extras))
+
+    def train(self, until_step: int | None = None) -> dict[str, Any]:
+        """The base loop; a collective that times out (a stuck rank) or loses a peer ends it with one line."""
+        try:
+            return super().train(until_step)
+        except RuntimeError as e:  # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError too)
+            text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            if "timed out" in text.lower():
+                raise TrainingHalted(f"rank {self.rank}: a collective did not finish within parallel.timeout_s = "
+                                     f"{self.cfg.parallel.timeout_s:g} s: another rank is stuck (stopped, swapping, a "
+                                     f"hung GPU) or gone; {self._last_good()}") from None
+            if isinstance(e, dist.DistError):
+                raise TrainingHalted(f"rank {self.rank}: lost another rank ({text}); {self._last_good()}") from None
+            raise
 
     def close(self) -> None:
         super().close()

@@ -92,7 +92,9 @@ def write_failure(root: Path, step: int, error: BaseException) -> FlmError:
     """The one-line error for a checkpoint that could not be written (disk full, quota, I/O error), naming the
     checkpoint that is still good; the caller has removed the partial one."""
     text = str(error).strip()
-    reason = getattr(error, "strerror", None) or (text.splitlines()[-1] if text else type(error).__name__)
+    os_error = re.search(r"os error (\d+)", text)  # safetensors reports the OS error inside its message
+    reason = (getattr(error, "strerror", None) or (os.strerror(int(os_error.group(1))) if os_error else None)
+              or (text.splitlines()[-1] if text else type(error).__name__))
     found = list_checkpoints(root)
     last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint of this run was written before"
     return FlmError(f"could not write checkpoint step {step} in {root}: {reason}; {last}")

@@ -457,7 +457,7 @@ class Trainer:
         self.rollbacks += 1
         metrics.rewind(self.step)
         metrics.log({"kind": "rollback", "step": self.step, "detected_at": detected, "first_bad_step": first_bad,
-                     "samples_seen": position, "reason": what})
+                     "samples_seen": position, "reason": what, "rollbacks": self.rollbacks})
         emit(f"step {detected}: {what} at step {first_bad}; rolled back to {earlier[-1]} (step {self.step}) and "
              f"continuing with the data after the bad batches (rollback {self.rollbacks} of {tc.max_rollbacks})")
 
