@@ -26,7 +26,7 @@ from flm.eval.iq import Settings, run_iq
 from flm.eval.scorer import FlmScorer, HFScorer, load_scorer
 from flm.eval.yaml_export import export_iq
 from flm.model import FLM, generate
-from flm.train.checkpoint import save_checkpoint
+from flm.checkpoint import save_checkpoint
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: What is two plus two?\nAnswer: four",
          "Input: 3 8 1\nOutput: 3 1", "前提：他住在北京。答案：是"] * 10

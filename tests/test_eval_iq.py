@@ -19,7 +19,7 @@ from flm.eval.iq import ABILITIES, SUBTASKS, Settings, build_items, resolve_task
 from flm.eval.iq.items import Item
 from flm.eval.iq.symbolic import FORMATS
 from flm.model import FLM
-from flm.train.checkpoint import save_checkpoint
+from flm.checkpoint import save_checkpoint
 
 CLOSED = [n for n, s in SUBTASKS.items() if s.closed]
 OPEN = [n for n, s in SUBTASKS.items() if not s.closed]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from flm.checkpoint import save_checkpoint
 from flm.config import Config, ModelConfig, TrainConfig, config_to_dict, load_config
 from flm.data import prepare
 from flm.data.tokenizer import EOT, Tokenizer, load_tokenizer, train_bpe
@@ -28,8 +29,8 @@ from flm.export import export_hf, import_hf, parse_size
 from flm.export.cli import register
 from flm.export.hf import CONFIG_KEYS, byte_to_unicode
 from flm.model import FLM, generate, readout_multiplier
+from flm.inference import load_for_inference
 from flm.train import Trainer
-from flm.train.checkpoint import load_for_inference, save_checkpoint
 from flm.train.optim import build_optimizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Question: What is two plus two?\nAnswer: four",

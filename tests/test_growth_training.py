@@ -173,7 +173,7 @@ def test_offline_grow_then_resume_continues_from_the_same_function(data_dir, tmp
     import subprocess
     import sys
 
-    from flm.train.checkpoint import load_for_inference
+    from flm.inference import load_for_inference
 
     cfg = staged(data_dir, tmp_path / "small")
     cfg.stages = []

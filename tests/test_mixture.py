@@ -20,7 +20,7 @@ from flm.errors import FlmError
 from flm.eval.teacher import teacher_accuracy
 from flm.export.hf import tiktoken_as_hf
 from flm.train import Trainer
-from flm.train.checkpoint import load_for_inference
+from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
 
 from test_data import _rank_file

@@ -34,7 +34,7 @@ from flm.parallel.pipeline import check_pipeline
 from flm.parallel.recompute import apply_activation_checkpointing
 from flm.parallel.tensor import check_tensor_parallel
 from flm.train import Trainer
-from flm.train.checkpoint import load_for_inference
+from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
 from flm_torchrun import flm_cli, torchrun
 

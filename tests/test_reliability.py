@@ -18,8 +18,9 @@ import torch
 
 from flm.config import load_config
 from flm.errors import FlmError, TrainingHalted
-from flm.train import Trainer, list_checkpoints
-from flm.train.checkpoint import load_for_inference
+from flm.checkpoint import list_checkpoints
+from flm.train import Trainer
+from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
 from flm.train.trainer import perplexity
 from flm_torchrun import SRC, free_port

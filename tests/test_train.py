@@ -6,12 +6,13 @@ import shutil
 import pytest
 import torch
 
-import flm.train.checkpoint as ckpt_mod
+import flm.checkpoint.whole as ckpt_mod
 from flm.config import load_config
 from flm.data import prepare
 from flm.errors import FlmError
-from flm.train import Trainer, list_checkpoints
-from flm.train.checkpoint import load_for_inference
+from flm.checkpoint import list_checkpoints
+from flm.train import Trainer
+from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
 
 

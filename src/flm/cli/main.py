@@ -56,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from flm.device import resolve_device
     from flm.model import generate
-    from flm.train.checkpoint import load_for_inference
+    from flm.inference import load_for_inference
 
     device = resolve_device(args.device)
     model, tok, _ = load_for_inference(args.checkpoint, device)

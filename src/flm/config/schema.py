@@ -34,7 +34,7 @@ class ModelConfig:
     # Readout: logits = lm_head(h) * output_mult * (base_width / d_model if mup else 1).
     output_mult: float = 1.0
     base_width: int = 256  # μP: the width whose init and LRs are the configured ones (width_mult = d_model / base_width)
-    # μP (flm.mup.rules): hidden matrices get init variance init_std² / width_mult and Adam LR lr / width_mult,
+    # μP (flm.model.mup_rules): hidden matrices get init variance init_std² / width_mult and Adam LR lr / width_mult,
     # and the readout above; false: standard parametrization (every multiplier 1).
     mup: bool = False
     zero_query: bool = False  # initialise the query rows of QKV to zero (attention starts uniform)

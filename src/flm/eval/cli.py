@@ -80,7 +80,7 @@ def cmd_teacher(args: argparse.Namespace) -> None:
     from flm.data import load_prepared
     from flm.device import resolve_device
     from flm.eval.teacher import read_heldout, teacher_accuracy
-    from flm.train.checkpoint import load_for_inference
+    from flm.inference import load_for_inference
 
     if args.batch_size <= 0:
         raise FlmError(f"--batch-size must be positive, got {args.batch_size}")

@@ -186,7 +186,7 @@ class FlmScorer(TokenScorer):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> FlmScorer:
-        from flm.train.checkpoint import load_for_inference
+        from flm.inference import load_for_inference
 
         model, tokenizer, meta = load_for_inference(path, resolve_device(device))
         return cls(model, tokenizer, name=f"{path} (step {meta.get('step')})")

@@ -30,10 +30,8 @@ from flm.data.tokenizer import (CL100K_PATTERN, EOT, LABELS, TIKTOKEN_FILE, TIKT
                                 load_tokenizer_dir)
 from flm.errors import FlmError
 from flm.model import FLM, xpos
-from flm.train.checkpoint import (find_checkpoint, is_sharded, load_model_state, model_tensors, read_meta,
-                                  save_checkpoint)
-from flm.train.optim import build_optimizer
-from flm.train.runlock import RunLock
+from flm.checkpoint import (RunLock, find_checkpoint, is_sharded, load_model, persistent_tensors, read_meta,
+                            save_checkpoint)
 
 CODE_DIR = Path(__file__).parent / "hf_code"
 # The folder's code: ours for transformers, plus flm's own xPos module, copied byte for byte (one definition).
@@ -166,9 +164,9 @@ def _single_file(ckpt: Path, tmp: Path) -> Path:
     if not is_sharded(ckpt):
         return ckpt / WEIGHTS_FILE
     model = FLM(model_config_from_dict(read_meta(ckpt)["model"]))
-    load_model_state(ckpt, model)
+    load_model(ckpt, persistent_tensors(model))
     gathered = tmp / ".gathered.safetensors"
-    save_file(model_tensors(model), str(gathered))
+    save_file({k: v.contiguous() for k, v in persistent_tensors(model).items()}, str(gathered))
     return gathered
 
 
@@ -317,11 +315,11 @@ def import_hf(source: str | Path, out_run_dir: str | Path) -> Path:
         raise FlmError(f"{src}: the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
     model = FLM(cfg)
     load_hf_weights(src, model)
-    optimizer = build_optimizer(model, config_from_dict(meta["config"]).train)
+    config_from_dict(meta["config"])  # a run config that resume will accept
     step = meta.pop("step", 0)
     lock = RunLock(Path(out_run_dir)).acquire()  # the output run folder has one writer, like any run
     try:
-        return save_checkpoint(Path(out_run_dir) / "checkpoints", step, model, optimizer, {**meta, "ramp": None},
+        return save_checkpoint(Path(out_run_dir) / "checkpoints", step, model, None, {**meta, "ramp": None},
                                keep_last=1 << 30, write_extra=tok.save)
     finally:
         lock.release()

@@ -18,7 +18,7 @@ from torch import nn
 from flm.config import ModelConfig
 from flm.errors import FlmError
 from flm.model.xpos import apply_rotary, xpos_tables
-from flm.mup.rules import init_std, readout_multiplier
+from flm.model.mup_rules import init_std, readout_multiplier
 
 
 def rotary_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
@@ -147,7 +147,7 @@ def init_order(cfg: ModelConfig) -> list[str]:
 def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     """Initialise parameter `name` in place and return it.
 
-    Matrices ~ N(0, σ) with σ from flm.mup.rules.init_std (init_std; hidden matrices divided by
+    Matrices ~ N(0, σ) with σ from flm.model.mup_rules.init_std (init_std; hidden matrices divided by
     sqrt(width_mult) under μP, residual-stream writers attn.proj and mlp.fc2 also by sqrt(2L) as in
     GPT-2/3), biases 0, LayerNorm γ = 1, β = 0; with `zero_query`, the query rows of QKV are 0.
     """

@@ -24,8 +24,8 @@ from flm.config import ModelConfig, TrainConfig
 from flm.growth import LayerSource, iter_grown, iter_grown_adam_state
 from flm.model import FLM
 from flm.model.flm import init_order, init_parameter
-from flm.parallel.checkpoint import named_params
-from flm.parallel.pieces import gather, shard_like, write_pieces
+from flm.checkpoint.pieces import gather, shard_like, write_pieces
+from flm.checkpoint.state import named_params
 from flm.train.optim import build_optimizer
 
 

@@ -6,21 +6,18 @@ parallel slices, FSDP shards) and receives the values of that part tensor by ten
 step reads the same global batch of train.batch_size x grad_accum sequences as one process would,
 each data-parallel rank a contiguous slice of every micro-batch, and each rank's loss is weighted by
 its share of the step's loss tokens over all ranks. So any layout computes what one process computes,
-up to floating-point reduction order. Checkpoints are DCP (flm.parallel.checkpoint) and reshard to
+up to floating-point reduction order. Checkpoints are DCP (flm.checkpoint.sharded) and reshard to
 any other layout on load; growth at a stage boundary reshards too (flm.parallel.grow)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -31,16 +28,16 @@ from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp, apply_masks, layer_sources
 from flm.model import FLM
 from flm.model.flm import init_order, lm_loss
-from flm.parallel.checkpoint import load_sharded, load_whole, named_params, save_sharded
+from flm.checkpoint import is_sharded, load_model, load_train_state
+from flm.checkpoint.pieces import gather, write_pieces
+from flm.checkpoint.state import named_params
 from flm.parallel.fsdp import apply_fsdp
 from flm.parallel.grow import Lazy, broadcast_whole, fresh_values, grow_sharded
-from flm.parallel.pieces import gather, write_pieces
 from flm.parallel.mesh import ParallelLayout, build_mesh, dp_mesh, dp_rank, init_distributed, torchrun_world
 from flm.parallel.norms import clip_grad_norm
 from flm.parallel.pipeline import StageModule, build_schedule, check_pipeline, held_blocks, keep_stage, owner_stage
 from flm.parallel.recompute import apply_activation_checkpointing
 from flm.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, local_slice
-from flm.train.checkpoint import is_sharded, publish, staging_dir, staging_path, write_failure
 from flm.train.optim import build_optimizer
 from flm.train.schedule import Stage
 from flm.train.trainer import Trainer
@@ -59,7 +56,7 @@ class ParallelTrainer(Trainer):
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.device = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.is_main = self.rank == 0
+        self.is_main, self.distributed = self.rank == 0, True
         self._meshes: dict[ParallelLayout, Any] = {}
         # Every stage's layout is checked now, not hours into the run when its growth comes.
         layouts = [self._layout_of(i, cfg) for i in range(max(1, len(cfg.stages)))]
@@ -337,35 +334,10 @@ class ParallelTrainer(Trainer):
         dist.destroy_process_group()
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def save(self) -> Path:
-        meta = {**self.checkpoint_meta(),
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**super().checkpoint_meta(),
                 "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
                            "dp_replicate": self.layout.dp_replicate, "world_size": self.world}}
-        if self.is_main:
-            staging_dir(self.ckpt_root, self.step)
-        dist.barrier()
-        tmp = staging_path(self.ckpt_root, self.step)
-        error = None
-        try:
-            save_sharded(tmp, self.optimizer)
-        except (OSError, SafetensorError, CheckpointException) as e:  # a full disk on any rank
-            error = e
-        failed = torch.tensor(int(error is not None), device=self.device)
-        dist.all_reduce(failed)  # every rank learns that one could not write, and all stop alike
-        final = self.ckpt_root / f"step_{self.step:08d}"
-        if self.is_main and not failed:
-            try:
-                self.write_extra(tmp)
-                publish(tmp, self.step, meta, self.cfg.train.keep_last)
-            except (OSError, SafetensorError) as e:
-                error = e
-        failed = torch.tensor(int(error is not None), device=self.device)
-        dist.all_reduce(failed)
-        if failed:
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise write_failure(self.ckpt_root, self.step, error or OSError("another rank could not write its part"))
-        return final
 
     def _load_checkpoint(self, path: Path, meta: dict[str, Any], stage: int) -> None:
         if stage != self.stage:
@@ -374,11 +346,8 @@ class ParallelTrainer(Trainer):
             self.loader = self._loader(0)
         saved_world = meta["layout"]["world_size"] if is_sharded(path) else 1
         self.log(f"loading {path}, saved with {saved_world} processes, into {self.layout.describe()}")
-        if is_sharded(path):
-            load_sharded(path, self.optimizer, named_params(self.optimizer), distributed=True,
-                         rng_rank=self.rank if saved_world == self.world else None)
-        else:  # written by one process (a plain run, `flm grow`, `flm import hf`)
-            load_whole(path, self.optimizer)
+        load_model(path, named_params(self.optimizer), partial=self.layout.pp > 1)
+        load_train_state(path, self.optimizer, self.rank, self.world)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ from flm.config import PRESETS, config_from_dict, config_to_dict, model_config_f
 from flm.errors import FlmError
 from flm.growth import grow_model
 from flm.model import FLM
-from flm.train.checkpoint import find_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint
+from flm.checkpoint import (RunLock, find_checkpoint, load_model, load_train_state, persistent_tensors, read_meta,
+                            save_checkpoint)
 from flm.train.optim import build_optimizer, grow_optimizer
-from flm.train.runlock import RunLock
 
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_ff")
 
@@ -46,7 +46,7 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
     new_cfg = dataclasses.replace(old_cfg, **parse_shape(shape))
     new_cfg.validate()
     model = FLM(old_cfg)
-    load_model_state(ckpt, model)
+    load_model(ckpt, persistent_tensors(model))
     optimizer = build_optimizer(model, cfg.train)
     load_train_state(ckpt, optimizer)
     grown, ramp = grow_model(model, new_cfg, new_layers, ramp_steps)

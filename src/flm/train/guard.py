@@ -14,8 +14,15 @@ is armed once that window has filled, so the steep fall of the first steps never
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from flm.errors import FlmError
+
+GUARD_FILE = "guard.safetensors"  # the window, saved in every checkpoint folder beside the weights
 
 
 @dataclass
@@ -63,11 +70,22 @@ class StepGuard:
         self.seen = 0
         self._counts.zero_()
 
-    def load_state(self, history: torch.Tensor, seen: int) -> None:
-        """Continue with a checkpoint's window, so a resumed run flags exactly the steps the whole run would."""
-        if history.shape != self.history.shape:  # another spike_window: start a fresh window
-            self.history.fill_(float("nan"))
-            self.seen = 0
+    def save(self, folder: Path) -> None:
+        """The window into a checkpoint folder; the number of steps seen goes into its meta.json."""
+        save_file({"history": self.history.detach().cpu()}, str(folder / GUARD_FILE))
+
+    def load(self, folder: Path, seen: int | None) -> None:
+        """Continue with a checkpoint's window, so a resumed run flags exactly the steps the whole run would.
+        A checkpoint without one (`flm import hf`), or with a window of another length, starts an empty one:
+        the spike test re-arms after spike_window steps."""
+        self.reset()
+        path = Path(folder) / GUARD_FILE
+        if not path.is_file() or seen is None:
             return
-        self.history.copy_(history)
-        self.seen = seen
+        try:
+            history = load_file(str(path))["history"]
+        except (SafetensorError, OSError, KeyError) as e:
+            raise FlmError(f"cannot read {path}: {e}") from None
+        if history.shape == self.history.shape:
+            self.history.copy_(history)
+            self.seen = seen

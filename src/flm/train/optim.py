@@ -12,7 +12,7 @@ from flm.train.adamw import AdamW
 
 
 def param_groups(model: FLM, weight_decay: float, lr: float) -> list[dict]:
-    """Parameters grouped by (LR multiplier, weight decay) from flm.mup.rules, in order of appearance.
+    """Parameters grouped by (LR multiplier, weight decay) from flm.model.mup_rules, in order of appearance.
 
     Standard parametrization gives two groups (one if weight_decay is 0): matrices (linear weights, embedding, head) decay,
     vectors (biases, LayerNorm) do not. μP adds a group for the hidden matrices, whose LR is divided

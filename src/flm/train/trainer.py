@@ -9,7 +9,7 @@ RNG state, the loader's global sample counter, the stage and the ramp position, 
 window, and the learning rate is a pure function of the step. So N steps + resume + N steps computes
 exactly what 2N uninterrupted steps compute, also in the middle of a mask ramp.
 
-Faults (docs/reliability.md): the run folder is locked to one writer (flm.train.runlock); every step
+Faults (docs/reliability.md): the run folder is locked to one writer (flm.checkpoint.lock); every step
 passes the step guard (flm.train.guard), which cancels a non-finite or spiking step on the device and
 lets `train.on_bad_step` decide at the next point where the host reads the device anyway; a checkpoint
 is only written from finite weights, and a write error is one line naming the last good checkpoint.
@@ -33,12 +33,11 @@ from flm.device import resolve_device
 from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp, apply_masks, grow_model
 from flm.model import FLM, flops_per_token, generate, param_count
-from flm.train.checkpoint import (list_checkpoints, load_model_state, load_train_state, read_meta,
-                                  resolve_checkpoint, save_checkpoint, save_guard, saved_guard)
+from flm.checkpoint import (RunLock, list_checkpoints, load_model, load_train_state, persistent_tensors, read_meta,
+                            resolve_checkpoint, save_checkpoint, step_of)
 from flm.train.guard import GuardReport, StepGuard
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
 from flm.train.optim import build_optimizer, grow_optimizer
-from flm.train.runlock import RunLock
 from flm.train.schedule import Stage, lr_at, plan_stages, tokens_and_flops_at
 
 
@@ -56,6 +55,7 @@ class Trainer:
     marked below (how a micro-batch runs, gradient clipping, masks, checkpoints, growth)."""
 
     is_main = True  # the process that writes metrics and prints
+    distributed = False  # several processes share the model (and write sharded checkpoints together)
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print, guard: bool = True):
         self.cfg, self.log = cfg, log
@@ -102,7 +102,7 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """Everything of the run's state that is not a tensor (flm.train.checkpoint_meta lists what is read)."""
+        """Everything of the run's state that is not a tensor (flm.checkpoint.meta lists what is read)."""
         meta = {"config": config_to_dict(self.cfg), "model": config_to_dict(self.model.cfg), "stage": self.stage,
                 "ramp": self.ramp.to_dict() if self.ramp else None, "data": self.loader.state_dict()}
         if self.guard is not None:
@@ -113,11 +113,11 @@ class Trainer:
         """The files a checkpoint holds besides tensors and meta.json: the tokenizer and the guard's window."""
         self.tokenizer.save(folder)
         if self.guard is not None:
-            save_guard(folder, self.guard.history)
+            self.guard.save(folder)
 
     def save(self) -> Path:
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.checkpoint_meta(),
-                               self.cfg.train.keep_last, write_extra=self.write_extra)
+                               self.cfg.train.keep_last, write_extra=self.write_extra, distributed=self.distributed)
 
     def weights_finite(self) -> bool:
         """Whether every weight is finite (hook: all ranks agree under torchrun); one read from the device."""
@@ -151,12 +151,8 @@ class Trainer:
         else:  # step 0 (imported from a Hugging Face folder): a fresh run reads the data from the start too
             self.loader.samples_seen = 0
         if self.guard is not None:
-            # Checkpoints without a window (`flm import hf`) start an empty one: the spike test re-arms after
-            # train.spike_window steps.
-            self.guard.reset()
-            history = saved_guard(path)
-            if history is not None and isinstance(meta.get("guard_seen"), int):
-                self.guard.load_state(history, meta["guard_seen"])
+            seen = meta.get("guard_seen")
+            self.guard.load(path, seen if isinstance(seen, int) else None)
         self.step = meta["step"]
 
     def _load_checkpoint(self, path: Path, meta: dict[str, Any], stage: int) -> None:
@@ -164,7 +160,7 @@ class Trainer:
         if stage != self.stage:
             self._use(self._new_model(self.stages[stage].model))
         self.stage = stage
-        load_model_state(path, self.model)
+        load_model(path, persistent_tensors(self.model))
         load_train_state(path, self.optimizer)
 
     # ---- one optimizer step ------------------------------------------------------------------------
@@ -174,7 +170,7 @@ class Trainer:
         accum = self.stages[self.stage].grad_accum
         lr = lr_at(self.step, self.stages)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_mult"]  # μP: hidden matrices at lr / width_mult (flm.mup.rules)
+            group["lr"] = lr * group["lr_mult"]  # μP: hidden matrices at lr / width_mult (flm.model.mup_rules)
         batches = [self.loader.next_batch() for _ in range(accum)]
         # The step's gradient is that of the mean over ALL its loss tokens (targets != -100), wherever they fall:
         # masked sources leave micro-batches with different counts, and weighting each micro-batch's mean by its
@@ -444,7 +440,7 @@ class Trainer:
         """Return to the newest checkpoint before step `first_bad` and continue with the data after the batches
         read so far (plus train.rollback_skip steps' worth), as PaLM did after its loss spikes."""
         tc = self.cfg.train
-        earlier = [p for p in list_checkpoints(self.ckpt_root) if int(p.name.split("_")[1]) < first_bad]
+        earlier = [p for p in list_checkpoints(self.ckpt_root) if step_of(p) < first_bad]
         if not earlier:
             raise TrainingHalted(f"step {first_bad}: {what}, and no checkpoint before it to roll back to; stopped")
         if self.rollbacks >= tc.max_rollbacks:

@@ -18,6 +18,19 @@ def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return full.to(param.device)
 
 
+def local_device(param: torch.Tensor) -> torch.device:
+    """Where this process keeps its piece of `param`."""
+    return param.to_local().device if isinstance(param, DTensor) else param.device
+
+
+def place_state(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """An optimizer-state field of `param` where it belongs: one shaped like the parameter (moments, per-element
+    data) is sharded like it; any other (a step count, a small table) is a plain tensor on this process's device."""
+    if tuple(value.shape) == tuple(param.shape) and value.dim() > 0:
+        return shard_like(param, value)
+    return value.to(local_device(param))
+
+
 def gather(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor from its shards (collective over the tensor's mesh)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
