@@ -31,7 +31,7 @@ from flm.data import prepare
 from flm.errors import FlmError
 from flm.model import FLM
 from flm.parallel.pipeline import check_pipeline
-from flm.parallel.recompute import apply_activation_checkpointing
+from flm.train.transforms import apply_activation_checkpointing
 from flm.parallel.tensor import check_tensor_parallel
 from flm.train import Trainer
 from flm.inference import load_for_inference

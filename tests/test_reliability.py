@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flm.config import load_config
-from flm.errors import FlmError, TrainingHalted
+from flm.errors import TrainingHalted
 from flm.checkpoint import list_checkpoints
 from flm.train import Trainer
 from flm.inference import load_for_inference

@@ -22,7 +22,7 @@ from flm.checkpoint.folders import (find_checkpoint, is_sharded, list_checkpoint
                                     resolve_checkpoint, staging_dir, staging_path, step_of, write_failure)
 from flm.checkpoint.lock import RunLock
 from flm.checkpoint.meta import INFERENCE_KEYS
-from flm.checkpoint.state import named_params, persistent_tensors
+from flm.checkpoint.state import persistent_tensors
 from flm.checkpoint.whole import load_whole_model, load_whole_train_state, save_whole
 
 __all__ = ["RunLock", "find_checkpoint", "is_sharded", "list_checkpoints", "load_model", "load_train_state",

@@ -33,7 +33,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from flm.config import load_config
     from flm.data import prepare
-    from flm.parallel.trainer import make_trainer
+    from flm.launch import make_trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = make_trainer(cfg, prepare=prepare)  # under torchrun, the first process prepares the data

@@ -239,6 +239,14 @@ class FLM(nn.Module):
         return logits
 
 
+def held_blocks(model: FLM) -> dict[int, Block]:
+    """The blocks this process holds, by global index: all of them, or a pipeline stage's (a ModuleDict keyed by
+    index, flm.parallel.pipeline)."""
+    if isinstance(model.blocks, nn.ModuleDict):
+        return {int(k): b for k, b in model.blocks.items()}
+    return dict(enumerate(model.blocks))
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of next-token logits [B, T, V] against targets [B, T], skipping targets == -100."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,

@@ -8,7 +8,6 @@ Dimensions of size 1 are kept, so every piece of code can ask for the same names
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from flm.device import resolve_device
+from flm.device import process_device
 from flm.errors import FlmError
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -42,22 +41,14 @@ class ParallelLayout:
         return f"dp{self.dp}{hsdp} x tp{self.tp} x pp{self.pp}"
 
 
-def torchrun_world() -> int | None:
-    """The number of processes torchrun started, or None outside torchrun."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    return int(os.environ["WORLD_SIZE"])
-
-
 def init_distributed(device_spec: str, timeout_s: float) -> torch.device:
     """Join the process group torchrun describes: NCCL with one GPU per process, gloo on CPU, every
     collective bounded by `timeout_s` (torch's default would wait 30 minutes on a stuck rank).
 
     Returns this process's device (cuda:LOCAL_RANK, or cpu).
     """
-    device = resolve_device(device_spec)
+    device = process_device(device_spec)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)

@@ -18,16 +18,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from flm.config import ModelConfig
 from flm.errors import FlmError
 from flm.model import FLM
-from flm.model.flm import Block
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-
-
-def held_blocks(model: FLM) -> dict[int, Block]:
-    """The blocks this process holds, by global index (all of them without pipeline parallelism)."""
-    if isinstance(model.blocks, nn.ModuleDict):
-        return {int(k): b for k, b in model.blocks.items()}
-    return dict(enumerate(model.blocks))
 
 
 def stage_layers(n_layers: int, pp: int) -> list[range]:

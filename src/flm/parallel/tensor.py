@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from flm.config import ModelConfig
 from flm.errors import FlmError
 from flm.model import FLM
-from flm.parallel.pipeline import held_blocks
+from flm.model.flm import held_blocks
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, seq_len: int, sequence_parallel: bool) -> None:

@@ -27,18 +27,16 @@ from flm.data.loader import IGNORE
 from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp, apply_masks, layer_sources
 from flm.model import FLM
-from flm.model.flm import init_order, lm_loss
+from flm.model.flm import held_blocks, init_order, lm_loss
 from flm.checkpoint import is_sharded, load_model, load_train_state
 from flm.checkpoint.pieces import gather, write_pieces
 from flm.checkpoint.state import named_params
-from flm.parallel.fsdp import apply_fsdp
 from flm.parallel.grow import Lazy, broadcast_whole, fresh_values, grow_sharded
-from flm.parallel.mesh import ParallelLayout, build_mesh, dp_mesh, dp_rank, init_distributed, torchrun_world
+from flm.parallel.mesh import ParallelLayout, build_mesh, dp_rank, init_distributed
 from flm.parallel.norms import clip_grad_norm
-from flm.parallel.pipeline import StageModule, build_schedule, check_pipeline, held_blocks, keep_stage, owner_stage
-from flm.parallel.recompute import apply_activation_checkpointing
-from flm.parallel.tensor import apply_tensor_parallel, check_tensor_parallel, local_slice
-from flm.train.optim import build_optimizer
+from flm.parallel.parallelize import parallelize
+from flm.parallel.pipeline import build_schedule, check_pipeline, owner_stage
+from flm.parallel.tensor import check_tensor_parallel, local_slice
 from flm.train.schedule import Stage
 from flm.train.trainer import Trainer
 
@@ -54,14 +52,14 @@ logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERR
 
 class ParallelTrainer(Trainer):
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
-        self.device = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+        device = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main, self.distributed = self.rank == 0, True
         self._meshes: dict[ParallelLayout, Any] = {}
         # Every stage's layout is checked now, not hours into the run when its growth comes.
         layouts = [self._layout_of(i, cfg) for i in range(max(1, len(cfg.stages)))]
         self.layout = layouts[0]
-        super().__init__(cfg, log if self.is_main else _quiet)
+        super().__init__(cfg, log if self.is_main else _quiet, device=device)
         for stage, layout in zip(self.stages[1:], layouts[1:]):
             self._check_model(stage.model, layout)
         self.loader = self._loader(0)
@@ -117,21 +115,11 @@ class ParallelTrainer(Trainer):
         (rotary tables excepted). Under pipeline parallelism `self._root` is the stage module around it."""
         with torch.device("meta"):
             model = FLM(cfg)
-        pc, layout = self.cfg.parallel, self.layout
-        self._check_model(cfg, layout)
-        root = model
-        if layout.pp > 1:
-            keep_stage(model, self.pp_rank, layout.pp)
-            root = StageModule(model)
-        if layout.tp > 1:
-            apply_tensor_parallel(model, self.mesh["tp"], pc.sequence_parallel)
-        if pc.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        apply_fsdp(root, held_blocks(model).values(), dp_mesh(self.mesh),
-                   bf16=not isinstance(self.autocast, contextlib.nullcontext), reshard_after_forward=layout.pp == 1)
-        root.to_empty(device=self.device)
+        self._check_model(cfg, self.layout)
+        self._root = parallelize(model, self.layout, self.mesh, self.cfg.parallel, self.cfg.train.compile,
+                                 bf16=not isinstance(self.autocast, contextlib.nullcontext))
+        self._root.to_empty(device=self.device)
         model.init_rotary()
-        self._root = root
         return model
 
     def _check_model(self, cfg: ModelConfig, layout: ParallelLayout) -> None:
@@ -152,10 +140,9 @@ class ParallelTrainer(Trainer):
         return model
 
     def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Make the sharded `model` (just built by `_shell`) the one being trained."""
-        self.model = model
-        self.optimizer = optimizer if optimizer is not None else build_optimizer(model, self.cfg.train)
-        self.step_fn = torch.compile(model) if self.cfg.train.compile else model
+        """Make the sharded `model` (just built by `_shell`) the one being trained; under pipeline parallelism
+        its stage runs through a schedule."""
+        super()._use(model, optimizer)
         self.schedule = None
         if self.layout.pp > 1:
             self.schedule = build_schedule(self._root, self.mesh["pp"], self.device, self.cfg.parallel.pp_schedule,
@@ -203,7 +190,7 @@ class ParallelTrainer(Trainer):
             total = self._pipeline_run(x, y, self.layout.dp / n_step, train=True)
             return total * n_step / (self.layout.dp * n) if n else torch.zeros((), device=self.device)
         with self._context():
-            logits, loss = self.step_fn(x, y)
+            logits, loss = self.model(x, y)
             objective = loss * (n * self.layout.dp / n_step) if n else logits.sum() * 0.0
             objective.backward()
         return _local(loss.detach()) if n else torch.zeros((), device=self.device)
@@ -265,7 +252,7 @@ class ParallelTrainer(Trainer):
             n = int((y != IGNORE).sum())
             return self._pipeline_run(x, y, 1.0, train=False) / max(n, 1)
         with self._context():
-            _, loss = self.step_fn(x, y)
+            _, loss = self.model(x, y)
         return _local(loss).float()
 
     def evaluate_teacher(self) -> dict[str, float]:
@@ -360,20 +347,8 @@ def _piece(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def make_trainer(cfg: Config, prepare: Callable[[Any], Any], log: Callable[[str], None] = print) -> Trainer:
-    """A ParallelTrainer under torchrun, else the single-process Trainer (whose layout must be one process).
-
-    `prepare(cfg.data)` makes sure the shards exist; under torchrun only the first process writes them.
-    """
-    if torchrun_world() is None:
-        for i, stage in enumerate(cfg.stages or [None]):
-            tp, pp, dp = cfg.stage_layout(stage)
-            if tp * pp * dp > 1:
-                where = f"stages[{i}]" if stage is not None else "[parallel]"
-                raise FlmError(f"{where} asks for {tp * pp * dp} processes (dp{dp} x tp{tp} x pp{pp}): launch with "
-                               f"`torchrun --nproc-per-node {tp * pp * dp} -m flm.cli.main train ...`")
-        prepare(cfg.data)
-        return Trainer(cfg, log)
+def start_parallel(cfg: Config, prepare: Callable[[Any], Any], log: Callable[[str], None] = print) -> Trainer:
+    """The ParallelTrainer of this torchrun process; the first process prepares the data while the others wait."""
     init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     if dist.get_rank() == 0:
         prepare(cfg.data)

@@ -35,10 +35,11 @@ from flm.growth import Ramp, apply_masks, grow_model
 from flm.model import FLM, flops_per_token, generate, param_count
 from flm.checkpoint import (RunLock, list_checkpoints, load_model, load_train_state, persistent_tensors, read_meta,
                             resolve_checkpoint, save_checkpoint, step_of)
-from flm.train.guard import GuardReport, StepGuard
+from flm.train.guard import StepGuard
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
 from flm.train.optim import build_optimizer, grow_optimizer
 from flm.train.schedule import Stage, lr_at, plan_stages, tokens_and_flops_at
+from flm.train.transforms import apply_activation_checkpointing, compile_blocks
 
 
 def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
@@ -57,12 +58,15 @@ class Trainer:
     is_main = True  # the process that writes metrics and prints
     distributed = False  # several processes share the model (and write sharded checkpoints together)
 
-    def __init__(self, cfg: Config, log: Callable[[str], None] = print, guard: bool = True):
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print, guard: bool = True,
+                 device: torch.device | None = None):
+        """`device`: where this process trains (default: train.device); `guard=False` (the μP tools) lets a
+        diverging run diverge, which is what a sweep measures."""
         self.cfg, self.log = cfg, log
         tc = cfg.train
         self.run_dir = Path(tc.run_dir)
         self._lock = RunLock(self.run_dir).acquire() if self.is_main else None
-        self.device = resolve_device(tc.device)
+        self.device = device if device is not None else resolve_device(tc.device)
         use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
@@ -77,20 +81,28 @@ class Trainer:
         self.loader = self.data.train_loader(tc.batch_size, tc.seq_len, seed=tc.seed)
         self._heldout = None  # teacher-signal held-out records, read at the first evaluation
         self.step = 0
-        # `guard=False` (the μP tools) lets a diverging run diverge: that is what a sweep measures.
         self.guard = StepGuard(tc.spike_factor, tc.spike_window, self.device) if guard else None
         self.last_step_bad: torch.Tensor | None = None  # the guard's flag for the last step (device)
         self.rollbacks = 0
 
     def _new_model(self, cfg: ModelConfig) -> FLM:
-        """A freshly initialised model of shape `cfg`, ready to train (hook: sharded under torchrun)."""
-        return FLM(cfg).to(self.device)
+        """A freshly initialised model of shape `cfg`, ready to train (hook: sharded under torchrun).
+
+        Drawn on the host and moved, so the values do not depend on the device; then activation checkpointing
+        and torch.compile per block where configured (flm.train.transforms, as flm.parallel.parallelize does)."""
+        return self._transformed(FLM(cfg).to(self.device))
+
+    def _transformed(self, model: FLM) -> FLM:
+        if self.cfg.parallel.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if self.cfg.train.compile:
+            compile_blocks(model)
+        return model
 
     def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Make `model` the one being trained, with `optimizer` (default: a fresh one over its parameters)."""
         self.model = model
         self.optimizer = optimizer if optimizer is not None else build_optimizer(model, self.cfg.train)
-        self.step_fn = torch.compile(model) if self.cfg.train.compile else model
 
     @property
     def max_steps(self) -> int:
@@ -212,7 +224,7 @@ class Trainer:
         if n == 0:
             return torch.zeros((), device=self.device)  # its mean would be 0/0; it contributes nothing
         with self.autocast:
-            _, loss = self.step_fn(x, y)
+            _, loss = self.model(x, y)
         (loss * (n / n_step)).backward()
         return loss.detach()
 
@@ -231,7 +243,7 @@ class Trainer:
         for x, y in iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches,
                                       self.data.val_masks):
             with self.autocast:
-                _, loss = self.step_fn(x.to(self.device), y.to(self.device))
+                _, loss = self.model(x.to(self.device), y.to(self.device))
             losses.append(loss.float())
         self.model.train()
         return torch.stack(losses).mean().item()
@@ -277,7 +289,8 @@ class Trainer:
     def _grow_into(self, nxt: Stage) -> Ramp:
         """Replace model and optimizer by their growth into stage `nxt`, masks set at c = 0 (hook)."""
         model, ramp = grow_model(self.model, nxt.model, nxt.new_layers, nxt.ramp_steps)
-        self._use(model, grow_optimizer(self.optimizer, self.model.cfg, model, ramp.sources, self.cfg.train))
+        self._use(self._transformed(model),
+                  grow_optimizer(self.optimizer, self.model.cfg, model, ramp.sources, self.cfg.train))
         return ramp
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
@@ -411,7 +424,7 @@ class Trainer:
         if not report.bad:
             return False
         tc = self.cfg.train
-        what = (f"non-finite loss or gradient norm" if report.nonfinite
+        what = ("non-finite loss or gradient norm" if report.nonfinite
                 else f"loss spike (above {tc.spike_factor:g} x the median of the last {tc.spike_window} steps)")
         metrics.log({"kind": "guard", "step": self.step, "bad_steps": report.bad, "nonfinite": report.nonfinite,
                      "first_bad_step": report.first, "policy": tc.on_bad_step})
