@@ -22,7 +22,6 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 
 from flm.config import Config, ModelConfig
-from flm.data import iter_eval_batches
 from flm.data.loader import IGNORE
 from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp, apply_masks, layer_sources
@@ -225,35 +224,25 @@ class ParallelTrainer(Trainer):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag)
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over the same batches as one process; each data-parallel rank takes a
-        slice of every batch (the whole batch when it is smaller than dp)."""
-        tc, dp = self.cfg.train, self.layout.dp
-        self.model.eval()
-        losses = []
-        for x, y in iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches,
-                                      self.data.val_masks):
-            sliced = len(x) % dp == 0
-            if sliced:
-                part = dp_rank(self.mesh)
-                x, y = x.chunk(dp)[part], y.chunk(dp)[part]
-            loss = self._eval_loss(x.to(self.device), y.to(self.device))
-            if sliced:  # the batch's mean over all its loss tokens, from every slice's sum
-                n = int((y != IGNORE).sum())
-                loss = self._data_sum(loss * n if n else torch.zeros_like(loss)) / self._global_count(n)
-            losses.append(loss)
-        self.model.train()
-        return torch.stack(losses).mean().item()
-
-    def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean loss over one batch's loss tokens, on every process."""
+    def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The same value as one process: each data-parallel rank takes a slice of the batch (the whole batch
+        when it is smaller than dp) and the slices' token sums make the batch's mean."""
+        dp = self.layout.dp
+        sliced = len(x) % dp == 0
+        if sliced:
+            part = dp_rank(self.mesh)
+            x, y = x.chunk(dp)[part], y.chunk(dp)[part]
+        x, y = x.to(self.device), y.to(self.device)
+        n = int((y != IGNORE).sum())
         if self.schedule is not None:
-            n = int((y != IGNORE).sum())
-            return self._pipeline_run(x, y, 1.0, train=False) / max(n, 1)
-        with self._context():
-            _, loss = self.model(x, y)
-        return _local(loss).float()
+            loss = self._pipeline_run(x, y, 1.0, train=False) / max(n, 1)
+        else:
+            with self._context():
+                _, loss = self.model(x, y)
+            loss = _local(loss).float()
+        if sliced:
+            loss = self._data_sum(loss * n if n else torch.zeros_like(loss)) / self._global_count(n)
+        return loss
 
     def evaluate_teacher(self) -> dict[str, float]:
         """Teacher-signal accuracy needs whole logits; sharded over tp or pp it is left to `flm eval teacher`."""

@@ -239,14 +239,16 @@ class Trainer:
         """Mean loss over the first `eval_batches` validation batches (fixed order, so comparable)."""
         tc = self.cfg.train
         self.model.eval()
-        losses = []
-        for x, y in iter_eval_batches(self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches,
-                                      self.data.val_masks):
-            with self.autocast:
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            losses.append(loss.float())
+        losses = [self._batch_loss(x, y) for x, y in iter_eval_batches(
+            self.data.val_shards, tc.batch_size, tc.seq_len, tc.eval_batches, self.data.val_masks)]
         self.model.train()
         return torch.stack(losses).mean().item()
+
+    def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss over one validation batch's loss tokens (hook: sliced over the ranks under torchrun)."""
+        with self.autocast:
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+        return loss.float()
 
     def evaluate_teacher(self) -> dict[str, float]:
         """Accuracy on the held-out records of the teacher sources ({} without any), for the `eval` record."""
