@@ -7,7 +7,7 @@ import torch
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
-from flm.growth import apply_masks, grow_model, grow_state, layer_sources
+from flm.growth import apply_masks, grow_model, grow_tensors, layer_sources
 from flm.model import FLM
 
 OLD = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, vocab_size=101, max_seq_len=64)
@@ -102,16 +102,21 @@ def test_layer_sources():
 def test_moments_map_into_the_old_block_and_new_entries_are_zero(old_model):
     new_cfg = dataclasses.replace(OLD, **GROWTHS["all"])
     sources = layer_sources(OLD.n_layers, new_cfg.n_layers, "stack")
-    old_m = {k: torch.randn_like(v) for k, v in old_model.state_dict().items()}
-    zeros = {k: torch.zeros_like(v) for k, v in FLM(new_cfg).state_dict().items()}
-    new_m = grow_state(OLD, old_m, new_cfg, zeros, sources, copy_new_layers=False)
-    fc1 = new_m["blocks.1.mlp.fc1.weight"]
-    assert torch.equal(fc1[:128, :32], old_m["blocks.1.mlp.fc1.weight"])
+    weights = dict(old_model.named_parameters())
+    adam = {k: {"exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v), "step": torch.tensor(5.0)}
+            for k, v in weights.items()}
+    grown = {t.name: t.adam for t in grow_tensors(OLD, new_cfg, sources, weights, adam, seed=0, index=1)}
+    fc1 = grown["blocks.1.mlp.fc1.weight"]["exp_avg"]
+    assert torch.equal(fc1[:128, :32], adam["blocks.1.mlp.fc1.weight"]["exp_avg"])
     assert fc1[128:].abs().sum() == 0 and fc1[:, 32:].abs().sum() == 0
-    qkv = new_m["blocks.0.attn.qkv.weight"].view(4, 3, 16, 64)  # rows head by head: [q | k | v] each
-    assert torch.equal(qkv[:2, :, :, :32], old_m["blocks.0.attn.qkv.weight"].view(2, 3, 16, 32))
+    qkv = grown["blocks.0.attn.qkv.weight"]["exp_avg"].view(4, 3, 16, 64)  # rows head by head: [q | k | v] each
+    assert torch.equal(qkv[:2, :, :, :32], adam["blocks.0.attn.qkv.weight"]["exp_avg"].view(2, 3, 16, 32))
     assert qkv[2:].abs().sum() == 0 and qkv[..., 32:].abs().sum() == 0
-    assert all(new_m[k].abs().sum() == 0 for k in new_m if k.startswith(("blocks.2.", "blocks.3.")))
+    # Step counts by age class: old entries keep 5 steps (class 0), new ones start at 0 (class 1), one byte each.
+    state = grown["blocks.1.mlp.fc1.weight"]
+    assert torch.equal(state["step"], torch.tensor([5.0, 0.0])) and state["age"].dtype == torch.uint8
+    assert state["age"][:128, :32].eq(0).all() and state["age"][128:].eq(1).all() and state["age"][:, 32:].eq(1).all()
+    assert all(grown[k] is None for k in grown if k.startswith(("blocks.2.", "blocks.3.")))  # new layers: fresh
 
 
 @pytest.mark.parametrize("change, message", [

@@ -7,12 +7,12 @@ import torch
 
 from flm.config import ModelConfig, load_config
 from flm.data import prepare
-from flm.growth import grow_model, grow_tensor
+from flm.growth import grow_tensor, grow_training
 from flm.model import FLM
 from flm.train import Trainer
 from flm.train.adamw import AdamW
 from flm.train.metrics import read_metrics
-from flm.train.optim import build_optimizer, grow_optimizer
+from flm.train.optim import adam_state_by_name, build_optimizer
 
 
 def test_adamw_per_element_steps_equal_separate_optimizers_and_settle():
@@ -60,8 +60,8 @@ def test_step_at_c0_moves_old_entries_as_plain_training_and_new_entries_only_by_
         opt.step()
         opt.zero_grad()
     new_cfg = dataclasses.replace(old_cfg, d_model=48, n_heads=3, d_ff=160, n_layers=3)
-    grown, ramp = grow_model(old, new_cfg, "stack", ramp_steps=10)
-    gopt = grow_optimizer(opt, old_cfg, grown, ramp.sources, train_cfg)
+    grown, ramp, state = grow_training(old, adam_state_by_name(opt), new_cfg, "stack", ramp_steps=10)
+    gopt = build_optimizer(grown, train_cfg, state)
     before = {n: p.detach().clone() for n, p in grown.named_parameters()}
     old(x, y)[1].backward()
     grown(x, y)[1].backward()

@@ -9,10 +9,10 @@ import torch
 from flm import mup
 from flm.config import ModelConfig, StageConfig, load_config
 from flm.data import prepare
-from flm.growth import grow_model
+from flm.growth import grow_training
 from flm.model import FLM
 from flm.train import Trainer
-from flm.train.optim import build_optimizer, grow_optimizer
+from flm.train.optim import adam_state_by_name, build_optimizer
 from flm.train.schedule import lr_at
 
 BASE = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, vocab_size=101, max_seq_len=64,
@@ -104,9 +104,9 @@ def test_mup_growth_is_exact_and_switches_to_the_new_width_lrs(name, zero_query)
         opt.zero_grad()
     old.eval()
     new_cfg = dataclasses.replace(old_cfg, **GROWTHS[name])
-    grown, ramp = grow_model(old, new_cfg, ramp_steps=10)
+    grown, ramp, state = grow_training(old, adam_state_by_name(opt), new_cfg, ramp_steps=10)
     assert (grown.eval()(x)[0] - old(x)[0]).abs().max().item() <= 1e-5
-    gopt = grow_optimizer(opt, old_cfg, grown, ramp.sources, train)
+    gopt = build_optimizer(grown, train, state)
     for group in gopt.param_groups:
         for n in group["names"]:
             assert group["lr_mult"] == mup.lr_mult(new_cfg, n)

@@ -282,16 +282,16 @@ def leave_one_slice_ungrown(monkeypatch):
     blocks.0.mlp.fc1's new rows (the function is still preserved at growth, only training shows it)."""
     import flm.train.trainer as trainer_module
 
-    original = trainer_module.grow_model
+    original = trainer_module.grow_training
 
-    def grow(model, new_cfg, *args):
-        grown, ramp = original(model, new_cfg, *args)
+    def grow(model, adam, new_cfg, *args, **kwargs):
+        grown, ramp, state = original(model, adam, new_cfg, *args, **kwargs)
         old, new = model.cfg.ffn_dim, new_cfg.ffn_dim
         with torch.no_grad():
             grown.blocks[0].mlp.fc1.weight[old:old + (new - old) // 4] = 0
-        return grown, ramp
+        return grown, ramp, state
 
-    monkeypatch.setattr(trainer_module, "grow_model", grow)
+    monkeypatch.setattr(trainer_module, "grow_training", grow)
 
 
 @pytest.mark.parametrize("variant", ["dp-rank-gradient-dropped", "tp-slice-not-grown"])

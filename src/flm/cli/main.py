@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="SHAPE", help="a preset name, or KEY=INT pairs: d_model=256,n_layers=8")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write the grown checkpoint into")
     p.add_argument("--new-layers", choices=["stack", "insert", "random"], default="stack")
-    p.add_argument("--ramp-steps", type=int, default=100, help="K: steps for the masks to reach 1 (0: no ramp)")
+    p.add_argument("--ramp-steps", type=int, default=None,
+                   help="K: steps for the masks to reach 1 (0: no ramp); default: the next stage's of the run's "
+                        "config when it has that shape, else 100")
     p.set_defaults(func=cmd_grow)
 
     p = sub.add_parser("info", help="parameter and FLOP counts of a config or preset")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flm.config import ModelConfig, model_config_from_dict
-from flm.growth.operators import LayerSource, check_growable, iter_grown, layer_sources
+from flm.growth.operators import LayerSource
 from flm.model import FLM
 
 
@@ -70,24 +70,3 @@ def apply_masks(model: FLM, ramp: Ramp, fold: bool = True, blocks: dict[int, nn.
         block.gate = gate if src.new else None
         block.attn.head_mask = head_mask
         block.mlp.unit_mask = unit_mask
-
-
-@torch.no_grad()
-def grow_model(model: FLM, new_cfg: ModelConfig, new_layers: str = "stack", ramp_steps: int = 100) -> tuple[FLM, Ramp]:
-    """A model of shape `new_cfg` that computes exactly what `model` computes, masks at c = 0.
-
-    New entries keep the fresh initialisation of an `FLM(new_cfg)`; old tensors are written in one
-    at a time, so the extra memory is the new model plus one tensor.
-    """
-    old_cfg = model.cfg
-    check_growable(old_cfg, new_cfg)
-    sources = layer_sources(old_cfg.n_layers, new_cfg.n_layers, new_layers)
-    with torch.device(model.embed.weight.device):  # initialise where it will live, never a host-side copy
-        grown = FLM(new_cfg)
-    targets = grown.state_dict()
-    for name, tensor in iter_grown(old_cfg, model.state_dict(), new_cfg, targets, sources,
-                                   copy_new_layers=new_layers != "random"):
-        targets[name].copy_(tensor)
-    ramp = Ramp(old_cfg, sources, ramp_steps)
-    apply_masks(grown, ramp)
-    return grown, ramp

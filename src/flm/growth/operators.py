@@ -13,7 +13,6 @@ in `flm.growth.masks`, which hold every new structure at zero output until they 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -116,29 +115,3 @@ def grow_tensor(name: str, old: torch.Tensor, template: torch.Tensor, old_cfg: M
         value = value * (new_cfg.d_model / old_cfg.d_model) ** readout_power
     out[block] = value
     return out.view(template.shape)
-
-
-def iter_grown(old_cfg: ModelConfig, old_state: Mapping[str, torch.Tensor], new_cfg: ModelConfig,
-               templates: Mapping[str, torch.Tensor], sources: list[LayerSource], copy_new_layers: bool
-               ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, grown tensor) one at a time, so a caller can write each in place and drop it.
-
-    `copy_new_layers` is True for parameters (new layers hold copies of old ones, by `sources`) and
-    False for optimizer moments (new layers keep the template, i.e. zero).
-    """
-    check_growable(old_cfg, new_cfg)
-    for name, template in templates.items():
-        src, in_new_layer = source_name(name, sources)
-        if src is None or (in_new_layer and not copy_new_layers):
-            yield name, template
-        elif src not in old_state:
-            raise FlmError(f"cannot grow {name}: the old state has no {src}")
-        else:
-            yield name, grow_tensor(name, old_state[src], template, old_cfg, new_cfg)
-
-
-def grow_state(old_cfg: ModelConfig, old_state: Mapping[str, torch.Tensor], new_cfg: ModelConfig,
-               templates: Mapping[str, torch.Tensor], sources: list[LayerSource], copy_new_layers: bool
-               ) -> dict[str, torch.Tensor]:
-    """The whole grown state dict at once (parameters, or one kind of Adam moment)."""
-    return dict(iter_grown(old_cfg, old_state, new_cfg, templates, sources, copy_new_layers))

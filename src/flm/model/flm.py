@@ -144,8 +144,9 @@ def init_order(cfg: ModelConfig) -> list[str]:
 
 
 @torch.no_grad()
-def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
-    """Initialise parameter `name` in place and return it.
+def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initialise parameter `name` in place and return it (random draws from `generator`, default the global one).
 
     Matrices ~ N(0, σ) with σ from flm.model.mup_rules.init_std (init_std; hidden matrices divided by
     sqrt(width_mult) under μP, residual-stream writers attn.proj and mlp.fc2 also by sqrt(2L) as in
@@ -156,7 +157,7 @@ def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor
         return t.zero_()
     if local.startswith("ln"):  # ln1, ln2, ln_f: γ = 1
         return t.fill_(1.0)
-    t.normal_(0.0, init_std(cfg, local))
+    t.normal_(0.0, init_std(cfg, local), generator=generator)
     if cfg.zero_query and local == "attn.qkv.weight":
         t.view(cfg.n_heads, 3, cfg.head_dim, -1)[:, 0].zero_()  # each head's q rows
     return t

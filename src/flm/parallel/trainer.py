@@ -26,15 +26,15 @@ from flm.data.loader import IGNORE
 from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp, apply_masks, layer_sources
 from flm.model import FLM
-from flm.model.flm import held_blocks, init_order, lm_loss
+from flm.model.flm import held_blocks, lm_loss
 from flm.checkpoint import is_sharded, load_model, load_train_state
-from flm.checkpoint.pieces import gather, write_pieces
+from flm.checkpoint.pieces import write_pieces
 from flm.checkpoint.state import named_params
-from flm.parallel.grow import Lazy, broadcast_whole, fresh_values, grow_sharded
+from flm.parallel.grow import OldModel, fresh_values, grow_sharded
 from flm.parallel.mesh import ParallelLayout, build_mesh, dp_rank, init_distributed
 from flm.parallel.norms import clip_grad_norm
 from flm.parallel.parallelize import parallelize
-from flm.parallel.pipeline import build_schedule, check_pipeline, owner_stage
+from flm.parallel.pipeline import build_schedule, check_pipeline
 from flm.parallel.tensor import check_tensor_parallel, local_slice
 from flm.train.schedule import Stage
 from flm.train.trainer import Trainer
@@ -135,7 +135,7 @@ class ParallelTrainer(Trainer):
     def _new_model(self, cfg: ModelConfig) -> FLM:
         """Sharded, with exactly the initial values of `FLM(cfg)` from the same seed, made tensor by tensor."""
         model = self._shell(cfg)
-        write_pieces(dict(model.named_parameters()), fresh_values(cfg).items())
+        write_pieces(dict(model.named_parameters()), fresh_values(cfg))
         return model
 
     def _use(self, model: FLM, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -252,28 +252,13 @@ class ParallelTrainer(Trainer):
 
     def _grow_into(self, nxt: Stage) -> Ramp:
         """Grow the sharded model and Adam state into stage `nxt`, under that stage's layout."""
-        old, old_optimizer, old_cfg, old_layout = self.model, self.optimizer, self.model.cfg, self.layout
-        old_params = named_params(old_optimizer)
-        old_mesh = self.mesh
-
-        def whole(name: str, field: str | None) -> torch.Tensor:
-            """Parameter `name` (or its Adam `field`) of the old model, whole, on every process."""
-            value = None
-            if name in old_params:
-                value = old_params[name] if field is None else old_optimizer.state[old_params[name]][field]
-            if old_layout.pp == 1:
-                return gather(value)
-            return broadcast_whole(value, owner_stage(name, old_cfg.n_layers, old_layout.pp), old_mesh["pp"])
-
+        old_cfg = self.model.cfg
+        old = OldModel(self.optimizer, old_cfg, self.layout.pp, self.mesh["pp"])
         self.layout = self._layout_of(nxt.index)
         sources = layer_sources(old_cfg.n_layers, nxt.model.n_layers, nxt.new_layers)
         model = self._shell(nxt.model)
-        names = init_order(old_cfg)
-        optimizer = grow_sharded(old_cfg, Lazy(names, lambda name: whole(name, None)),
-                                 Lazy(names, lambda name: Lazy(["exp_avg", "exp_avg_sq", "step"],
-                                                               lambda field: whole(name, field))),
-                                 model, sources, nxt.new_layers != "random", self.cfg.train)
-        del old, old_optimizer, old_params
+        optimizer = grow_sharded(old, model, sources, self.cfg.train, seed=self.cfg.train.seed, index=nxt.index)
+        del old
         self._use(model, optimizer)
         self.loader = self._loader(self.loader.samples_seen)  # the data-parallel slices may have changed
         self.ramp = Ramp(old_cfg, sources, nxt.ramp_steps)

@@ -1,20 +1,20 @@
-"""AdamW whose step count may differ per element, so that grown tensors are bias-corrected right, and whose
-step can be cancelled on the device (a bad step is skipped without the host looking at it).
+"""AdamW whose step count may differ between entries of a tensor, so that grown tensors are bias-corrected right,
+and whose step can be cancelled on the device (a bad step is skipped without the host looking at it).
 
-After growth, a tensor holds old entries (trained for t steps, with moments) and new entries (zero
-moments). Adam's bias correction 1/(1-β^step) must use t for the old entries and the steps since
-growth for the new ones; one shared count would make the first updates of new entries
-(1-β1)/sqrt(1-β2) times their proper size. So the `step` state is a scalar tensor, as in
-torch.optim.AdamW, except for grown tensors, where it is a tensor of the parameter's shape. Once
-every entry's bias correction has reached exactly 1.0 in double precision it is a scalar again: the
-extra memory lasts a few hundred steps after each growth.
+After growth, a tensor holds old entries (trained for t steps, with moments) and new entries (zero moments).
+Adam's bias correction 1/(1-β^step) must use t for the old entries and the steps since growth for the new ones;
+one shared count would make the first updates of new entries (1-β1)/sqrt(1-β2) times their proper size. A grown
+tensor's state therefore holds `step`, one count per age class, and `age`, one byte per entry naming its class
+(flm.growth.optimizer). Once every class's bias correction has reached exactly 1.0 in double precision, the
+counts fold into one scalar and `age` is dropped: the extra byte per entry lasts a few hundred steps after each
+growth (about 730 at β2 = 0.95).
 
-Tensors with a scalar count (all of them outside a growth ramp) take torch's fused AdamW kernel, the
-decoupled-weight-decay AdamW of Loshchilov & Hutter in one pass per tensor; grown tensors take the
-same update written out with per-element bias corrections. `step(skip=flag)` with a device scalar
-cancels the whole step where the flag is set (parameters, moments and counts unchanged, NaN gradients
-ignored): the fused kernel's `found_inf`, and a `torch.where` for grown tensors. No value is read
-back to the host, so the training loop never waits for the device to decide.
+Tensors with a scalar count (all of them outside that window) take torch's fused AdamW kernel, the
+decoupled-weight-decay AdamW of Loshchilov & Hutter in one pass per tensor; grown tensors take the same update
+written out with per-class bias corrections, on each process's own piece. `step(skip=flag)` with a device scalar
+cancels the whole step where the flag is set (parameters, moments and counts unchanged, NaN gradients ignored):
+the fused kernel's `found_inf`, and a `torch.where` for grown tensors. No value is read back to the host for
+that, so the training loop never waits for the device to decide.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as functional_adam
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A reduction over a sharded (DTensor) step count, completed over all shards."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's piece of a sharded tensor (the update is elementwise, so pieces are updated alone)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _settled(step: torch.Tensor, beta1: float, beta2: float) -> bool:
-    """True when 1 - β^step is exactly 1.0 in double precision for every entry (of every shard)."""
-    low = float(_whole(step.min()))
+def _settled(counts: torch.Tensor, beta1: float, beta2: float) -> bool:
+    """True when 1 - β^count is exactly 1.0 in double precision for every class (one small read)."""
+    low = float(counts.min())
     return 1.0 - beta1 ** low == 1.0 and 1.0 - beta2 ** low == 1.0
 
 
@@ -60,10 +60,12 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = scalar_step(0, p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if state["step"].dim() == 0:
-                    flat.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]))
+                if "age" not in state and state["step"].dim() > 0:
+                    state.update(_classes(state["step"]))  # per-entry counts of a checkpoint from before
+                if "age" in state:
+                    self._per_class(p, state, lr, beta1, beta2, eps, wd, skip)
                 else:
-                    self._per_element(p, state, lr, beta1, beta2, eps, wd, skip)
+                    flat.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]))
             if flat:
                 params, grads, avgs, sqs, steps = (list(t) for t in zip(*flat))
                 functional_adam(params, grads, avgs, sqs, [], steps, fused=True, found_inf=found_inf,
@@ -71,18 +73,34 @@ class AdamW(torch.optim.Optimizer):
                                 weight_decay=wd, eps=eps, maximize=False)
 
     @staticmethod
-    def _per_element(p, state, lr, beta1, beta2, eps, wd, skip) -> None:
-        step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        new_step = step + 1.0
-        grad = p.grad if skip is None else torch.where(skip, 0.0, p.grad)  # a NaN gradient must not reach m, v
+    def _per_class(p, state, lr, beta1, beta2, eps, wd, skip) -> None:
+        counts = state["step"]
+        new_counts = counts + (1.0 if skip is None else (~skip).to(counts.dtype))
+        c = new_counts.double()
+        bc1_of = (1 - beta1 ** c).to(p.dtype)  # per class
+        bc2_sqrt_of = (1 - beta2 ** c).sqrt().to(p.dtype)
+        param, grad = _local(p), _local(p.grad)
+        m, v, age = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(state["age"]).long()
+        if skip is not None:
+            grad = torch.where(skip, 0.0, grad)  # a NaN gradient must not reach m and v
         new_m = m.lerp(grad, 1 - beta1)
         new_v = v.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        s = new_step.double()
-        bc1 = (1 - beta1 ** s).to(p.dtype)
-        bc2_sqrt = (1 - beta2 ** s).sqrt().to(p.dtype)
-        new_p = p.mul(1 - lr * wd) if wd != 0 else p.clone()
-        new_p.sub_(lr * new_m / bc1 / (new_v.sqrt() / bc2_sqrt + eps))
-        for old, new in ((step, new_step), (m, new_m), (v, new_v), (p, new_p)):
+        new_p = param.mul(1 - lr * wd) if wd != 0 else param.clone()
+        new_p.sub_(lr * new_m / bc1_of[age] / (new_v.sqrt() / bc2_sqrt_of[age] + eps))
+        for old, new in ((m, new_m), (v, new_v), (param, new_p)):
             old.copy_(new if skip is None else torch.where(skip, old, new))
-        if _settled(step, beta1, beta2):
-            state["step"] = scalar_step(float(_whole(step.max())), p.device)
+        counts.copy_(new_counts)
+        if _settled(counts, beta1, beta2):
+            state["step"] = scalar_step(float(counts.max()), _local(p).device)
+            del state["age"]
+
+
+def _classes(per_entry: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-entry step counts (a sharded tensor's, whole) as class counts and one byte of class per entry."""
+    counts, age = torch.unique(per_entry.full_tensor() if isinstance(per_entry, DTensor) else per_entry,
+                               return_inverse=True)
+    if isinstance(per_entry, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        age = distribute_tensor(age, per_entry.device_mesh, per_entry.placements, src_data_rank=None)
+    return {"step": counts.float().to(_local(per_entry).device), "age": age.to(torch.uint8)}

@@ -1,5 +1,11 @@
-"""Offline growth of a saved checkpoint (`flm grow`): the same operators the trainer uses at a stage
-boundary, applied to weights and Adam state on disk, written as a new checkpoint to resume from."""
+"""Offline growth of a saved checkpoint (`flm grow`): the growth routine the trainer runs at a stage boundary
+(flm.growth.routine), applied to weights and Adam state on disk and written as a new checkpoint to resume from.
+
+It streams: each tensor is read from the checkpoint, grown and written into the new one before the next is
+read, so the memory it needs is about the largest tensor, not the model (docs/growth.md has the measurement).
+The new entries get the values a run's own growth at that boundary gives them (same seed, growth index and
+names), and the run's random generators are carried over, so `flm grow` + resume continues as the trainer would.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,17 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from flm.checkpoint import RunLock, find_checkpoint, read_meta
+from flm.checkpoint.folders import publish, staging_dir, write_failure
+from flm.checkpoint.reader import CheckpointReader
+from flm.checkpoint.stream import StreamingSafetensors
+from flm.checkpoint.whole import MODEL_FILE, STATE_FILE
 from flm.config import PRESETS, config_from_dict, config_to_dict, model_config_from_dict
 from flm.errors import FlmError
-from flm.growth import grow_model
-from flm.model import FLM
-from flm.checkpoint import (RunLock, find_checkpoint, load_model, load_train_state, persistent_tensors, read_meta,
-                            save_checkpoint)
-from flm.train.optim import build_optimizer, grow_optimizer
+from flm.growth import Ramp, grow_tensors, layer_sources
+from flm.train.guard import GUARD_FILE
 
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_ff")
 
@@ -33,38 +43,59 @@ def parse_shape(text: str) -> dict[str, int]:
 
 
 def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new_layers: str = "stack",
-                    ramp_steps: int = 100) -> Path:
-    """Grow a checkpoint (weights and Adam state) and save it under `out_run_dir/checkpoints/`."""
+                    ramp_steps: int | None = None) -> Path:
+    """Grow a checkpoint (weights and Adam state) and save it under `out_run_dir/checkpoints/`.
+
+    When the checkpoint's run config has a next stage of exactly this shape, the grown checkpoint continues that
+    schedule (stage + 1, that stage's ramp unless `ramp_steps` is given); otherwise the run config's model becomes
+    the grown shape and a ramp of `ramp_steps` (default 100) steps starts.
+    """
     ckpt = find_checkpoint(source)
     meta = read_meta(ckpt, resume=True)
     if meta["ramp"]:
         raise FlmError(f"{ckpt} is in the middle of a growth ramp; train until the masks reach 1 before growing again")
-    if ramp_steps < 0:
+    if ramp_steps is not None and ramp_steps < 0:
         raise FlmError(f"--ramp-steps must be >= 0, got {ramp_steps}")
     cfg = config_from_dict(meta["config"])
     old_cfg = model_config_from_dict(meta["model"])
     new_cfg = dataclasses.replace(old_cfg, **parse_shape(shape))
     new_cfg.validate()
-    model = FLM(old_cfg)
-    load_model(ckpt, persistent_tensors(model))
-    optimizer = build_optimizer(model, cfg.train)
-    load_train_state(ckpt, optimizer)
-    grown, ramp = grow_model(model, new_cfg, new_layers, ramp_steps)
-    new_opt = grow_optimizer(optimizer, old_cfg, grown, ramp.sources, cfg.train)
+    stage = meta["stage"]
+    shapes = [dataclasses.replace(m, vocab_size=old_cfg.vocab_size) for m in cfg.stage_models()]
+    if stage + 1 < len(shapes) and shapes[stage + 1] == new_cfg:  # the run's own next growth, done offline
+        new_stage, ramp = stage + 1, cfg.stages[stage + 1].ramp_steps if ramp_steps is None else ramp_steps
+    else:
+        new_stage, ramp = stage, 100 if ramp_steps is None else ramp_steps
+        cfg.model = dataclasses.replace(cfg.model, **{k: getattr(new_cfg, k) for k in SHAPE_KEYS})
+    sources = layer_sources(old_cfg.n_layers, new_cfg.n_layers, new_layers)
+    new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "step", "layout")},
+                "config": config_to_dict(cfg), "model": config_to_dict(new_cfg), "stage": new_stage,
+                "ramp": Ramp(old_cfg, sources, ramp).to_dict() if ramp else None}
     out_root = Path(out_run_dir) / "checkpoints"
-    cfg.model = dataclasses.replace(cfg.model, **{k: getattr(new_cfg, k) for k in SHAPE_KEYS})
-    new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "step")},
-                "config": config_to_dict(cfg), "model": config_to_dict(new_cfg),
-                "ramp": ramp.to_dict() if ramp.c < 1 else None}
-
-    def copy_tokenizer(folder: Path) -> None:
-        for f in ckpt.iterdir():
-            if f.name.startswith("tokenizer"):
-                shutil.copy2(f, folder / f.name)
-
     lock = RunLock(Path(out_run_dir)).acquire()  # the output run folder has one writer, like any run
+    reader = CheckpointReader(ckpt)
     try:
-        return save_checkpoint(out_root, meta["step"], grown, new_opt, new_meta, keep_last=1 << 30,
-                               write_extra=copy_tokenizer)
+        tmp = staging_dir(out_root, meta["step"])
+        writers = [StreamingSafetensors(tmp / MODEL_FILE), StreamingSafetensors(tmp / STATE_FILE)]
+        try:
+            for grown in grow_tensors(old_cfg, new_cfg, sources, reader.weights, reader.adam,
+                                      seed=cfg.train.seed, index=stage + 1):
+                writers[0].add(grown.name, grown.weight)
+                for field, value in (grown.adam or {}).items():
+                    writers[1].add(f"opt.{grown.name}.{field}", value)
+            for key, value in reader.rng().items():
+                writers[1].add(f"rng.{key}", value)
+            for writer in writers:
+                writer.close()
+            for f in ckpt.iterdir():
+                if f.name.startswith("tokenizer") or f.name == GUARD_FILE:
+                    shutil.copy2(f, tmp / f.name)
+            return publish(tmp, meta["step"], new_meta, keep_last=1 << 30)
+        except (OSError, SafetensorError) as e:
+            for writer in writers:
+                writer.discard()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failure(out_root, meta["step"], e) from None
     finally:
+        reader.close()
         lock.release()

@@ -1,13 +1,12 @@
-"""The optimizer set-up: AdamW with weight decay on matrices only, and its growth with the model."""
+"""The optimizer set-up: AdamW with weight decay on matrices only and μP learning rates, by parameter name."""
 
 from __future__ import annotations
 
 import torch
 
-from flm import mup
-from flm.config import ModelConfig, TrainConfig
-from flm.growth import LayerSource, grow_adam_state
+from flm.config import TrainConfig
 from flm.model import FLM
+from flm.model.mup_rules import lr_mult, weight_decay as decay_of
 from flm.train.adamw import AdamW
 
 
@@ -25,7 +24,7 @@ def param_groups(model: FLM, weight_decay: float, lr: float) -> list[dict]:
         if id(p) in seen:  # tied head/embedding: one tensor, one entry
             continue
         seen.add(id(p))
-        mult, decay = mup.lr_mult(model.cfg, name), mup.weight_decay(model.cfg, name, weight_decay)
+        mult, decay = lr_mult(model.cfg, name), decay_of(model.cfg, name, weight_decay)
         group = groups.setdefault((mult, decay), {"params": [], "names": [], "lr": lr * mult, "lr_mult": mult,
                                                   "weight_decay": decay})
         group["params"].append(p)
@@ -33,24 +32,20 @@ def param_groups(model: FLM, weight_decay: float, lr: float) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: FLM, cfg: TrainConfig) -> AdamW:
-    return AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                 eps=cfg.adam_eps)
+def build_optimizer(model: FLM, cfg: TrainConfig, state: dict[str, dict[str, torch.Tensor]] | None = None) -> AdamW:
+    """AdamW over `model`'s parameter groups; `state` (by parameter name) gives parameters their Adam state,
+    e.g. the grown state after growth (the groups come from the grown config, so under μP the hidden matrices
+    take the new width's LR)."""
+    optimizer = AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                      eps=cfg.adam_eps)
+    if state:
+        for group in optimizer.param_groups:
+            for name, p in zip(group["names"], group["params"]):
+                if name in state:
+                    optimizer.state[p] = state[name]
+    return optimizer
 
 
 def adam_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
     return {name: optimizer.state[p] for group in optimizer.param_groups
             for name, p in zip(group["names"], group["params"]) if p in optimizer.state}
-
-
-def grow_optimizer(old: torch.optim.Optimizer, old_cfg: ModelConfig, model: FLM, sources: list[LayerSource],
-                   cfg: TrainConfig) -> AdamW:
-    """An optimizer over the grown `model` holding `old`'s Adam state mapped into the new shapes.
-
-    Its groups come from the grown config, so under μP the hidden matrices take the new width's LR.
-    """
-    new = build_optimizer(model, cfg)
-    named = {name: p for group in new.param_groups for name, p in zip(group["names"], group["params"])}
-    for name, state in grow_adam_state(old_cfg, adam_state_by_name(old), model.cfg, named, sources).items():
-        new.state[named[name]] = state
-    return new

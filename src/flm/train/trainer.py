@@ -31,13 +31,13 @@ from flm.data import PreparedData, iter_eval_batches, load_prepared
 from flm.data.loader import IGNORE
 from flm.device import resolve_device
 from flm.errors import FlmError, TrainingHalted
-from flm.growth import Ramp, apply_masks, grow_model
+from flm.growth import Ramp, apply_masks, grow_training
 from flm.model import FLM, flops_per_token, generate, param_count
 from flm.checkpoint import (RunLock, list_checkpoints, load_model, load_train_state, persistent_tensors, read_meta,
                             resolve_checkpoint, save_checkpoint, step_of)
 from flm.train.guard import StepGuard
 from flm.train.metrics import MetricsLogger, peak_bf16_flops, plot_losses
-from flm.train.optim import build_optimizer, grow_optimizer
+from flm.train.optim import adam_state_by_name, build_optimizer
 from flm.train.schedule import Stage, lr_at, plan_stages, tokens_and_flops_at
 from flm.train.transforms import apply_activation_checkpointing, compile_blocks
 
@@ -290,9 +290,9 @@ class Trainer:
 
     def _grow_into(self, nxt: Stage) -> Ramp:
         """Replace model and optimizer by their growth into stage `nxt`, masks set at c = 0 (hook)."""
-        model, ramp = grow_model(self.model, nxt.model, nxt.new_layers, nxt.ramp_steps)
-        self._use(self._transformed(model),
-                  grow_optimizer(self.optimizer, self.model.cfg, model, ramp.sources, self.cfg.train))
+        model, ramp, state = grow_training(self.model, adam_state_by_name(self.optimizer), nxt.model, nxt.new_layers,
+                                           nxt.ramp_steps, seed=self.cfg.train.seed, index=nxt.index)
+        self._use(self._transformed(model), build_optimizer(model, self.cfg.train, state))
         return ramp
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
