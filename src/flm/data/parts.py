@@ -29,8 +29,9 @@ from flm.data.tokenizer import Tokenizer
 from flm.errors import FlmError
 
 SPLITS = ("train", "val")
-# Characters of text per chunk handed to a worker: a second or so of tokenising, small enough to keep memory low.
-_CHUNK_CHARS = 1 << 20
+# Characters of text per chunk handed to a worker: a fraction of a second of tokenising; its ids as Python lists
+# (about 40 bytes a token) are what the workers hold at a time.
+_CHUNK_CHARS = 1 << 18
 _PROGRESS_SECONDS = 60.0
 
 
