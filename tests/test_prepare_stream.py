@@ -361,13 +361,18 @@ sample_tokens = 0
     return config
 
 
-def test_the_command_line_prepares_in_parts(small_run):
+def test_the_command_line_prepares_in_parts(small_run, tmp_path):
     config = str(small_run)
-    for args in (["--tokenizer-only"], ["--part", "1/2", "--workers", "2"]):
-        assert run_flm("prepare", "-c", config, *args).returncode == 0
+    assert run_flm("prepare", "-c", config, "--tokenizer-only", "--set", f"data.dir='{tmp_path / 'other'}'"
+                   ).returncode == 0
+    assert list((tmp_path / "other").glob(".prepare-*/tokenizer.json"))
+    # A given tokenizer is installed by the first part that needs it.
+    assert run_flm("prepare", "-c", config, "--part", "1/2", "--workers", "2").returncode == 0
+    one_line_error(run_flm("prepare", "-c", config), "holds 1 of 2 prepared parts", "(part 0)")
     one_line_error(run_flm("prepare", "-c", config, "--merge"), "part 0 of 2 not prepared yet")
     assert run_flm("prepare", "-c", config, "--part", "0/2").returncode == 0
-    assert "prepared" in run_flm("prepare", "-c", config, "--merge").stdout
+    assert "prepared" in run_flm("prepare", "-c", config).stdout  # a complete set is merged
+    assert load_prepared(tmp_path / "data").meta["parts"] == 2
     assert "reusing" in run_flm("prepare", "-c", config).stdout
 
 
