@@ -32,6 +32,7 @@ SPLITS = ("train", "val")
 # Characters of text per chunk handed to a worker: a fraction of a second of tokenising; its ids as Python lists
 # (about 40 bytes a token) are what the workers hold at a time.
 _CHUNK_CHARS = 1 << 18
+_TEACHER_CHUNK = 4096  # propositions
 _PROGRESS_SECONDS = 60.0
 
 
@@ -129,8 +130,8 @@ class _PartWriter:
         train, held = teacher_split(src)
         series = self._series(src, "train")
         try:
-            for encoded in pool.map(Chunk("train", "teacher", src.config.loss_on, train[i:i + 4096])
-                                    for i in range(0, len(train), 4096)):
+            for encoded in pool.map(Chunk("train", "teacher", src.config.loss_on, train[i:i + _TEACHER_CHUNK])
+                                    for i in range(0, len(train), _TEACHER_CHUNK)):
                 series.add(encoded.tokens, encoded.mask)
         except BaseException:
             series.abort()

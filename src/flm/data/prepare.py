@@ -33,7 +33,7 @@ from flm.data.prepared import FORMAT_VERSION, PreparedData, load_prepared
 from flm.data.sources import planned_sources
 from flm.data.split import SPLIT_SALT
 from flm.data.staging import (META, commit, finish_commit, finished_parts, install_tokenizer, manifest_path,
-                              staged_tokenizer, staging_dir)
+                              other_staging, staged_tokenizer, staging_dir)
 from flm.data.teacher import BUNDLED, BUNDLED_VERSION
 from flm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from flm.errors import FlmError
@@ -152,6 +152,9 @@ def merge(cfg: DataConfig, log: Log = print) -> PreparedData:
     meta = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, **layout, "tokenizer": cfg.tokenizer,
             "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "parts": parts, "config": dataclasses.asdict(cfg)}
     commit(out, staging, meta, files + list(tok.files))
+    left = other_staging(out)
+    if left:
+        log(f"left in {out}: {', '.join(p.name for p in left)}, staged by other data configs (delete if unwanted)")
     return load_prepared(out)
 
 

@@ -28,11 +28,17 @@ META = "meta.json"
 TOKENIZER_FILES = (HF_FILE, TIKTOKEN_FILE, TIKTOKEN_META)
 _MANIFEST = re.compile(r"part-(\d{4})-of-(\d{4})\.json")
 # Files a preparation writes into DIR: shards, masks, held-out records (and their temporary files).
-_PREPARED = re.compile(r"(s\d+_)?(train|val)(_p\d{4}of\d{4})?_\d{5,}\.(bin|mask)(\.tmp)?|s\d+_heldout\.jsonl(\.tmp)?")
+_PREPARED = re.compile(r"(s\d+_)?(train|val)(_p\d{4}of\d{4})?_\d{5,}\.(bin|mask)(\.tmp)?|s\d+_heldout\.jsonl(\.tmp)?"
+                       r"|meta\.json\.tmp")
 
 
 def staging_dir(out: Path, fingerprint: str) -> Path:
     return out / f".prepare-{fingerprint}"
+
+
+def other_staging(out: Path) -> list[Path]:
+    """Staging folders in `out`; after a switch, those of other data configs (kept: their parts may be wanted)."""
+    return sorted(out.glob(".prepare-*"))
 
 
 def shard_name(prefix: str, split: str, part: int, parts: int, index: int) -> str:
