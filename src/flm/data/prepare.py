@@ -207,8 +207,11 @@ def _missing(manifests: dict[int, Any], parts: int) -> str:
 
 
 def _workers(cfg: DataConfig, workers: int | None) -> int:
+    """`workers`, else data.workers, where 0 means one per core this process may run on."""
     chosen = cfg.workers if workers is None else workers
-    return chosen if chosen > 0 else len(os.sched_getaffinity(0))
+    if chosen > 0:
+        return chosen
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def config_fingerprint(cfg: DataConfig) -> str:
