@@ -19,6 +19,7 @@ import pytest
 
 from flm.config.schema import DataConfig, SourceConfig
 from flm.data import iter_documents, load_prepared, load_tokenizer, prepare, read_shard, train_bpe
+from flm.data import encoding
 from flm.data import parts as parts_module
 from flm.data.prepare import config_fingerprint, merge, prepare_part, prepare_tokenizer
 from flm.data.shards import HEADER_SIZE
@@ -88,9 +89,18 @@ def cfg_for(corpus, out, tokenizer="bpe", **kw) -> DataConfig:
 def test_one_and_two_workers_write_the_hand_computed_shards(tmp_path, tokenizer_file, monkeypatch):
     docs = sample_docs(80)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
-    monkeypatch.setattr(parts_module, "_CHUNK_CHARS", 300)  # many chunks, so that two workers share the work
+    monkeypatch.setattr(parts_module, "_CHUNK_CHARS", 300)  # ~30 chunks: the first 4 here, then two workers
+    started = []
+
+    class Recorded(encoding.ProcessPoolExecutor):
+        def __init__(self, workers, **kwargs):
+            started.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(encoding, "ProcessPoolExecutor", Recorded)
     for workers in (1, 2):
         prepare(cfg_for(corpus, tmp_path / f"w{workers}", tokenizer_file), workers=workers, **QUIET)
+    assert started == [2]
     assert files(tmp_path / "w1") == files(tmp_path / "w2")
     assert meta_without_dir(tmp_path / "w1") == meta_without_dir(tmp_path / "w2")
 

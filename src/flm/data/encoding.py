@@ -4,7 +4,7 @@ Order is what makes the prepared bytes independent of the number of workers: eac
 its documents, and the caller writes results in submission order. Each worker encodes on a single thread (HF
 tokenizers: TOKENIZERS_PARALLELISM=false; tiktoken: one thread), so `workers` is the number of cores tokenising.
 At most two chunks per worker are in flight, which bounds memory whatever the corpus size. With one worker
-everything runs in the calling process.
+everything runs in the calling process, and so do the first few chunks with more.
 
 Workers are spawned (nothing of this process, its threads or its imports, is shared), so, as always with spawned
 processes, a script that calls `prepare` with more than one worker needs the `if __name__ == "__main__":` guard.
@@ -31,6 +31,7 @@ from flm.errors import FlmError
 
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
 _IN_FLIGHT_PER_WORKER = 2
+_CHUNKS_HERE = 4  # encoded before any worker starts (about 1 MB of text)
 
 
 @dataclass(frozen=True)
@@ -59,41 +60,45 @@ def encode_chunk(chunk: Chunk, tok: Tokenizer) -> Encoded:
 
 class EncodePool:
     """`map` encodes chunks with the tokenizer saved in `tokenizer_dir`, in `workers` processes (spawned, so nothing
-    of this process is shared), yielding results in chunk order. Use as a context manager."""
+    of this process is shared), yielding results in chunk order. Use as a context manager.
+
+    The first chunks are encoded in this process, and the workers start only if more come: a small corpus (a test,
+    a teacher set) does not wait for processes to start.
+    """
 
     def __init__(self, tokenizer_dir: Path, workers: int):
         self.tokenizer_dir, self.workers = tokenizer_dir, workers
         self._pool: ProcessPoolExecutor | None = None
         self._tok: Tokenizer | None = None
         self._env: str | None = None
+        self._here = 0  # chunks encoded in this process
 
     def __enter__(self) -> EncodePool:
-        if self.workers > 1:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start_worker, initargs=(str(self.tokenizer_dir),))
-        else:
-            self._env = os.environ.get(_PARALLELISM)
-            self._tok = _single_threaded(load_tokenizer_dir(self.tokenizer_dir))
+        self._env = os.environ.get(_PARALLELISM)
+        self._tok = _single_threaded(load_tokenizer_dir(self.tokenizer_dir))
         return self
 
     def __exit__(self, *_: Any) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
-        elif self._env is None:
+        if self._env is None:
             os.environ.pop(_PARALLELISM, None)
         else:
             os.environ[_PARALLELISM] = self._env
 
     def map(self, chunks: Iterable[Chunk]) -> Iterator[Encoded]:
-        if self._pool is None:
-            assert self._tok is not None, "use EncodePool as a context manager"
-            for chunk in chunks:
-                yield encode_chunk(chunk, self._tok)
-            return
+        assert self._tok is not None, "use EncodePool as a context manager"
         pending: deque[Future[Encoded]] = deque()
         try:
             for chunk in chunks:
+                if self.workers == 1 or self._here < _CHUNKS_HERE:  # never once workers run: order is kept
+                    self._here += 1
+                    yield encode_chunk(chunk, self._tok)
+                    continue
+                if self._pool is None:
+                    self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=_start_worker, initargs=(str(self.tokenizer_dir),))
                 pending.append(self._pool.submit(_encode_in_worker, chunk))
                 if len(pending) >= _IN_FLIGHT_PER_WORKER * self.workers:
                     yield pending.popleft().result()
