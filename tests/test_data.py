@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
-import importlib
 import json
+import os
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +16,10 @@ import torch
 from flm.config.schema import DataConfig
 from flm.data import (TokenLoader, iter_documents, iter_eval_batches, load_prepared, load_tokenizer, prepare,
                       read_shard, train_bpe, write_shard)
-from flm.data.prepare import split_documents
-from flm.data.shards import HEADER_SIZE, read_shard_header
+from flm.data.split import split_documents
+from flm.data.shards import HEADER_SIZE, ShardFile, read_shard_header
 from flm.data.tokenizer import load_tokenizer_dir
 from flm.errors import FlmError
-
-prepare_module = importlib.import_module("flm.data.prepare")  # the package re-exports a function of this name
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 ROUND_TRIP = [
@@ -135,7 +134,7 @@ def test_zh_idioms_and_bundled_mix():
     zh = list(iter_documents("zh-idioms", max_chars=3000))
     assert len(zh) > 5 and all(CJK.search(d) for d in zh)
     assert zh == list(iter_documents("zh-idioms", max_chars=3000))
-    bundled = list(iter_documents("bundled", max_chars=20000))
+    bundled = list(iter_documents("bundled", max_chars=10000))
     assert any("God" in d for d in bundled) and sum(bool(CJK.search(d)) for d in bundled) > 5
 
 
@@ -279,29 +278,69 @@ def test_prepare_malformed_jsonl(tmp_path):
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
-def test_crash_midway_leaves_no_meta(tmp_path, monkeypatch):
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_crash_midway_keeps_the_prepared_folder(tmp_path, monkeypatch):
     corpus = _tiny_corpus(tmp_path / "corpus")
-    good = prepare(_cfg(corpus, tmp_path / "good"), log=lambda _: None)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir()}
-    prepare(_cfg(corpus, tmp_path / "crash"), log=lambda _: None)  # a complete folder, about to be redone
+    out = tmp_path / "out"
+    good = prepare(_cfg(corpus, out), log=lambda _: None)  # a complete folder, about to be redone
+    before = _files(out)
 
     calls = []
-    real = prepare_module.write_shard
+    real = ShardFile.close
 
-    def flaky(*args, **kwargs):
-        calls.append(args[0])
+    def flaky(self):
+        calls.append(self.path)
         if len(calls) == 2:
             raise RuntimeError("disk on fire")
-        real(*args, **kwargs)
+        real(self)
 
-    monkeypatch.setattr(prepare_module, "write_shard", flaky)
+    monkeypatch.setattr(ShardFile, "close", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        prepare(_cfg(corpus, tmp_path / "crash", max_chars=2000), log=lambda _: None)
-    assert not (tmp_path / "crash" / "meta.json").exists()
+        prepare(_cfg(corpus, out, max_chars=1000), log=lambda _: None)
+    monkeypatch.undo()
+    # The earlier preparation is still the prepared folder, byte for byte (the new one was being staged).
+    assert _files(out) == before
+    assert load_prepared(out).train_tokens == good.train_tokens
+    # Preparing again finishes the new one and removes what the old one had and the new one has not.
+    redone = prepare(_cfg(corpus, out, max_chars=1000), log=lambda _: None)
+    assert redone.train_tokens < good.train_tokens
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in redone.train_shards + redone.val_shards] + ["meta.json", "tokenizer.json"])
+
+
+def test_interrupted_switch_is_completed(tmp_path, monkeypatch):
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    reference = prepare(_cfg(corpus, tmp_path / "reference", max_chars=1000), log=lambda _: None)
+    out = tmp_path / "out"
+    prepare(_cfg(corpus, out), log=lambda _: None)
+
+    moved = []
+    real = os.replace
+
+    def killed_midway(src, dst):  # the third shard moved into the folder is where the "kill" happens
+        if Path(dst).parent == out and Path(dst).suffix == ".bin":
+            moved.append(dst)
+            if len(moved) == 3:
+                raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_cfg(corpus, out, max_chars=1000), log=lambda _: None)
+    monkeypatch.undo()
     with pytest.raises(FlmError, match="run `flm prepare` first"):
-        load_prepared(tmp_path / "crash")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir()} == before
-    assert load_prepared(tmp_path / "good").train_tokens == good.train_tokens
+        load_prepared(out)  # between the two meta.json files the folder reads as not prepared
+    logs = []
+    done = prepare(_cfg(corpus, out, max_chars=1000), log=logs.append)
+    assert "completing the switch" in logs[0]
+    assert {p.name for p in done.train_shards + done.val_shards} == {
+        p.name for p in reference.train_shards + reference.val_shards}
+    assert {n: b for n, b in _files(out).items() if n != "meta.json"} == {
+        n: b for n, b in _files(tmp_path / "reference").items() if n != "meta.json"}
+    assert not list(out.glob(".prepare-*"))
 
 
 def test_load_prepared_checks_shards(tmp_path):

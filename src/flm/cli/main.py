@@ -22,12 +22,41 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from flm.config import load_config
-    from flm.data import prepare
+    from flm.data.prepare import merge, prepare, prepare_part, prepare_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    data = prepare(cfg.data)
+    if args.tokenizer_only:
+        tok = prepare_tokenizer(cfg.data)
+        print(f"tokenizer ready ({tok.vocab_size} ids); next, on any machines: flm prepare --part I/N (I = 0..N-1), "
+              "then flm prepare --merge")
+        return
+    if args.part:
+        prepare_part(cfg.data, *args.part, workers=args.workers, force=args.force)
+        return
+    if args.merge:
+        data = merge(cfg.data)
+    else:
+        data = prepare(cfg.data, workers=args.workers, force=args.force, parts=args.parts)
     print(f"prepared {data.train_tokens:,} train and {data.val_tokens:,} validation tokens "
           f"(vocab {data.vocab_size}) in {data.dir}")
+
+
+def _part(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N)."""
+    try:
+        part, parts = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 3/16, got {text!r}") from None
+    if not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"part {part} of {parts}: I must be in [0, N)")
+    return part, parts
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -100,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenise a corpus into binary shards")
     _config_args(p)
+    p.add_argument("--workers", type=_positive, metavar="N",
+                   help="tokenising processes (default: data.workers, 0 there meaning one per CPU core)")
+    p.add_argument("--force", action="store_true", help="prepare again even if the folder (or part) is prepared")
+    p.add_argument("--parts", type=_positive, default=1, metavar="N",
+                   help="write the folder as N parts, here, one after another (a killed run resumes at its part)")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--tokenizer-only", action="store_true",
+                      help="only train (or install) the tokenizer, before the parts run on other machines")
+    step.add_argument("--part", type=_part, metavar="I/N", help="prepare part I of N (I = 0..N-1), on any machine")
+    step.add_argument("--merge", action="store_true", help="merge the N prepared parts: writes meta.json")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train (prepares the data first if needed)")

@@ -95,10 +95,14 @@ class SourceConfig:
 class DataConfig:
     """Where text comes from, how it is tokenised, and where the shards go."""
 
-    corpus: str = "bundled"  # "bundled" (kjv + zh-idioms), "kjv", "zh-idioms", or a path to .txt/.jsonl files
+    # "bundled" (kjv + zh-idioms), "kjv", "zh-idioms", or a file, folder or glob of .txt, .jsonl, .jsonl.gz,
+    # .jsonl.zst or .parquet files (docs/data.md)
+    corpus: str = "bundled"
     dir: str = "data/bundled"  # output folder of `flm prepare`, input of `flm train`
     tokenizer: str = "bpe"  # "bpe" (train byte-level BPE here), a tokenizer.json path, or "tiktoken:PATH"
     vocab_size: int = 8192  # for tokenizer = "bpe"
+    bpe_sample_chars: int = 100_000_000  # BPE trains on all training text up to this many characters, a sample beyond
+    workers: int = 0  # tokenising processes of `flm prepare` (0: one per CPU core); the output does not depend on it
     val_fraction: float = 0.01
     shard_tokens: int = 50_000_000
     max_chars: int | None = None  # cap on corpus characters (None: everything), for quick runs
@@ -113,6 +117,8 @@ class DataConfig:
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _require(self.shard_tokens > 0, f"data.shard_tokens must be positive, got {self.shard_tokens}")
         _require(self.max_chars is None or self.max_chars > 0, f"data.max_chars must be positive, got {self.max_chars}")
+        _require(self.bpe_sample_chars > 0, f"data.bpe_sample_chars must be positive, got {self.bpe_sample_chars}")
+        _require(self.workers >= 0, f"data.workers must be >= 0 (0: one per CPU core), got {self.workers}")
         for i, source in enumerate(self.sources):
             source.validate(f"data.sources[{i}]")
         _require(not self.sources or any(s.kind != "teacher" for s in self.sources),

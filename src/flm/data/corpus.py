@@ -1,16 +1,20 @@
-"""Where documents come from: the two corpora bundled as pip packages, or the user's .txt / .jsonl files.
+"""Where documents come from: the two corpora bundled as pip packages, or the user's files (a file, a folder or a
+glob; formats in flm.data.formats).
 
-Every source yields documents in a fixed order, so the same config always produces the same split and shards.
+Every source yields documents one at a time, in a fixed order, so the same config always produces the same split
+and shards, and a corpus of any size streams through in constant memory.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import importlib.util
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from flm.data.formats import FOLDER_SUFFIXES, iter_file_documents, known_suffix
 from flm.errors import FlmError
 
 BUNDLED = ("bundled", "kjv", "zh-idioms")
@@ -24,7 +28,7 @@ KJV_BOOKS = (
     "Philippians", "Colossians", "1Thessalonians", "2Thessalonians", "1Timothy", "2Timothy", "Titus", "Philemon",
     "Hebrews", "James", "1Peter", "2Peter", "1John", "2John", "3John", "Jude", "Revelation",
 )
-_SUFFIXES = (".txt", ".jsonl")
+_GLOB_CHARS = frozenset("*?[")
 
 
 def iter_documents(corpus: str, max_chars: int | None = None) -> Iterator[str]:
@@ -47,7 +51,7 @@ def _source(corpus: str) -> Iterator[str]:
         return _zh_idioms()
     if corpus == "bundled":
         return _interleave_by_chars(_kjv(), _zh_idioms())
-    return _files(Path(corpus))
+    return _files(corpus)
 
 
 def _cap(docs: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -121,52 +125,28 @@ def _idiom_document(row: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _files(root: Path) -> Iterator[str]:
-    for path in _corpus_files(root):
-        yield from (_jsonl_documents(path) if path.suffix == ".jsonl" else _txt_document(path))
+def _files(corpus: str) -> Iterator[str]:
+    for path in corpus_files(corpus):
+        yield from iter_file_documents(path)
 
 
-def _corpus_files(root: Path) -> list[Path]:
+def corpus_files(corpus: str) -> list[Path]:
+    """The files of a user corpus, in reading order: the file itself; a folder's files with a known suffix (sorted
+    relative paths, hidden ones skipped); or a glob's matches (sorted; `**` spans folders), whatever their suffix."""
+    root = Path(corpus)
     if root.is_file():
-        if root.suffix not in _SUFFIXES:
-            raise FlmError(f"unsupported corpus file {root}: expected .txt or .jsonl")
         return [root]
-    if not root.is_dir():
-        raise FlmError(f"corpus not found: {root} (use 'bundled', 'kjv', 'zh-idioms' or a path to .txt/.jsonl files)")
-    files = sorted((p for p in root.rglob("*") if p.suffix in _SUFFIXES and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                   key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        raise FlmError(f"no .txt or .jsonl files under corpus folder {root}")
-    return files
-
-
-def _txt_document(path: Path) -> Iterator[str]:
-    text = _read_text(path)
-    if text.strip():
-        yield text
-
-
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    """One document per line, taken from its "text" field; blank lines are skipped."""
-    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and friends.
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            text = None
-        if not isinstance(text, str):
-            raise FlmError(f"{path}:{lineno}: malformed JSONL line (expected an object with a string \"text\" field)")
-        if text.strip():
-            yield text
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise FlmError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
-    except OSError as e:
-        raise FlmError(f"cannot read {path}: {e.strerror or e}") from e
+    if root.is_dir():
+        files = sorted((p for p in root.rglob("*") if known_suffix(p) and p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                       key=lambda p: p.relative_to(root).as_posix())
+        if not files:
+            raise FlmError(f"no .txt or .jsonl files (nor {', '.join(FOLDER_SUFFIXES[2:])}) under corpus folder {root}")
+        return files
+    if _GLOB_CHARS & set(corpus):
+        files = sorted(Path(p) for p in glob.glob(corpus, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FlmError(f"no files match the corpus pattern {corpus}")
+        return files
+    raise FlmError(f"corpus not found: {root} (use 'bundled', 'kjv', 'zh-idioms', or a file, folder or glob of "
+                   f"{', '.join(FOLDER_SUFFIXES)} files)")

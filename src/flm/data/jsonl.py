@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flm.data.formats import numbered_lines
 from flm.errors import FlmError
 
 T = TypeVar("T")
@@ -25,28 +26,33 @@ def jsonl_files(root: Path) -> list[Path]:
 
 
 def read_jsonl(root: Path, parse: Callable[[Any], T]) -> list[T]:
-    """Records of a .jsonl file or of every .jsonl file under a folder (sorted paths); blank lines are skipped.
+    """All records of `iter_jsonl`, as a list."""
+    return list(iter_jsonl(root, parse))
 
-    A line that is not JSON, or that `parse` rejects with a ValueError, is an FlmError "FILE:LINE: what is wrong".
+
+def iter_jsonl(root: Path, parse: Callable[[Any], T]) -> Iterator[T]:
+    """Records of a .jsonl file or of every .jsonl file under a folder (sorted paths), one line at a time; blank
+    lines are skipped.
+
+    A line that is not JSON, or that `parse` rejects with a ValueError, is an FlmError "FILE:LINE: what is wrong";
+    so is a source without a single record (raised once it has been read to the end).
     """
-    records = []
+    empty = True
     for path in jsonl_files(root):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise FlmError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
-        except OSError as e:
-            raise FlmError(f"cannot read {path}: {e.strerror or e}") from e
-        # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and friends.
-        for lineno, line in enumerate(text.split("\n"), 1):
+        for lineno, raw in numbered_lines(path):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FlmError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
-                records.append(parse(json.loads(line)))
+                record = parse(json.loads(line))
             except json.JSONDecodeError as e:
                 raise FlmError(f"{path}:{lineno}: malformed JSONL line ({e.msg} at column {e.colno})") from None
             except ValueError as e:
                 raise FlmError(f"{path}:{lineno}: {e}") from None
-    if not records:
+            empty = False
+            yield record
+    if empty:
         raise FlmError(f"{root} holds no records")
-    return records

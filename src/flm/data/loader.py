@@ -46,7 +46,7 @@ class TokenStream:
         for shard, tokens, mask in zip(shards, self.parts, self.masks):
             if mask is not None and len(mask) != len(tokens):
                 raise FlmError(f"loss mask of {shard} has {len(mask)} entries for {len(tokens)} tokens: "
-                               "run `flm prepare` again")
+                               "run `flm prepare --force`")
         self.has_masks = any(m is not None for m in self.masks)
 
     def __len__(self) -> int:

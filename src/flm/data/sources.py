@@ -2,15 +2,17 @@
 
 Three kinds (docs/data.md): plain text (every token is a loss target, no mask stored), instruction data (JSONL
 prompt/response; the loss on the response and its end-of-text, or on everything) and teacher-signal propositions
-(flm.data.teacher; the loss on the label token only). `prepare` reads every source completely before it touches its
-output folder, so a malformed line is reported (file:line) while an already prepared folder is still intact.
+(flm.data.teacher; the loss on the label token only). Text and instruction sources are read as streams, one record
+at a time; a malformed record is an FlmError naming file:line.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,10 +20,12 @@ import numpy as np
 
 from flm.config.schema import DataConfig, SourceConfig
 from flm.data.corpus import iter_documents
-from flm.data.jsonl import read_jsonl
+from flm.data.jsonl import iter_jsonl
+from flm.data.split import SPLIT_SALT, split_documents
 from flm.data.teacher import TeacherItem, read_items
 from flm.data.tokenizer import Tokenizer
 from flm.errors import FlmError
+
 
 @dataclass(frozen=True)
 class Instruction:
@@ -30,6 +34,30 @@ class Instruction:
 
 
 Document = Union[str, Instruction, TeacherItem]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source as `prepare` sees it: its config and position, name, held-out share and shard-name prefix."""
+
+    index: int
+    config: SourceConfig
+    name: str
+    val_fraction: float
+    prefix: str  # "" for a plain corpus ("train_00000.bin"), "s{index}_" in a mixture
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+
+def planned_sources(cfg: DataConfig) -> list[Source]:
+    """The sources of `cfg`; a plain corpus is one text source, written under the names it had before mixtures."""
+    if not cfg.sources:
+        text = SourceConfig(kind="text")
+        return [Source(0, text, source_name(text, cfg), cfg.val_fraction, "")]
+    return [Source(i, src, source_name(src, cfg), src.val_fraction if src.val_fraction is not None
+                   else cfg.val_fraction, f"s{i}_") for i, src in enumerate(cfg.sources)]
 
 
 def source_name(src: SourceConfig, cfg: DataConfig) -> str:
@@ -41,18 +69,31 @@ def text_corpus(src: SourceConfig, cfg: DataConfig) -> str:
     return src.path or cfg.corpus
 
 
-def read_source(src: SourceConfig, cfg: DataConfig) -> list[Document]:
-    """Every document of one source, in a fixed order; any malformed record is an FlmError naming file:line."""
+def iter_source(src: SourceConfig, cfg: DataConfig) -> Iterator[Document]:
+    """The documents of one source, one at a time, in a fixed order."""
     if src.kind == "text":
-        return list(iter_documents(text_corpus(src, cfg), cfg.max_chars))
+        return iter_documents(text_corpus(src, cfg), cfg.max_chars)
     if src.kind == "instruct":
-        return read_instructions(src.path)
-    return read_items(src.path)
+        return iter_jsonl(Path(src.path), _parse_instruction)
+    return iter(read_items(src.path))
+
+
+def teacher_split(src: Source) -> tuple[list[TeacherItem], list[TeacherItem]]:
+    """A teacher source, read whole: (training propositions, one item each in a seeded shuffle; held-out records).
+
+    The shuffle matters: packed windows hold several propositions, and neighbours that share a label or a question
+    (the options of one question) would let the model read the answer off its context.
+    """
+    items = read_items(src.config.path)
+    train, held = split_documents(items, src.val_fraction, keys=[split_key(item) for item in items])
+    singles = [TeacherItem(text=text, label=truth) for item in train for text, truth in item.propositions()]
+    random.Random(SPLIT_SALT).shuffle(singles)
+    return singles, held
 
 
 def read_instructions(path: str | Path) -> list[Instruction]:
     """Instruction records ({"prompt": ..., "response": ...}) of a .jsonl file or folder; errors name file:line."""
-    return read_jsonl(Path(path), _parse_instruction)
+    return list(iter_jsonl(Path(path), _parse_instruction))
 
 
 def split_key(doc: Document) -> str:
@@ -79,11 +120,10 @@ def encode(docs: Sequence[Document], kind: str, tok: Tokenizer, loss_on: str = "
     """Tokens of `docs`, each followed by end-of-text, and for instruct/teacher sources the 0/1 loss mask beside
     them (mask[i] = 1: token i is a loss target, i.e. the model is trained to predict it)."""
     if kind == "text":
-        flat: list[int] = []
-        for ids in tok.encode_batch(list(docs)):
-            flat.extend(ids)
-            flat.append(tok.eot_id)
-        return np.array(flat, dtype=np.uint32), None
+        ids = tok.encode_batch(list(docs))
+        eot = (tok.eot_id,)
+        flat = chain.from_iterable(chain.from_iterable((doc, eot) for doc in ids))
+        return np.fromiter(flat, dtype=np.uint32, count=sum(map(len, ids)) + len(ids)), None
     if kind == "instruct":
         n = len(docs)
         ids = tok.encode_batch([d.prompt for d in docs] + [d.response for d in docs])
