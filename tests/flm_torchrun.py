@@ -19,11 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *flm_args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node N -m flm.cli.main ARGS` on this machine's CPU; one thread per process."""
+def torchrun(nproc: int, *flm_args: str, timeout: float = 300, check: bool = True,
+             script: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m flm.cli.main ARGS` (or `torchrun ... SCRIPT ARGS`) on this machine's CPU;
+    one thread per process."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    target = [script] if script is not None else ["-m", "flm.cli.main"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "flm.cli.main", *flm_args]
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target, *flm_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

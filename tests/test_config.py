@@ -1,5 +1,6 @@
 """Config loading: typed values, one-line errors, presets and command-line overrides."""
 
+import re
 import subprocess
 import sys
 
@@ -68,3 +69,21 @@ def test_cli_reports_user_errors_in_one_line_with_exit_2(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_overrides_reach_arrays_of_tables(tmp_path):
+    """--set reaches [[stages]] and [[data.sources]] by index, at any depth."""
+    path = write(tmp_path, '[[stages]]\ntokens = 1000\n[[stages]]\nd_model = 256\ntokens = 2000\n'
+                           '[data]\n[[data.sources]]\nkind = "text"\nweight = 1.0\n'
+                           '[[data.sources]]\nkind = "teacher"\npath = "t.jsonl"\nweight = 0.25\n')
+    cfg = load_config(path, ["stages.1.d_model=192", "stages.0.tokens=500", "data.sources.1.weight=0.5"])
+    assert [s.d_model for s in cfg.stages] == [None, 192] and cfg.stages[0].tokens == 500
+    assert [s.weight for s in cfg.data.sources] == [1.0, 0.5]
+    for override, message in [("stages.2.tokens=1", "stages has 2 entries (indices 0..1), not '2'"),
+                              ("stages.x.tokens=1", "not 'x'"),
+                              ("stages.d_model=1", "'stages' is a list; name an entry by its index"),
+                              ("stages=1", "must be section.key"),
+                              ("train.lr.x=1", "train.lr must be a number"),
+                              ("stages.0.nope=1", "unknown key 'stages[0].nope'")]:
+        with pytest.raises(FlmError, match=re.escape(message)):
+            load_config(path, [override])

@@ -1,5 +1,6 @@
 """MSG growth: every operator, alone and combined, preserves the function exactly at c = 0."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -128,3 +129,14 @@ def test_moments_map_into_the_old_block_and_new_entries_are_zero(old_model):
 def test_impossible_growth_is_refused(old_model, change, message):
     with pytest.raises(FlmError, match=message):
         grow_model(old_model, dataclasses.replace(OLD, **change))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_growth_on_cuda_gives_the_cpu_values(old_model):
+    """New entries are drawn on the host: a model grown on the GPU holds exactly the values grown on the CPU."""
+    new_cfg = dataclasses.replace(OLD, **GROWTHS["all"])
+    on_cpu, _ = grow_model(old_model, new_cfg, seed=7, index=2)
+    on_gpu, _ = grow_model(copy.deepcopy(old_model).cuda(), new_cfg, seed=7, index=2)
+    for (name, a), (_, b) in zip(on_cpu.named_parameters(), on_gpu.named_parameters()):
+        assert b.device.type == "cuda" and torch.equal(a, b.cpu()), name

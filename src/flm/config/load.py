@@ -85,18 +85,40 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=1e-3' -> (['train', 'lr'], 0.001). Values are TOML; bare words are strings."""
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001); 'stages.2.d_model=192' -> (['stages', '2', 'd_model'], 192).
+    Values are TOML; bare words are strings."""
     if "=" not in text:
         raise FlmError(f"bad override {text!r}: expected section.key=value")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise FlmError(f"bad override {text!r}: the key must be section.key, e.g. train.lr=1e-3")
+    if len(parts) < 2 or not all(parts):
+        raise FlmError(f"bad override {text!r}: the key must be section.key, e.g. train.lr=1e-3 or stages.0.tokens=1e6")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
     return parts, parsed
+
+
+def apply_override(raw: dict[str, Any], text: str) -> None:
+    """Set one `--set` value in the raw TOML tables, at any depth: tables by key, arrays of tables
+    ([[stages]], [[data.sources]]) by index."""
+    path, value = parse_override(text)
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[:i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise FlmError(f"bad override {text!r}: {'.'.join(path[:i])} has {len(node)} entries "
+                               f"(indices 0..{len(node) - 1}), not {part!r}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise FlmError(f"bad override {text!r}: '{where}' is a value, not a table")
+    if isinstance(node, list):
+        raise FlmError(f"bad override {text!r}: '{'.'.join(path[:-1])}' is a list; name an entry by its index")
+    node[path[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -111,11 +133,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except tomllib.TOMLDecodeError as e:
             raise FlmError(f"config error: {path}: {e}") from None
     for text in overrides:
-        (section, key), value = parse_override(text)
-        table = raw.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise FlmError(f"bad override {text!r}: '{section}' is not a table")
-        table[key] = value
+        apply_override(raw, text)
     return config_from_dict(raw)
 
 
