@@ -78,3 +78,13 @@ def test_user_mistakes_are_one_line_errors(run):
                  ["info", "--preset", "nope"]):
         proc = flm(*args, check=False)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_progress_is_lines_in_a_log_file(tiny, tmp_path):
+    """Written to a file (CI, nohup, Slurm), progress is one line every log_every steps, never a bar redrawn with
+    carriage returns."""
+    proc = flm("train", *tiny.args(tmp_path / "run", "train.progress=true", "train.max_steps=8", "train.log_every=4"))
+    out = proc.stdout + proc.stderr
+    assert "\r" not in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ") and " lr " in line] == \
+        ["4/8", "8/8"]

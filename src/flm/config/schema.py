@@ -154,7 +154,7 @@ class TrainConfig:
     sample_prompt: str = "In the beginning"
     sample_tokens: int = 48
     tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; elsewhere (CI, nohup, Slurm) a line every log_every steps
     # The step guard (flm.train.guard): a step whose loss or gradient norm is not finite, or whose loss exceeds
     # spike_factor x the median of the last spike_window accepted losses (0: no spike test), changes nothing;
     # then "skip" goes on (stopping after max_bad_steps such steps in a row), "rollback" returns to the newest

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -337,7 +338,7 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, tc.tensorboard and self.is_main,
                                 resume_step=self.step if self.step else None, enabled=self.is_main, note=self.log)
         progress = None
-        if tc.progress and self.is_main:
+        if tc.progress and self.is_main and sys.stderr.isatty():  # a log file gets lines, not a redrawn bar
             from tqdm import tqdm
 
             progress = tqdm(total=end, initial=self.step, unit="step", dynamic_ncols=True)
