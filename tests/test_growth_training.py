@@ -163,7 +163,7 @@ def test_staged_run_grows_and_resumes_bit_exactly_mid_ramp(data_dir, tmp_path):
     growths = [r for r in records if r["kind"] == "growth"]
     assert [g["step"] for g in growths] == [6, 11]
     for g in growths:
-        # A mean of float32 token losses; width growth may move logits in the last bits (test_growth.py): observed equal.
+        # A mean of float32 token losses; width growth may move logits in the last bits (test_growth.py). Seen equal.
         assert g["loss_after"] == pytest.approx(g["loss_before"], rel=1e-6)
         assert g["params_after"] > g["params_before"]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 16))
