@@ -45,23 +45,45 @@ def old_model():
     return model
 
 
+# Growth adds exact zeros (masked structure) everywhere, but where it lengthens a reduction the float32 result may
+# still move in the last bits: a matmul whose inner dimension grew (FFN units into mlp.fc2, heads into attn.proj)
+# may be summed in another grouping by the BLAS (MKL regroups K = 200 but not K = 256 on the machine this was
+# measured on), and width growth replaces the fused LayerNorm by the mask-weighted formula, summed over d' entries.
+# Bound: max |Δ logit| <= 2e-6 x max |logit|; observed over 15 seeds at most 4.5e-7 (FFN 200: 3.6e-7, width:
+# 4.0e-7, width under μP: 4.5e-7; heads: 0 here). The old bound, 1e-5 absolute, was 2.8e-5 of these logits.
+GROWTH_RTOL = 2e-6
+
+
+def assert_same_function(after, before):
+    assert (after - before).abs().max() <= GROWTH_RTOL * before.abs().max()
+
+
 @pytest.mark.parametrize("name", list(GROWTHS))
 def test_growth_preserves_logits_and_loss(old_model, name):
+    """At c = 0 the grown model computes the old function. Depth growth is exact in float32, whatever the layer
+    sizes: the old layers run the same operations on the same inputs and a new layer adds gate 0 x (its output
+    minus its input), returning its input bit for bit. Other growths: GROWTH_RTOL above; the loss (a mean over
+    120 token losses of ~4.6) within relative 1e-6, 5 ulps (observed: at most 2 ulps)."""
     x, y = torch.randint(0, 101, (3, 40)), torch.randint(0, 101, (3, 40))
     before, loss_before = old_model(x, y)
     model, _ = grown(old_model, name)
     after, loss_after = model(x, y)
-    assert (after - before).abs().max().item() <= 1e-5
-    assert loss_after.item() == pytest.approx(loss_before.item(), abs=1e-6)
+    if name.startswith("depth-"):
+        assert torch.equal(after, before) and torch.equal(loss_after, loss_before)
+    else:
+        assert_same_function(after, before)
+        assert loss_after.item() == pytest.approx(loss_before.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["hidden", "all"])
 def test_width_growth_with_mup_readout_is_exact(name):
+    """The μP readout multiplier shrinks with the width and the grown head compensates: the same function, within
+    GROWTH_RTOL (the head's scale d'/d = 2 or 1.75 is exact or one rounding; the LayerNorm as above)."""
     torch.manual_seed(0)
     old = FLM(dataclasses.replace(OLD, mup=True, base_width=16, output_mult=2.0)).eval()
     x = torch.randint(0, 101, (2, 30))
     model, _ = grown(old, name)
-    assert (model(x)[0] - old(x)[0]).abs().max().item() <= 1e-5
+    assert_same_function(model(x)[0], old(x)[0])
 
 
 @pytest.mark.parametrize("name", ["hidden", "depth-stack", "all"])

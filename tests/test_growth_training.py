@@ -163,7 +163,8 @@ def test_staged_run_grows_and_resumes_bit_exactly_mid_ramp(data_dir, tmp_path):
     growths = [r for r in records if r["kind"] == "growth"]
     assert [g["step"] for g in growths] == [6, 11]
     for g in growths:
-        assert g["loss_after"] == pytest.approx(g["loss_before"], abs=1e-5)
+        # A mean of float32 token losses; width growth may move logits in the last bits (test_growth.py). Seen equal.
+        assert g["loss_after"] == pytest.approx(g["loss_before"], rel=1e-6)
         assert g["params_after"] > g["params_before"]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 16))
     assert [r["step"] for r in read_metrics(tmp_path / "b") if r["kind"] == "train"] == list(range(1, 16))
@@ -191,7 +192,8 @@ def test_offline_grow_then_resume_continues_from_the_same_function(data_dir, tmp
 
     apply_masks(big, Ramp.from_dict(meta["ramp"]))
     x = torch.randint(0, 400, (2, 20))
-    assert (big(x)[0] - small(x)[0]).abs().max() <= 1e-5
+    after, before = big(x)[0], small(x)[0]
+    assert (after - before).abs().max() <= 2e-6 * before.abs().max()  # as test_growth.py's; observed 2.3e-7
     grown_cfg = staged(data_dir, out, "model.d_model=64", "model.n_heads=4", "model.n_layers=3")
     grown_cfg.stages = []
     grown_cfg.train.max_steps, grown_cfg.train.warmup_steps = 8, 1

@@ -105,7 +105,11 @@ def test_mup_growth_is_exact_and_switches_to_the_new_width_lrs(name, zero_query)
     old.eval()
     new_cfg = dataclasses.replace(old_cfg, **GROWTHS[name])
     grown, ramp, state = grow_training(old, adam_state_by_name(opt), new_cfg, ramp_steps=10)
-    assert (grown.eval()(x)[0] - old(x)[0]).abs().max().item() <= 1e-5
+    after, before = grown.eval()(x)[0], old(x)[0]
+    if name == "depth":  # the old layers' operations unchanged, the new one at gate 0: exact in float32
+        assert torch.equal(after, before)
+    else:  # a longer reduction may be grouped otherwise (test_growth.py, GROWTH_RTOL): observed <= 3.5e-7
+        assert (after - before).abs().max() <= 2e-6 * before.abs().max()
     gopt = build_optimizer(grown, train, state)
     for group in gopt.param_groups:
         for n in group["names"]:
@@ -136,7 +140,7 @@ def test_staged_mup_run_grows_exactly_and_trains_at_each_widths_lr(data_dir, tmp
     trainer = Trainer(cfg, log=lambda *_: None)
     trainer.train(until_step=6)
     record = trainer.grow()
-    assert record["loss_after"] == pytest.approx(record["loss_before"], abs=1e-5)
+    assert record["loss_after"] == pytest.approx(record["loss_before"], rel=1e-6)  # width growth: observed equal
     trainer.train_step()
     lr = lr_at(trainer.step - 1, trainer.stages)
     hidden = [g for g in trainer.optimizer.param_groups if mup.is_hidden_matrix(g["names"][0])]

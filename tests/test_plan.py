@@ -125,6 +125,51 @@ def test_memory_responds_to_sharding_sequence_parallel_and_recomputation():
         mem(tp=3)
 
 
+# A tiny model worked out by hand from flm.plan.memory's docstring: 4 layers, d 64, 4 heads x 16, FFN 256, V 512.
+# One layer: LayerNorms 2 x (64 + 64) = 256, QKV 64 x 192 + 192 = 12,480, output 64 x 64 + 64 = 4,160,
+# FFN 64 x 256 + 256 = 16,640 and 256 x 64 + 64 = 16,448: 49,984. Embedding = LM head = 512 x 64 = 32,768;
+# final LayerNorm 128. s = 128, b = 2 (micro-batch): s.b.h = 128 x 2 x 64 = 16,384.
+TINY = ModelConfig(n_layers=4, d_model=64, n_heads=4, head_dim=16, vocab_size=512)
+LAYER, EMBED, SBH = 49_984, 32_768, 128 * 2 * 64
+
+
+@pytest.mark.parametrize("layout, params, activations", [
+    # TP2 PP2: the first stage holds ceil(4/2) = 2 layers and the embedding, split over 2; selective recomputation
+    # with sequence parallelism stores s.b.h.34/t per layer, and under 1F1B the first stage holds all L = 4
+    # layers' worth; no logits (they are on the last stage).
+    (Layout(tp=2, pp=2, dp=2, micro_batch_size=2), (2 * LAYER + EMBED) / 2, 4 * SBH * 34 / 2),
+    # No recomputation, no sequence parallelism: s.b.h.(10 + 24/t + 5.a.s/(h.t)) = s.b.h.(10 + 12 + 20) per layer.
+    (Layout(tp=2, pp=2, dp=2, micro_batch_size=2, sequence_parallel=False, recompute="none"), (2 * LAYER + EMBED) / 2,
+     4 * SBH * (10 + 24 / 2 + 5 * 4 * 128 / (64 * 2))),
+    # Full recomputation: each layer's input, 2.s.b.h/t, plus one layer rebuilt without recomputation
+    # (sequence parallel: s.b.h.(34/t + 5.a.s/(h.t)) = s.b.h.(17 + 20)).
+    (Layout(tp=2, pp=2, dp=2, micro_batch_size=2, recompute="full"), (2 * LAYER + EMBED) / 2,
+     4 * 2 * SBH / 2 + SBH * (34 / 2 + 5 * 4 * 128 / (64 * 2))),
+    # PP3: ceil(4/3) = 2 layers on the first stage.
+    (Layout(tp=2, pp=3, dp=2, micro_batch_size=2), (2 * LAYER + EMBED) / 2, 4 * SBH * 34 / 2),
+    # PP1: the one stage holds everything (4 layers, embedding, head, final LayerNorm) and the fp32 logits of one
+    # micro-batch, 4.s.b.V/t bytes.
+    (Layout(tp=2, pp=1, dp=2, micro_batch_size=2), (4 * LAYER + 2 * EMBED + 128) / 2,
+     4 * SBH * 34 / 2 + 4 * 128 * 2 * 512 / 2),
+], ids=["tp2-pp2-dp2", "no-recompute-no-sp", "full-recompute", "pp3-ceil", "pp1-head-and-logits"])
+def test_memory_of_a_tiny_layout_by_hand(layout, params, activations):
+    """estimate_memory's fields equal the docstring's formulas worked out by hand for a tiny model: bf16 weights
+    (2 bytes per parameter of the first pipeline stage, split TP ways), fp32 gradients (4, not sharded over DP),
+    master weights and Adam moments (12, sharded over DP by the distributed optimizer), activations per
+    Korthikanti et al. Catches: the LM head or embedding put on the wrong stage, floor instead of ceil for the
+    layers per stage, gradients sharded over DP or optimizer state not, a TP or SP factor dropped, only the
+    stage's own layers' activations counted under 1F1B, the logits or the extra full-recompute layer left out.
+    Exact: every number is an integer or a sum of a few dyadic fractions, exact in double precision."""
+    assert LAYER == 2 * 2 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)
+    gpu = get_gpu("A800-80G")
+    got = estimate_memory(TINY, 128, layout, gpu, 0.1)
+    assert (got.params, got.grads, got.optimizer, got.activations) == (2 * params, 4 * params, 12 * params / 2,
+                                                                        activations)
+    assert got.usable == 0.9 * 80 * 2**30 and got.fits
+    whole = estimate_memory(TINY, 128, replace(layout, distributed_optimizer=False), gpu, 0.1)
+    assert whole.optimizer == 12 * params and whole.grads == got.grads
+
+
 def test_search_respects_budget_grows_about_2x_and_beats_scratch(paper):
     hours = budget_gpu_hours(paper.plan, 100_000.0, None)
     found = search_schedule(preset("flm-101b"), paper.plan, A800, 2048, hours)
