@@ -25,7 +25,7 @@ from flm.config import ModelConfig, load_config
 from flm.config.schema import DataConfig, SourceConfig
 from flm.data import load_prepared, prepare
 from flm.data.loader import IGNORE
-from flm.growth import apply_masks, grow_model, grow_training
+from flm.growth import apply_masks, grow_training
 from flm.model import FLM
 from flm.train import Trainer
 from flm.train.optim import adam_state_by_name, build_optimizer
@@ -421,7 +421,10 @@ def test_mup_width_growth_scales_the_head_and_its_moments_by_hand():
     assert torch.equal(state["exp_avg"][:, :32], m * 0.5)
     assert torch.equal(state["exp_avg_sq"][:, :32], v * 0.25)
     assert not state["exp_avg"][:, 32:].any() and not state["exp_avg_sq"][:, 32:].any()
-    assert torch.equal(state["step"], torch.cat([torch.full((97, 32), 2.0), torch.zeros(97, 32)], 1))
+    # Step counts by age class: each entry's count is its class's (old block 2 steps, new entries 0).
+    assert state["age"].dtype == torch.uint8
+    assert torch.equal(state["step"][state["age"].long()], torch.cat([torch.full((97, 32), 2.0),
+                                                                      torch.zeros(97, 32)], 1))
     assert torch.equal(gopt.state[grown.embed.weight]["exp_avg"][:, :32], m_embed)  # a vector-like input: as is
     # Why: at c = 0 the grown head's gradient on the old block is half the old head's gradient.
     old(x, y)[1].backward()
@@ -456,12 +459,13 @@ def test_flm_grow_then_resume_continues_with_the_old_moments(tiny, flm, tmp_path
             assert not new_t[rest].any(), (name, field)
         step = after[f"opt.{name}.step"]
         if after[f"opt.{name}.exp_avg"].shape == old_m.shape:  # not grown (QKV's bias, heads fixed): scalar count
-            assert step.dim() == 0 and step.item() == 4, name
-        else:
+            assert step.dim() == 0 and step.item() == 4 and f"opt.{name}.age" not in after, name
+        else:  # one count per age class, one byte per entry naming its class
             grew += 1
-            want = torch.zeros_like(step)
+            age = after[f"opt.{name}.age"]
+            want = torch.zeros(age.shape)
             want[block] = 4
-            assert torch.equal(step, want), name
+            assert age.dtype == torch.uint8 and torch.equal(step[age.long()], want), name
 
     assert grew == len(names) - 2  # all but the two QKV biases grew
     trainer = Trainer(tiny.config(big, "model.d_model=96", "model.n_layers=3", "train.max_steps=7"), log=quiet)
@@ -469,7 +473,8 @@ def test_flm_grow_then_resume_continues_with_the_old_moments(tiny, flm, tmp_path
     loaded = adam_state_by_name(trainer.optimizer)
     assert sorted(loaded) == names
     for name in names:
-        for field in ("exp_avg", "exp_avg_sq", "step"):
+        assert sorted(loaded[name]) == sorted(k.rsplit(".", 1)[1] for k in after if k.startswith(f"opt.{name}."))
+        for field in loaded[name]:
             assert torch.equal(loaded[name][field], after[f"opt.{name}.{field}"]), (name, field)
     trainer.train()
     trainer.close()

@@ -1,5 +1,6 @@
 """A checkpoint's tensors read one at a time, in either format: what `flm grow` grows, without ever holding the
-whole model (safetensors files are memory-mapped; a sharded checkpoint is asked for one tensor at a time)."""
+whole model (a safetensors file is mapped only while one tensor is read; a sharded checkpoint is asked for one
+tensor at a time)."""
 
 from __future__ import annotations
 
@@ -50,9 +51,10 @@ class CheckpointReader:
                 self._shapes = _saved(self.path)
                 keys = list(self._shapes)
             else:
-                self._files = {MODEL_FILE: safe_open(str(self.path / MODEL_FILE), framework="pt"),
-                               STATE_FILE: safe_open(str(self.path / STATE_FILE), framework="pt")}
-                keys = [*self._files[MODEL_FILE].keys(), *self._files[STATE_FILE].keys()]
+                keys = []
+                for file in (MODEL_FILE, STATE_FILE):
+                    with safe_open(str(self.path / file), framework="pt") as f:
+                        keys += list(f.keys())
         except (SafetensorError, OSError) as e:
             raise FlmError(f"cannot read {self.path}: {e}") from None
         self._fields: dict[str, list[str]] = {}
@@ -67,9 +69,10 @@ class CheckpointReader:
 
     def _tensor(self, key: str) -> torch.Tensor:
         try:
-            if not self.sharded:
-                file = STATE_FILE if key.startswith("opt.") else MODEL_FILE
-                return self._files[file].get_tensor(key)
+            if not self.sharded:  # opened for each tensor: the mapping, and its pages, go when it is read
+                file = STATE_FILE if key.startswith(("opt.", "rng.")) else MODEL_FILE
+                with safe_open(str(self.path / file), framework="pt") as f:
+                    return f.get_tensor(key)
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -87,9 +90,5 @@ class CheckpointReader:
         if self.sharded:
             path = self.path / "rng" / "rank_0.safetensors"
             return load_file(str(path)) if path.is_file() else {}
-        f = self._files[STATE_FILE]
-        return {k[len("rng."):]: f.get_tensor(k) for k in f.keys() if k.startswith("rng.")}
-
-    def close(self) -> None:
-        for f in getattr(self, "_files", {}).values():
-            f.__exit__(None, None, None)
+        with safe_open(str(self.path / STATE_FILE), framework="pt") as f:
+            return {k[len("rng."):]: f.get_tensor(k) for k in f.keys() if k.startswith("rng.")}

@@ -36,11 +36,12 @@ class StreamingSafetensors:
         if name in self._entries:
             raise ValueError(f"{name} written twice")
         t = tensor.detach().contiguous().cpu()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        self._body.write(data)
+        size = t.numel() * t.element_size()
+        if size:  # the tensor's own bytes, written without a copy
+            self._body.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
-                               "data_offsets": [self._offset, self._offset + len(data)]}
-        self._offset += len(data)
+                               "data_offsets": [self._offset, self._offset + size]}
+        self._offset += size
 
     def close(self) -> None:
         self._body.close()

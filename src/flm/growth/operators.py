@@ -100,15 +100,16 @@ def source_name(name: str, sources: list[LayerSource]) -> tuple[str | None, bool
 
 
 def grow_tensor(name: str, old: torch.Tensor, template: torch.Tensor, old_cfg: ModelConfig,
-                new_cfg: ModelConfig, readout_power: int = 1) -> torch.Tensor:
-    """`template` with `old` written into its top-left block (per head for QKV).
+                new_cfg: ModelConfig, readout_power: int = 1, in_place: bool = False) -> torch.Tensor:
+    """`template` with `old` written into its top-left block (per head for QKV); `in_place` writes into
+    `template` itself (one copy of the grown tensor less, when the caller made it for this).
 
     Under μP the readout multiplier base_width/d shrinks by r = d/d' when d grows, so the LM head is
     scaled by 1/r = d'/d to keep the logits exact. Its gradient then scales by r, so Adam's first
     moment takes r¹ and the second r²: `readout_power` is 1 for parameters, -1 and -2 for moments.
     """
     old_dims, new_dims = _shape_dims(name, old_cfg), _shape_dims(name, new_cfg)
-    out = template.detach().clone().view(new_dims)
+    out = (template.detach() if in_place else template.detach().clone()).view(new_dims)
     block = tuple(slice(0, n) for n in old_dims)
     value = old.detach().view(old_dims).to(out.dtype)
     if name == "lm_head.weight" and new_cfg.mup and new_cfg.d_model != old_cfg.d_model:

@@ -26,9 +26,11 @@ MAX_AGES = 255  # a byte per entry
 def grow_adam_state(name: str, old: Mapping[str, torch.Tensor], grown_shape: torch.Size, old_cfg: ModelConfig,
                     new_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The Adam state of grown parameter `name` (shape `grown_shape`) from the state `old` of its source."""
-    zeros = torch.zeros(grown_shape, dtype=old["exp_avg"].dtype, device=old["exp_avg"].device)
-    state = {"exp_avg": grow_tensor(name, old["exp_avg"], zeros, old_cfg, new_cfg, readout_power=-1),
-             "exp_avg_sq": grow_tensor(name, old["exp_avg_sq"], zeros, old_cfg, new_cfg, readout_power=-2)}
+    def zeros() -> torch.Tensor:
+        return torch.zeros(grown_shape, dtype=old["exp_avg"].dtype, device=old["exp_avg"].device)
+
+    state = {"exp_avg": grow_tensor(name, old["exp_avg"], zeros(), old_cfg, new_cfg, -1, in_place=True),
+             "exp_avg_sq": grow_tensor(name, old["exp_avg_sq"], zeros(), old_cfg, new_cfg, -2, in_place=True)}
     step = old["step"]
     if tuple(grown_shape) == tuple(old["exp_avg"].shape):  # did not grow: counts as they are
         state["step"] = step.clone()
@@ -43,5 +45,5 @@ def grow_adam_state(name: str, old: Mapping[str, torch.Tensor], grown_shape: tor
                                                           device=counts.device)
     new_class = torch.full(grown_shape, len(counts), dtype=torch.uint8, device=old_age.device)
     state["step"] = torch.cat([counts, counts.new_zeros(1)])
-    state["age"] = grow_tensor(name, old_age, new_class, old_cfg, new_cfg, readout_power=0)
+    state["age"] = grow_tensor(name, old_age, new_class, old_cfg, new_cfg, readout_power=0, in_place=True)
     return state

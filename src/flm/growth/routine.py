@@ -76,12 +76,13 @@ def grow_tensors(old_cfg: ModelConfig, new_cfg: ModelConfig, sources: list[Layer
             template = torch.empty(shapes[name], dtype=old.dtype)  # every entry is overwritten
         else:
             template = fresh_parameter(new_cfg, name, shapes[name], seed, index)
-        weight = template if old is None else grow_tensor(name, old, template, old_cfg, new_cfg)
+        weight = template if old is None else grow_tensor(name, old, template, old_cfg, new_cfg, in_place=True)
         state = None
         if adam is not None and old is not None and not in_new_layer and src in adam:
             state = grow_adam_state(name, {k: v.detach().cpu() for k, v in adam[src].items()}, shapes[name],
                                     old_cfg, new_cfg)
         yield Grown(name, weight, state)
+        del old, template, weight, state  # before the next tensor is read: one tensor's worth in memory
 
 
 def grow_training(model: FLM, adam: Mapping[str, Mapping[str, torch.Tensor]] | None, new_cfg: ModelConfig,

@@ -83,6 +83,7 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
                 writers[0].add(grown.name, grown.weight)
                 for field, value in (grown.adam or {}).items():
                     writers[1].add(f"opt.{grown.name}.{field}", value)
+                del grown  # written: dropped before the next tensor is grown
             for key, value in reader.rng().items():
                 writers[1].add(f"rng.{key}", value)
             for writer in writers:
@@ -97,5 +98,4 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
             shutil.rmtree(tmp, ignore_errors=True)
             raise write_failure(out_root, meta["step"], e) from None
     finally:
-        reader.close()
         lock.release()
