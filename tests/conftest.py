@@ -11,11 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from flm.config import Config, load_config
 from flm.data import prepare
 
 DATA = ["data.corpus=kjv", "data.max_chars=150000", "data.vocab_size=512", "data.val_fraction=0.05"]
+
+# Tiny matrices run faster on one thread, and the multi-process tests start one thread per process: with two
+# threads here every run would compete with them (and with the other test process, if any) for two cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,14 @@
 """The `flm` command line end to end: prepare, train, resume, generate, info."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from flm_torchrun import flm_cli
 
 
 def flm(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "flm.cli.main", *args], capture_output=True, text=True, timeout=300)
+    """`flm ARGS` in a fresh process (the real command line, exit status included)."""
+    proc = flm_cli(*map(str, args))
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flm.config import ModelConfig, load_config
-from flm.data import prepare
 from flm.growth import grow_tensor, grow_training
 from flm.model import FLM
 from flm.train import Trainer
@@ -84,15 +83,7 @@ def test_step_at_c0_moves_old_entries_as_plain_training_and_new_entries_only_by_
         assert torch.allclose(p.detach()[~region], before[name][~region] * wd, atol=1e-7, rtol=0), name
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("growdata")
-    prepare(load_config(None, [f"data.dir='{root}'", "data.corpus=kjv", "data.max_chars=120000",
-                               "data.vocab_size=400", "data.val_fraction=0.05"]).data)
-    return root
-
-
-def staged(data_dir, run_dir, *extra):
+def staged(tiny_data, run_dir, *extra):
     path = run_dir.parent / f"{run_dir.name}.toml"
     path.write_text(f"""
 [model]
@@ -103,10 +94,10 @@ head_dim = 16
 max_seq_len = 64
 dropout = 0.1
 [data]
-dir = "{data_dir}"
+dir = "{tiny_data}"
 corpus = "kjv"
-max_chars = 120000
-vocab_size = 400
+max_chars = 150000
+vocab_size = 512
 val_fraction = 0.05
 [train]
 run_dir = "{run_dir}"
@@ -140,12 +131,12 @@ new_layers = "insert"
     return load_config(path, list(extra))
 
 
-def test_staged_run_grows_and_resumes_bit_exactly_mid_ramp(data_dir, tmp_path):
+def test_staged_run_grows_and_resumes_bit_exactly_mid_ramp(tiny_data, tmp_path):
     quiet = lambda *_: None
-    a = Trainer(staged(data_dir, tmp_path / "a"), log=quiet)
+    a = Trainer(staged(tiny_data, tmp_path / "a"), log=quiet)
     assert [(s.start, s.end, s.grad_accum) for s in a.stages] == [(0, 6, 1), (6, 11, 2), (11, 15, 1)]
     a.train()
-    b_cfg = staged(data_dir, tmp_path / "b")
+    b_cfg = staged(tiny_data, tmp_path / "b")
     first = Trainer(b_cfg, log=quiet)
     first.train(until_step=8)  # stage 2, mask ramp at c = 2/4
     assert first.ramp is not None and first.ramp.c == 0.5
@@ -170,13 +161,13 @@ def test_staged_run_grows_and_resumes_bit_exactly_mid_ramp(data_dir, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "b") if r["kind"] == "train"] == list(range(1, 16))
 
 
-def test_offline_grow_then_resume_continues_from_the_same_function(data_dir, tmp_path):
+def test_offline_grow_then_resume_continues_from_the_same_function(tiny_data, tmp_path):
     import subprocess
     import sys
 
     from flm.inference import load_for_inference
 
-    cfg = staged(data_dir, tmp_path / "small")
+    cfg = staged(tiny_data, tmp_path / "small")
     cfg.stages = []
     cfg.train.max_steps, cfg.train.warmup_steps = 4, 1
     Trainer(cfg, log=lambda *_: None).train()
@@ -194,7 +185,7 @@ def test_offline_grow_then_resume_continues_from_the_same_function(data_dir, tmp
     x = torch.randint(0, 400, (2, 20))
     after, before = big(x)[0], small(x)[0]
     assert (after - before).abs().max() <= 2e-6 * before.abs().max()  # as test_growth.py's; observed 2.3e-7
-    grown_cfg = staged(data_dir, out, "model.d_model=64", "model.n_heads=4", "model.n_layers=3")
+    grown_cfg = staged(tiny_data, out, "model.d_model=64", "model.n_heads=4", "model.n_layers=3")
     grown_cfg.stages = []
     grown_cfg.train.max_steps, grown_cfg.train.warmup_steps = 8, 1
     trainer = Trainer(grown_cfg, log=lambda *_: None)
@@ -206,18 +197,18 @@ def test_offline_grow_then_resume_continues_from_the_same_function(data_dir, tmp
     assert bad.returncode == 2 and "cannot shrink d_model" in bad.stderr
 
 
-def test_a_ramp_longer_than_its_stage_is_a_config_error(data_dir, tmp_path):
+def test_a_ramp_longer_than_its_stage_is_a_config_error(tiny_data, tmp_path):
     from flm.errors import FlmError
 
-    cfg = staged(data_dir, tmp_path / "r")
+    cfg = staged(tiny_data, tmp_path / "r")
     cfg.stages[1].ramp_steps = 50  # the stage has 5 steps: a next growth would land mid-ramp
     with pytest.raises(FlmError, match=r"stages\[1\]\.ramp_steps \(50\) is longer than the stage \(5 steps\)"):
         Trainer(cfg, log=lambda *_: None)
 
 
-def test_a_stage_that_would_shrink_is_refused_before_training(data_dir, tmp_path):
+def test_a_stage_that_would_shrink_is_refused_before_training(tiny_data, tmp_path):
     from flm.errors import FlmError
 
-    cfg = staged(data_dir, tmp_path / "s", "model.n_layers=5")  # stage 2 asks for 3 layers
+    cfg = staged(tiny_data, tmp_path / "s", "model.n_layers=5")  # stage 2 asks for 3 layers
     with pytest.raises(FlmError, match=r"stages\[1\]: growth cannot shrink n_layers \(5 -> 3\)"):
         Trainer(cfg, log=lambda *_: None)

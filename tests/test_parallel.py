@@ -31,7 +31,6 @@ import pytest
 import torch
 
 from flm.config import ModelConfig, load_config
-from flm.data import prepare
 from flm.errors import FlmError
 from flm.model import FLM
 from flm.parallel.pipeline import check_pipeline
@@ -47,8 +46,8 @@ LR = 3e-3  # train.lr below: the size of one Adam step
 LOSS_RTOL, LOGITS_RTOL, STEP_RMS, GRAD_NORM_RTOL = 1e-5, 1e-4, 0.02, 1e-4
 
 
-def settings(data_dir, run_dir, *extra):
-    return [f"data.dir='{data_dir}'", "data.corpus=kjv", "data.max_chars=150000", "data.vocab_size=512",
+def settings(tiny_data, run_dir, *extra):
+    return [f"data.dir='{tiny_data}'", "data.corpus=kjv", "data.max_chars=150000", "data.vocab_size=512",
             "data.val_fraction=0.05", f"train.run_dir='{run_dir}'",
             "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.head_dim=32", "model.max_seq_len=64",
             "train.batch_size=4", "train.grad_accum=2", "train.seq_len=32", f"train.max_steps={STEPS}",
@@ -57,15 +56,8 @@ def settings(data_dir, run_dir, *extra):
             "train.tensorboard=false", "train.sample_tokens=0", *extra]
 
 
-def cli_args(data_dir, run_dir, *extra):
-    return ["train", *(a for s in settings(data_dir, run_dir, *extra) for a in ("--set", s))]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pdata") / "prepared"
-    prepare(load_config(None, settings(root, "unused")).data)
-    return root
+def cli_args(tiny_data, run_dir, *extra):
+    return ["train", *(a for s in settings(tiny_data, run_dir, *extra) for a in ("--set", s))]
 
 
 @contextlib.contextmanager
@@ -79,16 +71,16 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def train_one_process(config, run, data_dir) -> Path:
+def train_one_process(config, run, tiny_data) -> Path:
     with one_thread():
-        Trainer(load_config(config, settings(data_dir, run)), log=lambda _: None).train()
+        Trainer(load_config(config, settings(tiny_data, run)), log=lambda _: None).train()
     return run
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
+def reference(tiny_data, tmp_path_factory):
     """One process, same global batch: 4 sequences x 2 micro-batches per step."""
-    return train_one_process(None, tmp_path_factory.mktemp("ref") / "run", data_dir)
+    return train_one_process(None, tmp_path_factory.mktemp("ref") / "run", tiny_data)
 
 
 def train_losses(run):
@@ -136,22 +128,22 @@ def assert_same_run(run, reference, steps=STEPS):
     (2, ["parallel.pp=2", "parallel.pp_schedule='1f1b'"]),
     (8, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule='gpipe'"]),
 ], ids=["dp2", "tp2-sp-ac", "dp2xtp2", "hsdp2x2", "pp2-1f1b", "dp2xtp2xpp2-gpipe"])
-def test_layout_matches_one_process(data_dir, reference, tmp_path, nproc, layout):
+def test_layout_matches_one_process(tiny_data, reference, tmp_path, nproc, layout):
     run = tmp_path / "run"
-    torchrun(nproc, *cli_args(data_dir, run, *layout))
+    torchrun(nproc, *cli_args(tiny_data, run, *layout))
     assert_same_run(run, reference)
 
 
-def test_resume_on_the_same_and_other_layouts_and_one_process(data_dir, reference, tmp_path):
+def test_resume_on_the_same_and_other_layouts_and_one_process(tiny_data, reference, tmp_path):
     """Saved at dp2 x tp2 after 2 steps; resumed at dp2 x tp2, at dp4 (4 ranks, other slices of each batch)
     and in one process without torchrun; and one process's checkpoint resumed at dp2 x tp2: all continue on
     the same samples and end where one process ends."""
     first = tmp_path / "first"
-    torchrun(4, *cli_args(data_dir, first, "parallel.dp=2", "parallel.tp=2"), "--until-step", "2")
+    torchrun(4, *cli_args(tiny_data, first, "parallel.dp=2", "parallel.tp=2"), "--until-step", "2")
     for name, layout in (("same", ["parallel.dp=2", "parallel.tp=2"]), ("dp4", ["parallel.dp=4"]), ("single", [])):
         run = tmp_path / name
         shutil.copytree(first, run)
-        args = [*cli_args(data_dir, run, *layout), "--resume", "auto"]
+        args = [*cli_args(tiny_data, run, *layout), "--resume", "auto"]
         proc = torchrun(4, *args) if layout else flm_cli(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "resumed from" in proc.stdout and "step 2" in proc.stdout
@@ -160,7 +152,7 @@ def test_resume_on_the_same_and_other_layouts_and_one_process(data_dir, referenc
     run = tmp_path / "from_single"
     shutil.copytree(reference, run)
     shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")
-    proc = torchrun(4, *cli_args(data_dir, run, "parallel.dp=2", "parallel.tp=2"), "--resume", "auto")
+    proc = torchrun(4, *cli_args(tiny_data, run, "parallel.dp=2", "parallel.tp=2"), "--resume", "auto")
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
     assert_same_run(run, reference)
     # The sharded checkpoint also exports to a Hugging Face folder with the same logits.
@@ -177,7 +169,7 @@ def test_resume_on_the_same_and_other_layouts_and_one_process(data_dir, referenc
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
 
 
-def test_sharded_resume_with_dropout_is_bit_exact(data_dir, tmp_path):
+def test_sharded_resume_with_dropout_is_bit_exact(tiny_data, tmp_path):
     """dp2 with dropout 0.1 (each rank draws its own masks): 4 steps straight, and the same run resumed by a new
     torchrun from its sharded step-2 checkpoint (what `--until-step 2` writes) for steps 3 and 4. Every rank must
     restore its own RNG state, the data position and the sharded Adam state: the final sharded checkpoints hold
@@ -186,10 +178,10 @@ def test_sharded_resume_with_dropout_is_bit_exact(data_dir, tmp_path):
     start from the same seed and draw alike, so whose saved state a dp rank restores cannot show here.)"""
     layout = ["parallel.dp=2", "model.dropout=0.1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(2, *cli_args(data_dir, straight, *layout))
+    torchrun(2, *cli_args(tiny_data, straight, *layout))
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
-    proc = torchrun(2, *cli_args(data_dir, resumed, *layout), "--resume", "auto")
+    proc = torchrun(2, *cli_args(tiny_data, resumed, *layout), "--resume", "auto")
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
     records = {run: [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run) if r["kind"] == "train"]
                for run in (straight, resumed)}
@@ -204,13 +196,13 @@ def test_sharded_resume_with_dropout_is_bit_exact(data_dir, tmp_path):
         assert torch.equal(weights_a[name], weights_b[name]), name
 
 
-def test_layout_that_does_not_match_the_processes_is_one_line(data_dir, tmp_path):
-    proc = torchrun(2, *cli_args(data_dir, tmp_path / "run", "parallel.tp=4"), check=False)
+def test_layout_that_does_not_match_the_processes_is_one_line(tiny_data, tmp_path):
+    proc = torchrun(2, *cli_args(tiny_data, tmp_path / "run", "parallel.tp=4"), check=False)
     assert proc.returncode != 0
     line = "error: [parallel]: layout dp1 x tp4 x pp1 needs 4 processes, but torchrun started 2"
     assert proc.stderr.count(line) == 2  # one line from each process (then torchrun's own report)
     assert "FlmError" not in proc.stderr
-    proc = flm_cli(*cli_args(data_dir, tmp_path / "run", "parallel.dp=2"))
+    proc = flm_cli(*cli_args(tiny_data, tmp_path / "run", "parallel.dp=2"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: [parallel] asks for 2 processes (dp2 x tp1 x pp1): launch with "
@@ -277,20 +269,20 @@ def growth_config(path: Path, *layouts: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def growth_reference(data_dir, tmp_path_factory):
+def growth_reference(tiny_data, tmp_path_factory):
     """The three-stage schedule of the growth test, in one process."""
     root = tmp_path_factory.mktemp("growth-ref")
-    return train_one_process(growth_config(root / "single.toml"), root / "run", data_dir)
+    return train_one_process(growth_config(root / "single.toml"), root / "run", tiny_data)
 
 
-def test_growth_inside_a_run_reshards_and_matches_one_process(data_dir, growth_reference, tmp_path):
+def test_growth_inside_a_run_reshards_and_matches_one_process(tiny_data, growth_reference, tmp_path):
     """Three stages on 4 processes, the layout changing at each growth as FLM-101B's did: dp2 x tp2, then
     tp2 x pp2, then tp4. Growth (depth, width, heads, FFN) happens inside the run, one tensor at a time:
     the probe loss is unchanged by each growth, and every step and the final weights match the same
     schedule in one process (new entries get exactly the fresh values single-process growth gives them)."""
     config = growth_config(tmp_path / "parallel.toml", "tp = 2\ndp = 2", "tp = 2\npp = 2\ndp = 1", "tp = 4\ndp = 1")
     run = tmp_path / "parallel"
-    torchrun(4, "train", "-c", str(config), *(a for s in settings(data_dir, run) for a in ("--set", s)))
+    torchrun(4, "train", "-c", str(config), *(a for s in settings(tiny_data, run) for a in ("--set", s)))
     growth = {name: [r for r in read_metrics(r_) if r["kind"] == "growth"]
               for name, r_ in (("parallel", run), ("single", growth_reference))}
     assert [r["step"] for r in growth["parallel"]] == [3, 6]
@@ -345,7 +337,7 @@ def fresh_region(name: str, old_cfg, new_cfg, shape) -> torch.Tensor:
     return ~grow_tensor(name, old, torch.zeros(shape), old_cfg, new_cfg, readout_power=0).bool()
 
 
-def test_growth_gives_the_same_new_entries_in_every_entry_point(data_dir, tmp_path):
+def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_path):
     """The one growth routine: one process, four torchrun processes (dp2 x tp2 growing into tp4) and `flm grow`
     on the boundary checkpoint give the new entries (wider tensors, more heads and FFN units, a fresh layer)
     exactly the same values; `flm grow` also the same old ones and Adam state as the trainer, and resuming from
@@ -357,7 +349,7 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(data_dir, tmp_pa
 
     config = tmp_path / "stages.toml"
     config.write_text(PATHS_STAGES)
-    single_cfg = load_config(config, settings(data_dir, tmp_path / "single", "stages.0.tp=1", "stages.0.dp=1",
+    single_cfg = load_config(config, settings(tiny_data, tmp_path / "single", "stages.0.tp=1", "stages.0.dp=1",
                                                "stages.1.tp=1"))
     with one_thread():
         trainer = Trainer(single_cfg, log=lambda _: None)
@@ -384,7 +376,7 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(data_dir, tmp_pa
     script = tmp_path / "grow_at_boundary.py"
     script.write_text(GROW_AT_BOUNDARY)
     run = tmp_path / "parallel"
-    torchrun(4, str(config), *settings(data_dir, run), script=str(script))
+    torchrun(4, str(config), *settings(tiny_data, run), script=str(script))
     parallel = FLM(new_cfg)
     load_model(run / "checkpoints" / "step_00000003", persistent_tensors(parallel))
     fresh = 0
@@ -396,9 +388,9 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(data_dir, tmp_pa
 
     # flm grow + resume continues exactly as the uninterrupted one-process run.
     straight = tmp_path / "straight"
-    resumed_cfg = load_config(config, settings(data_dir, grown_dir, "stages.0.tp=1", "stages.0.dp=1",
+    resumed_cfg = load_config(config, settings(tiny_data, grown_dir, "stages.0.tp=1", "stages.0.dp=1",
                                                 "stages.1.tp=1"))
-    straight_cfg = load_config(config, settings(data_dir, straight, "stages.0.tp=1", "stages.0.dp=1",
+    straight_cfg = load_config(config, settings(tiny_data, straight, "stages.0.tp=1", "stages.0.dp=1",
                                                  "stages.1.tp=1"))
     with one_thread():
         Trainer(straight_cfg, log=lambda _: None).train()
@@ -439,14 +431,14 @@ def leave_one_slice_ungrown(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["dp-rank-gradient-dropped", "tp-slice-not-grown"])
-def test_the_bounds_catch_broken_runs(variant, data_dir, reference, growth_reference, tmp_path, monkeypatch):
+def test_the_bounds_catch_broken_runs(variant, tiny_data, reference, growth_reference, tmp_path, monkeypatch):
     """Each of the three bounds above fails on a realistic bug, simulated in one process."""
     if variant == "dp-rank-gradient-dropped":
         drop_second_rank(monkeypatch)
-        run, want = train_one_process(None, tmp_path / "run", data_dir), reference
+        run, want = train_one_process(None, tmp_path / "run", tiny_data), reference
     else:
         leave_one_slice_ungrown(monkeypatch)
-        run = train_one_process(growth_config(tmp_path / "g.toml"), tmp_path / "run", data_dir)
+        run = train_one_process(growth_config(tmp_path / "g.toml"), tmp_path / "run", tiny_data)
         want = growth_reference
     found = mismatch(run, want)
     assert all(found[k] > 3 * BOUNDS[k] for k in BOUNDS), found

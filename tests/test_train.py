@@ -8,7 +8,6 @@ import torch
 
 import flm.checkpoint.whole as ckpt_mod
 from flm.config import load_config
-from flm.data import prepare
 from flm.errors import FlmError
 from flm.checkpoint import list_checkpoints
 from flm.train import Trainer
@@ -16,18 +15,9 @@ from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = load_config(None, [f"data.dir='{root / 'prepared'}'", "data.corpus=kjv", "data.max_chars=150000",
-                             "data.vocab_size=512", "data.val_fraction=0.05"])
-    prepare(cfg.data)
-    return root / "prepared"
-
-
-def make_cfg(data_dir, run_dir, *extra):
+def make_cfg(tiny_data, run_dir, *extra):
     return load_config(None, [
-        f"data.dir='{data_dir}'", "data.corpus=kjv", "data.max_chars=150000", "data.vocab_size=512",
+        f"data.dir='{tiny_data}'", "data.corpus=kjv", "data.max_chars=150000", "data.vocab_size=512",
         "data.val_fraction=0.05", f"train.run_dir='{run_dir}'",
         "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.head_dim=32", "model.max_seq_len=64",
         "model.dropout=0.1",  # exercises the RNG state on resume
@@ -40,10 +30,10 @@ def quiet(*_):
     pass
 
 
-def test_resume_is_bit_exact(data_dir, tmp_path):
-    straight = Trainer(make_cfg(data_dir, tmp_path / "a"), log=quiet)
+def test_resume_is_bit_exact(tiny_data, tmp_path):
+    straight = Trainer(make_cfg(tiny_data, tmp_path / "a"), log=quiet)
     straight.train()
-    cfg_b = make_cfg(data_dir, tmp_path / "b")
+    cfg_b = make_cfg(tiny_data, tmp_path / "b")
     first = Trainer(cfg_b, log=quiet)
     first.train(until_step=6)
     del first
@@ -60,16 +50,16 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
 
 
-def test_training_lowers_validation_loss(data_dir, tmp_path):
-    trainer = Trainer(make_cfg(data_dir, tmp_path, "train.max_steps=40", "train.eval_every=40",
+def test_training_lowers_validation_loss(tiny_data, tmp_path):
+    trainer = Trainer(make_cfg(tiny_data, tmp_path, "train.max_steps=40", "train.eval_every=40",
                                "model.dropout=0.0"), log=quiet)
     before = trainer.evaluate()
     after = trainer.train()["val_loss"]
     assert after < before - 1.0, (before, after)
 
 
-def test_crash_while_writing_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    trainer = Trainer(make_cfg(data_dir, tmp_path), log=quiet)
+def test_crash_while_writing_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    trainer = Trainer(make_cfg(tiny_data, tmp_path), log=quiet)
     trainer.train(until_step=6)
     good = list_checkpoints(trainer.ckpt_root)
     assert [p.name for p in good] == ["step_00000006"]
@@ -88,24 +78,24 @@ def test_crash_while_writing_keeps_the_last_good_checkpoint(data_dir, tmp_path, 
     trainer.close()
     assert list_checkpoints(trainer.ckpt_root) == good
     assert not list(trainer.ckpt_root.glob(".step_*"))  # the partial checkpoint is gone
-    resumed = Trainer(make_cfg(data_dir, tmp_path), log=quiet)
+    resumed = Trainer(make_cfg(tiny_data, tmp_path), log=quiet)
     assert resumed.resume("auto") and resumed.step == 6
     resumed.train()
     assert [p.name for p in list_checkpoints(trainer.ckpt_root)] == ["step_00000006", "step_00000012"]
     assert not list(trainer.ckpt_root.glob(".step_*"))  # the crash's leftovers are cleaned
 
 
-def test_keep_last_prunes_oldest(data_dir, tmp_path):
-    trainer = Trainer(make_cfg(data_dir, tmp_path, "train.ckpt_every=2", "train.keep_last=2"), log=quiet)
+def test_keep_last_prunes_oldest(tiny_data, tmp_path):
+    trainer = Trainer(make_cfg(tiny_data, tmp_path, "train.ckpt_every=2", "train.keep_last=2"), log=quiet)
     trainer.train()
     assert [p.name for p in list_checkpoints(trainer.ckpt_root)] == ["step_00000010", "step_00000012"]
 
 
-def test_corrupt_or_mismatched_checkpoints_are_refused(data_dir, tmp_path):
-    trainer = Trainer(make_cfg(data_dir, tmp_path), log=quiet)
+def test_corrupt_or_mismatched_checkpoints_are_refused(tiny_data, tmp_path):
+    trainer = Trainer(make_cfg(tiny_data, tmp_path), log=quiet)
     trainer.train(until_step=6)
     path = list_checkpoints(trainer.ckpt_root)[-1]
-    other = Trainer(make_cfg(data_dir, tmp_path, "model.d_model=128", "model.n_heads=4"), log=quiet)
+    other = Trainer(make_cfg(tiny_data, tmp_path, "model.d_model=128", "model.n_heads=4"), log=quiet)
     with pytest.raises(FlmError, match="different model config"):
         other.resume("auto")
     broken = tmp_path / "broken"
@@ -113,7 +103,7 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(data_dir, tmp_path):
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(FlmError, match="cannot read"):
-        Trainer(make_cfg(data_dir, tmp_path), log=quiet).resume(str(broken))
+        Trainer(make_cfg(tiny_data, tmp_path), log=quiet).resume(str(broken))
     meta = json.loads((broken / "meta.json").read_text())
     meta["format"] = 99
     (broken / "meta.json").write_text(json.dumps(meta))
@@ -121,8 +111,8 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(data_dir, tmp_path):
         load_for_inference(broken)
 
 
-def test_checkpoint_is_self_contained_for_inference(data_dir, tmp_path):
-    trainer = Trainer(make_cfg(data_dir, tmp_path, "model.dropout=0.0"), log=quiet)
+def test_checkpoint_is_self_contained_for_inference(tiny_data, tmp_path):
+    trainer = Trainer(make_cfg(tiny_data, tmp_path, "model.dropout=0.0"), log=quiet)
     trainer.train(until_step=6)
     moved = tmp_path / "elsewhere"
     shutil.copytree(list_checkpoints(trainer.ckpt_root)[-1], moved)

@@ -17,6 +17,7 @@ from typing import Any
 
 from flm.checkpoint.meta import FORMAT_VERSION, validate_meta
 from flm.errors import FlmError
+from flm.files import fsync_path
 
 _NAME = re.compile(r"^step_(\d{8})$")
 SHARDED = "sharded"  # the folder of a checkpoint written by several processes (flm.checkpoint.sharded)
@@ -30,14 +31,6 @@ def step_of(path: Path) -> int:
 def is_sharded(path: Path) -> bool:
     """Written under torchrun: tensors in `sharded/`, not in `model.safetensors`."""
     return (Path(path) / SHARDED).is_dir()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def staging_path(root: Path, step: int) -> Path:
@@ -77,9 +70,9 @@ def publish(tmp: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
     (tmp / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1))
     for f in tmp.rglob("*"):
         if f.is_file():
-            _fsync(f)
+            fsync_path(f)
     for d in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
-        _fsync(d)
+        fsync_path(d)
     if final.exists():  # re-saving a step: move the old one aside first, so one of them always exists
         old = root / f".{final.name}.old"
         final.rename(old)
@@ -87,7 +80,7 @@ def publish(tmp: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync(root)
+    fsync_path(root)
     for stale in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(stale)
     return final

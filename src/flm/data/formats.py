@@ -51,13 +51,7 @@ def _text_document(path: Path) -> Iterator[str]:
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
     """One document per line, taken from its "text" field; blank lines are skipped."""
-    for lineno, raw in numbered_lines(path):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise FlmError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        if not line.strip():
-            continue
+    for lineno, line in text_lines(path):
         try:
             text = json.loads(line)["text"]
         except (json.JSONDecodeError, TypeError, KeyError):
@@ -66,6 +60,18 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             raise FlmError(f"{path}:{lineno}: malformed JSONL line (expected an object with a string \"text\" field)")
         if text.strip():
             yield text
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of a (possibly compressed) JSONL file; a line that is not UTF-8
+    is an FlmError naming file and line."""
+    for lineno, raw in numbered_lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FlmError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        if line.strip():
+            yield lineno, line
 
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flm.data.formats import numbered_lines
+from flm.data.formats import text_lines
 from flm.errors import FlmError
 
 T = TypeVar("T")
@@ -39,13 +39,7 @@ def iter_jsonl(root: Path, parse: Callable[[Any], T]) -> Iterator[T]:
     """
     empty = True
     for path in jsonl_files(root):
-        for lineno, raw in numbered_lines(path):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise FlmError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-            if not line.strip():
-                continue
+        for lineno, line in text_lines(path):
             try:
                 record = parse(json.loads(line))
             except json.JSONDecodeError as e:

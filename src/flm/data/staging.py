@@ -23,6 +23,7 @@ from typing import Any
 from flm.data.shards import atomic_write
 from flm.data.tokenizer import HF_FILE, TIKTOKEN_FILE, TIKTOKEN_META, Tokenizer, load_tokenizer_dir
 from flm.errors import FlmError
+from flm.files import fsync_path
 
 META = "meta.json"
 TOKENIZER_FILES = (HF_FILE, TIKTOKEN_FILE, TIKTOKEN_META)
@@ -125,14 +126,7 @@ def finish_commit(out: Path, staging: Path) -> None:
                                                          path.name in TOKENIZER_FILES):
             path.unlink()
     atomic_write(out / META, [(json.dumps(staged, indent=2) + "\n").encode()])
-    _sync_folder(out)
+    fsync_path(out)
     shutil.rmtree(staging)
 
 
-def _sync_folder(folder: Path) -> None:
-    """Make the renames into `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
