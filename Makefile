@@ -42,7 +42,8 @@ lock:
 		pyproject.toml --extra dev --universal --python-version 3.10 --generate-hashes --no-emit-package torch \
 		--no-header --upgrade -o $(LOCK)
 
-# The suite against the newest release of every dependency (torch stays at TORCH), in a throwaway environment.
+# The suite against the newest release of every dependency, torch included (pip takes the newest it may: with no
+# CPU wheel at hand that is a CUDA build of several GB), in a throwaway environment removed afterwards.
 test-latest:
 	rm -rf $(VENV)-latest
 	$(PYTHON) -m venv $(VENV)-latest
