@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from flm.config.growth import NEW_LAYER_MODES, OPERATORS
 from flm.errors import FlmError
 
 
@@ -163,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--to", required=True, metavar="SHAPE", help="a preset name, or KEY=INT pairs: d_model=256,n_layers=8")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write the grown checkpoint into")
-    p.add_argument("--new-layers", choices=["stack", "insert", "random"], default="stack")
-    p.add_argument("--operator", choices=["msg", "zero", "clone", "stack"], default=None,
+    p.add_argument("--new-layers", choices=NEW_LAYER_MODES, default="stack")
+    p.add_argument("--operator", choices=OPERATORS, default=None,
                    help="growth family (docs/growth.md); default: the next stage's of the run's config when it has "
                         "that shape, else msg")
     p.add_argument("--clone-noise", type=float, default=None,
