@@ -402,6 +402,46 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
     assert all(torch.equal(final[k], want[k]) for k in want)
 
 
+FAMILY_STAGES = """
+[[stages]]
+tokens = 768
+tp = 2
+dp = 2
+[[stages]]
+n_layers = 3
+d_model = 128
+n_heads = 4
+operator = "zero"
+tokens = 768
+ramp_steps = 2
+tp = 4
+dp = 1
+[[stages]]
+n_heads = 8
+d_ff = 1024
+operator = "clone"
+tokens = 768
+tp = 2
+dp = 2
+"""
+
+
+def test_growth_families_preserve_the_function_under_torchrun(data_dir, tmp_path):
+    """The families run in the sharded growth too (flm.parallel.grow calls the one routine): four processes grow
+    by `zero` (width, heads, a layer; dp2 x tp2 into tp4, its LayerNorm statistics ramping on every rank) and then by
+    `clone` (heads and FFN x2; tp4 into dp2 x tp2), and the validation-batch loss is the same right before and right
+    after each growth, as the trainer measures it under each layout (relative 1e-6, as one process's growth tests:
+    the two sides are reduced over different shards; observed equal)."""
+    config = tmp_path / "stages.toml"
+    config.write_text(FAMILY_STAGES)
+    run = tmp_path / "families"
+    torchrun(4, "train", "-c", str(config), *(a for s in settings(data_dir, run) for a in ("--set", s)))
+    growths = [r for r in read_metrics(run) if r["kind"] == "growth"]
+    assert [g["operator"] for g in growths] == ["zero", "clone"]
+    for g in growths:
+        assert g["loss_after"] == pytest.approx(g["loss_before"], rel=1e-6), g
+
+
 def drop_second_rank(monkeypatch):
     """dp2 with rank 1's gradient lost: each micro-batch's gradient comes from its first half only."""
     original = Trainer._forward_backward

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flm.config.growth import RAMPING
 from flm.errors import FlmError
 
 FORMAT_VERSION = 1
@@ -101,5 +102,7 @@ def _check_ramp(c: _Checker, ramp: dict[str, Any]) -> None:
         raise c.fail("'ramp.sources'", f"must be a list of [old layer, is new] pairs, got {sources!r}")
     total = c.count("ramp.ramp_steps", ramp.get("ramp_steps"), low=1)
     done = c.count("ramp.steps_done", ramp.get("steps_done"))
+    if ramp.get("operator", "msg") not in RAMPING:
+        raise c.fail("'ramp.operator'", f"must be one of {RAMPING} (the families that ramp), got {ramp['operator']!r}")
     if done >= total:
         raise c.fail("'ramp.steps_done'", f"({done}) must be below ramp.ramp_steps ({total}): a finished ramp is null")

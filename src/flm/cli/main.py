@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from flm.config.growth import NEW_LAYER_MODES, OPERATORS
 from flm.errors import FlmError
 
 
@@ -99,7 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_grow(args: argparse.Namespace) -> None:
     from flm.train.grow import grow_checkpoint
 
-    path = grow_checkpoint(args.checkpoint, args.to, args.out, args.new_layers, args.ramp_steps)
+    path = grow_checkpoint(args.checkpoint, args.to, args.out, args.new_layers, args.ramp_steps, args.operator,
+                           args.clone_noise)
     print(f"grown checkpoint written to {path}; continue training with "
           f"`flm train -c CONFIG --set train.run_dir={args.out} --set model.<key>=<value> ... --resume auto`")
 
@@ -162,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--to", required=True, metavar="SHAPE", help="a preset name, or KEY=INT pairs: d_model=256,n_layers=8")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write the grown checkpoint into")
-    p.add_argument("--new-layers", choices=["stack", "insert", "random"], default="stack")
+    p.add_argument("--new-layers", choices=NEW_LAYER_MODES, default="stack")
+    p.add_argument("--operator", choices=OPERATORS, default=None,
+                   help="growth family (docs/growth.md); default: the next stage's of the run's config when it has "
+                        "that shape, else msg")
+    p.add_argument("--clone-noise", type=float, default=None,
+                   help="clone: relative std of the symmetry-breaking noise; default as --operator, else 0.3")
     p.add_argument("--ramp-steps", type=int, default=None,
                    help="K: steps for the masks to reach 1 (0: no ramp); default: the next stage's of the run's "
                         "config when it has that shape, else 100")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from flm.config.checks import require as _require
+from flm.config.growth import NEW_LAYER_MODES, OPERATORS, growth_problem
 from flm.config.mup import MupConfig
 from flm.config.plan import PlanConfig
 from flm.errors import FlmError
@@ -199,9 +200,6 @@ class TrainConfig:
 _ON_BAD_STEP = ("skip", "rollback", "stop")
 
 
-_NEW_LAYERS = ("stack", "insert", "random")
-
-
 @dataclass
 class StageConfig:
     """One stage of a growth schedule: the shape trained in it, its token budget and how it starts.
@@ -217,8 +215,13 @@ class StageConfig:
     tokens: int = 0  # training tokens in this stage
     lr: float | None = None  # peak LR at the stage start (None: train.lr in stage 1, inherited after)
     warmup_steps: int = 0  # (re-)warmup at the stage start
-    ramp_steps: int = 100  # K: growth masks ramp 0 -> 1 over this many steps after growing into the stage
+    # How the growth into this stage is done (docs/growth.md): "msg" (masks ramped in), "zero" (new residual
+    # writers start at zero), "clone" (HyperCloning: widths by whole factors, copied layers), "stack" (copied
+    # layers, depth only).
+    operator: str = "msg"
+    ramp_steps: int = 100  # K: masks ramp 0 -> 1 over this many steps ("msg"; "zero" when d_model grows)
     new_layers: str = "stack"  # depth growth: "stack" copies top layers, "insert" interleaves copies, "random"
+    clone_noise: float = 0.3  # "clone": std of the zero-sum noise on cloned input weights, relative to their RMS
     batch_size: int | None = None  # sequences per optimizer step (None: train.batch_size * grad_accum)
     # Parallel layout while training this stage (None: [parallel]'s); dp counts all data-parallel ranks.
     tp: int | None = None
@@ -232,7 +235,10 @@ class StageConfig:
         _require(self.tokens > 0, f"{where}.tokens must be positive, got {self.tokens}")
         _require(self.lr is None or 0 < self.lr <= 1, f"{where}.lr must be in (0, 1], got {self.lr}")
         _require(self.warmup_steps >= 0 and self.ramp_steps >= 0, f"{where}.warmup_steps and ramp_steps must be >= 0")
-        _require(self.new_layers in _NEW_LAYERS, f"{where}.new_layers must be one of {_NEW_LAYERS}, got {self.new_layers!r}")
+        _require(self.new_layers in NEW_LAYER_MODES,
+                 f"{where}.new_layers must be one of {NEW_LAYER_MODES}, got {self.new_layers!r}")
+        _require(self.operator in OPERATORS, f"{where}.operator must be one of {OPERATORS}, got {self.operator!r}")
+        _require(self.clone_noise >= 0, f"{where}.clone_noise must be >= 0, got {self.clone_noise}")
         for name in ("tp", "pp", "dp"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"{where}.{name} must be positive, got {value}")
@@ -313,10 +319,14 @@ class Config:
         self.parallel.validate()
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
-        for i, shape in enumerate(self.stage_models()):
+        shapes = self.stage_models()
+        for i, shape in enumerate(shapes):
             try:
                 shape.validate()
             except FlmError as e:
                 raise FlmError(f"{e} (in stages[{i}])") from None
+            stage = self.stages[i]
+            problem = growth_problem(stage.operator, shapes[i - 1], shape, stage.new_layers) if i else None
+            _require(problem is None, f"stages[{i}]: {problem}")
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")

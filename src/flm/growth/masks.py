@@ -1,10 +1,14 @@
 """The masks that make growth function-preserving, their linear ramp, and folding them away.
 
-After growing from shape `old` to `new`, every new structure is multiplied by a mask value c: new
+After an `msg` growth from shape `old` to `new`, every new structure is multiplied by a mask value c: new
 residual coordinates (hidden mask), new FFN units (unit mask), new heads (head mask), new layers
 (depth gate). c starts at 0, where the grown model computes exactly the old function whatever the
 new weights are, and rises by 1/K per optimizer step; at c = 1 the masks change nothing and are
 removed, leaving an ordinary model of the new shape.
+
+The other families need no masks, except one: a `zero` growth of d_model weights the LayerNorm statistics by the
+same ramp (`norm_mask`), because LayerNorm's mean over the grown width would count the new, zero coordinates.
+`ramp_length` says how long each growth ramps (0: not at all).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Ramp:
     sources: list[LayerSource]
     ramp_steps: int  # K
     steps_done: int = 0
+    operator: str = "msg"  # the growth family, which says which masks ramp
 
     @property
     def c(self) -> float:
@@ -34,13 +39,22 @@ class Ramp:
 
     def to_dict(self) -> dict:
         return {"old": asdict(self.old), "sources": [[s.old, s.new] for s in self.sources],
-                "ramp_steps": self.ramp_steps, "steps_done": self.steps_done}
+                "ramp_steps": self.ramp_steps, "steps_done": self.steps_done, "operator": self.operator}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Ramp":
+        """A ramp from a checkpoint; one written before growth families existed is an `msg` ramp."""
         old = {k: v for k, v in d["old"].items() if v is not None}
         return cls(model_config_from_dict(old, prefix="growth.old"), [LayerSource(o, n) for o, n in d["sources"]],
-                   d["ramp_steps"], d["steps_done"])
+                   d["ramp_steps"], d["steps_done"], d.get("operator", "msg"))
+
+
+def ramp_length(operator: str, old: ModelConfig, new: ModelConfig, ramp_steps: int) -> int:
+    """Steps the growth of family `operator` from `old` to `new` ramps its masks over: the stage's `ramp_steps`
+    for `msg`, and for `zero` when d_model grows (its LayerNorm statistics); 0 otherwise (no masks at all)."""
+    if operator == "msg" or (operator == "zero" and new.d_model != old.d_model):
+        return ramp_steps
+    return 0
 
 
 def _mask(size: int, old_size: int, c: float, like: torch.Tensor) -> torch.Tensor | None:
@@ -59,14 +73,18 @@ def apply_masks(model: FLM, ramp: Ramp, fold: bool = True, blocks: dict[int, nn.
     """
     new, old, c = model.cfg, ramp.old, ramp.c
     like = next(model.parameters())
-    done = fold and c >= 1.0
-    model.hidden_mask = None if done else _mask(new.d_model, old.d_model, c, like)
+    msg = ramp.operator == "msg" and not (fold and c >= 1.0)
+    zero = ramp.operator == "zero" and not (fold and c >= 1.0)
+    hidden = _mask(new.d_model, old.d_model, c, like) if msg or zero else None
+    model.hidden_mask = hidden if msg else None
+    model.norm_mask = hidden if zero else None
     # One tensor of each kind, shared by every block: the masks are the same in all layers.
-    gate = None if done else torch.tensor(c, dtype=like.dtype, device=like.device)
-    head_mask = None if done else _mask(new.n_heads, old.n_heads, c, like)
-    unit_mask = None if done else _mask(new.ffn_dim, old.ffn_dim, c, like)
+    gate = torch.tensor(c, dtype=like.dtype, device=like.device) if msg else None
+    head_mask = _mask(new.n_heads, old.n_heads, c, like) if msg else None
+    unit_mask = _mask(new.ffn_dim, old.ffn_dim, c, like) if msg else None
     for i, block in (blocks.items() if blocks is not None else enumerate(model.blocks)):
         src = ramp.sources[i]
         block.gate = gate if src.new else None
+        block.norm_mask = model.norm_mask
         block.attn.head_mask = head_mask
         block.mlp.unit_mask = unit_mask

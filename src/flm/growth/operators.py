@@ -1,4 +1,4 @@
-"""Masked Structural Growth (MSG) as pure functions on tensors (REFERENCE.md §2).
+"""Growth as pure functions on tensors (REFERENCE.md §2): where old values go, and where new layers come from.
 
 `grow_tensor` maps one tensor of the old model into the same-named tensor of the grown model: the
 old values land in the top-left block (per head for the fused QKV), every other entry keeps the
@@ -6,8 +6,9 @@ value of the `template` tensor it is given (a fresh initialisation for parameter
 moments). The same mapping therefore grows parameters and optimizer state alike, and it works one
 tensor at a time, so growing never needs more extra memory than the largest single tensor.
 
-Function preservation does not come from the new values (they can be anything) but from the masks
-in `flm.growth.masks`, which hold every new structure at zero output until they ramp in.
+It serves the `msg` family, whose function preservation does not come from the new values (they can be anything)
+but from the masks in `flm.growth.masks`, and the `zero` family, which then sets the new entries of every writer
+into the residual stream to zero (`zero_new_entries`). The `clone` family tiles instead (flm.growth.clone).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from flm.config import ModelConfig
+from flm.config.growth import NEW_LAYER_MODES, growth_problem
 from flm.errors import FlmError
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
-NEW_LAYER_MODES = ("stack", "insert", "random")
+# What writes into the residual stream (the `zero` family starts their new entries at zero), as local names.
+RESIDUAL_WRITERS = ("embed.weight", "attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias")
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,8 @@ def layer_sources(old_layers: int, new_layers: int, mode: str) -> list[LayerSour
     return out
 
 
-def check_growable(old: ModelConfig, new: ModelConfig) -> None:
-    """Refuse changes that cannot be function-preserving growth, with the reason."""
+def check_growable(old: ModelConfig, new: ModelConfig, operator: str = "msg", new_layers: str | None = None) -> None:
+    """Refuse changes that no growth can make or that family `operator` cannot make, with the reason."""
     for name in ("n_layers", "d_model", "n_heads", "ffn_dim"):
         if getattr(new, name) < getattr(old, name):
             raise FlmError(f"growth cannot shrink {name} ({getattr(old, name)} -> {getattr(new, name)})")
@@ -71,9 +74,12 @@ def check_growable(old: ModelConfig, new: ModelConfig) -> None:
                            "changing it would change the function")
     if new.mup and new.tie_embeddings and new.d_model != old.d_model:
         raise FlmError("width growth of a tied μP model cannot compensate the readout multiplier; untie the head")
+    problem = growth_problem(operator, old, new, new_layers)
+    if problem:
+        raise FlmError(problem)
 
 
-def _shape_dims(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+def logical_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     """The 'logical' shape of a tensor: QKV is viewed as [heads, 3, head_dim, ...] so heads grow as units."""
     d, f, a = cfg.d_model, cfg.ffn_dim, cfg.attn_dim
     table = {
@@ -108,7 +114,7 @@ def grow_tensor(name: str, old: torch.Tensor, template: torch.Tensor, old_cfg: M
     scaled by 1/r = d'/d to keep the logits exact. Its gradient then scales by r, so Adam's first
     moment takes r¹ and the second r²: `readout_power` is 1 for parameters, -1 and -2 for moments.
     """
-    old_dims, new_dims = _shape_dims(name, old_cfg), _shape_dims(name, new_cfg)
+    old_dims, new_dims = logical_shape(name, old_cfg), logical_shape(name, new_cfg)
     out = (template.detach() if in_place else template.detach().clone()).view(new_dims)
     block = tuple(slice(0, n) for n in old_dims)
     value = old.detach().view(old_dims).to(out.dtype)
@@ -116,3 +122,35 @@ def grow_tensor(name: str, old: torch.Tensor, template: torch.Tensor, old_cfg: M
         value = value * (new_cfg.d_model / old_cfg.d_model) ** readout_power
     out[block] = value
     return out.view(template.shape)
+
+
+def local_name(name: str) -> str:
+    """A block parameter's name inside its block ('blocks.3.attn.proj.weight' -> 'attn.proj.weight')."""
+    m = _LAYER.match(name)
+    return m.group(2) if m else name
+
+
+def zero_new_entries(name: str, grown: torch.Tensor, old_cfg: ModelConfig, new_cfg: ModelConfig,
+                     new_layer: bool) -> None:
+    """The `zero` family, in place on a tensor `grow_tensor` made: every new entry of a residual-stream writer
+    (embedding columns; `attn.proj` and `mlp.fc2` rows, columns and biases) and of a LayerNorm (γ and β) becomes 0,
+    and a new layer's writers become 0 entirely.
+
+    Why this preserves the function without masks (Gesmundo & Maile 2023, for pre-norm blocks): new FFN units and
+    heads are read out by zero columns, a new layer adds zero to its input, and new residual coordinates are
+    written as zero and normalised into zero (γ = β = 0) — except that LayerNorm's mean and variance over the
+    grown width would still count them, which the `norm_mask` of flm.growth.masks holds off while it ramps in.
+    Readers' new entries (QKV, fc1, LM head) keep their fresh values: they only ever read zeros at first.
+    """
+    local = local_name(name)
+    if new_layer and local in RESIDUAL_WRITERS:
+        grown.zero_()
+        return
+    if local not in RESIDUAL_WRITERS and not local.startswith("ln"):
+        return
+    old_dims = logical_shape(name, old_cfg)
+    view = grown.view(logical_shape(name, new_cfg))
+    block = tuple(slice(0, n) for n in old_dims)
+    kept = view[block].clone()
+    view.zero_()
+    view[block] = kept

@@ -4,11 +4,14 @@ Used by the single-process trainer (`grow_training`), the torchrun trainer (flm.
 keeps its pieces under the next stage's layout) and `flm grow` (flm.train.grow: read from one checkpoint,
 written into another, never more than one tensor in memory). All of them get bit-identical values:
 
-- old values are mapped with the MSG operators (flm.growth.operators), their Adam moments with the same
-  mapping and their step counts by age class (flm.growth.optimizer);
-- new entries are drawn on the host from a generator of their own, seeded from the run's seed, the growth's
-  index and the tensor's name: the same numbers whatever the device, the layout, the order in which tensors
-  are grown or the entry point, and the run's own random stream is left alone.
+- old values are mapped by the stage's operator family: placed in the top-left block (`msg`, `zero`, `stack`:
+  flm.growth.operators; `zero` then zeroes the new entries of the residual-stream writers) or tiled (`clone`:
+  flm.growth.clone); their Adam moments with the same mapping and their step counts by age class
+  (flm.growth.optimizer), or tiled with every clone's history (`clone`);
+- new entries (and `clone`'s symmetry-breaking noise) are drawn on the host from a generator of their own,
+  seeded from the run's seed, the growth's index and the tensor's name: the same numbers whatever the device,
+  the layout, the order in which tensors are grown or the entry point, and the run's own random stream is left
+  alone.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import torch
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
-from flm.growth.masks import Ramp, apply_masks
-from flm.growth.optimizer import grow_adam_state
-from flm.growth.operators import LayerSource, check_growable, grow_tensor, layer_sources, source_name
+from flm.growth.clone import clone_tensor
+from flm.growth.masks import Ramp, apply_masks, ramp_length
+from flm.growth.optimizer import clone_adam_state, grow_adam_state
+from flm.growth.operators import (LayerSource, check_growable, grow_tensor, layer_sources, source_name,
+                                  zero_new_entries)
 from flm.model import FLM
 from flm.model.flm import init_order, init_parameter
 
@@ -49,48 +54,62 @@ def growth_seed(seed: int, index: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def tensor_generator(seed: int, index: int, name: str) -> torch.Generator:
+    """The host generator of tensor `name`'s new values at growth `index` of a run seeded `seed`."""
+    return torch.Generator().manual_seed(growth_seed(seed, index, name))
+
+
 def fresh_parameter(cfg: ModelConfig, name: str, shape: torch.Size, seed: int, index: int) -> torch.Tensor:
     """Freshly initialised values of parameter `name` (of `shape`) of a model of shape `cfg`, for growth `index`
     of a run seeded `seed` (host, float32)."""
-    generator = torch.Generator().manual_seed(growth_seed(seed, index, name))
-    return init_parameter(cfg, name, torch.empty(shape), generator=generator)
+    return init_parameter(cfg, name, torch.empty(shape), generator=tensor_generator(seed, index, name))
 
 
 def grow_tensors(old_cfg: ModelConfig, new_cfg: ModelConfig, sources: list[LayerSource],
                  weights: Mapping[str, torch.Tensor], adam: Mapping[str, Mapping[str, torch.Tensor]] | None,
-                 seed: int, index: int) -> Iterator[Grown]:
-    """The grown model's parameters in initialisation order, each with its Adam state.
+                 seed: int, index: int, operator: str = "msg", noise: float = 0.0) -> Iterator[Grown]:
+    """The grown model's parameters in initialisation order, each with its Adam state, grown by family
+    `operator` (`noise`: the `clone` family's symmetry-breaking noise, flm.growth.clone).
 
     `weights` and `adam` give the old model's whole tensors by name when asked (they may gather them from
     shards or read them from disk), so only one is ever needed at a time. Layers new in the grown model copy
-    the old layer `sources` names (their Adam state starts fresh) or, without one, are freshly initialised.
+    the old layer `sources` names (their Adam state starts fresh: a copy sits at another depth, where its
+    gradients differ) or, without one, are freshly initialised.
     """
-    check_growable(old_cfg, new_cfg)
+    check_growable(old_cfg, new_cfg, operator)
     shapes = parameter_shapes(new_cfg)
     for name in init_order(new_cfg):
         src, in_new_layer = source_name(name, sources)
         if src is not None and src not in weights:
             raise FlmError(f"cannot grow {name}: the old model has no {src}")
         old = weights[src].detach().cpu() if src is not None else None
-        if old is not None and tuple(old.shape) == tuple(shapes[name]):
-            template = torch.empty(shapes[name], dtype=old.dtype)  # every entry is overwritten
+        if old is not None and operator == "clone":
+            weight = clone_tensor(name, old, shapes[name], old_cfg, new_cfg, noise,
+                                  tensor_generator(seed, index, name))
+        elif old is not None and tuple(old.shape) == tuple(shapes[name]):
+            weight = old.clone()
         else:
-            template = fresh_parameter(new_cfg, name, shapes[name], seed, index)
-        weight = template if old is None else grow_tensor(name, old, template, old_cfg, new_cfg, in_place=True)
+            weight = fresh_parameter(new_cfg, name, shapes[name], seed, index)
+            if old is not None:
+                weight = grow_tensor(name, old, weight, old_cfg, new_cfg, in_place=True)
+        if operator == "zero":
+            zero_new_entries(name, weight, old_cfg, new_cfg, in_new_layer)
         state = None
         if adam is not None and old is not None and not in_new_layer and src in adam:
-            state = grow_adam_state(name, {k: v.detach().cpu() for k, v in adam[src].items()}, shapes[name],
-                                    old_cfg, new_cfg)
+            grow_state = clone_adam_state if operator == "clone" else grow_adam_state
+            state = grow_state(name, {k: v.detach().cpu() for k, v in adam[src].items()}, shapes[name],
+                               old_cfg, new_cfg)
         yield Grown(name, weight, state)
-        del old, template, weight, state  # before the next tensor is read: one tensor's worth in memory
+        del old, weight, state  # before the next tensor is read: one tensor's worth in memory
 
 
 def grow_training(model: FLM, adam: Mapping[str, Mapping[str, torch.Tensor]] | None, new_cfg: ModelConfig,
-                  new_layers: str = "stack", ramp_steps: int = 100, seed: int = 0, index: int = 1
-                  ) -> tuple[FLM, Ramp, dict[str, dict[str, torch.Tensor]]]:
+                  new_layers: str = "stack", ramp_steps: int = 100, seed: int = 0, index: int = 1,
+                  operator: str = "msg", noise: float = 0.0) -> tuple[FLM, Ramp, dict[str, dict[str, torch.Tensor]]]:
     """One process: (the grown model on `model`'s device with its masks at c = 0, the ramp, the grown Adam state
-    by parameter name). Memory: the old and the new model, and one tensor more on the host."""
-    check_growable(model.cfg, new_cfg)
+    by parameter name). Memory: the old and the new model, and one tensor more on the host. The ramp lasts
+    `ramp_length` steps of `ramp_steps` (0 for families without masks: the ramp is then done already)."""
+    check_growable(model.cfg, new_cfg, operator, new_layers)
     sources = layer_sources(model.cfg.n_layers, new_cfg.n_layers, new_layers)
     device = next(model.parameters()).device
     with torch.device("meta"):
@@ -101,17 +120,18 @@ def grow_training(model: FLM, adam: Mapping[str, Mapping[str, torch.Tensor]] | N
     grown.init_rotary()
     params, states = dict(grown.named_parameters()), {}
     with torch.no_grad():
-        for t in grow_tensors(model.cfg, new_cfg, sources, dict(model.named_parameters()), adam, seed, index):
+        for t in grow_tensors(model.cfg, new_cfg, sources, dict(model.named_parameters()), adam, seed, index,
+                              operator, noise):
             params[t.name].copy_(t.weight)
             if t.adam is not None:
                 states[t.name] = {k: v.to(device) for k, v in t.adam.items()}
-    ramp = Ramp(model.cfg, sources, ramp_steps)
+    ramp = Ramp(model.cfg, sources, ramp_length(operator, model.cfg, new_cfg, ramp_steps), operator=operator)
     apply_masks(grown, ramp)
     return grown, ramp, states
 
 
 def grow_model(model: FLM, new_cfg: ModelConfig, new_layers: str = "stack", ramp_steps: int = 100, seed: int = 0,
-               index: int = 1) -> tuple[FLM, Ramp]:
+               index: int = 1, operator: str = "msg", noise: float = 0.0) -> tuple[FLM, Ramp]:
     """The weights alone (`grow_training` without an optimizer): the grown model and its ramp, masks at c = 0."""
-    grown, ramp, _ = grow_training(model, None, new_cfg, new_layers, ramp_steps, seed, index)
+    grown, ramp, _ = grow_training(model, None, new_cfg, new_layers, ramp_steps, seed, index, operator, noise)
     return grown, ramp

@@ -26,18 +26,24 @@ def rotary_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple
     return xpos_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.xpos_scale_base, device)
 
 
-def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """LayerNorm; with a hidden-width mask, statistics are mask-weighted and the output is masked.
+def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor | None,
+               stats_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm; with a hidden-width mask (MSG), statistics are mask-weighted and the output is masked.
 
     μ = Σ m·x / Σ m, σ² = Σ m·(x-μ)² / Σ m, out = (γ·(x-μ)/sqrt(σ²+eps) + β)·m. At mask 0 on the new
     coordinates this is exactly the old LayerNorm on the old ones; at mask 1 the ordinary LayerNorm.
+    With `stats_mask` instead (zero-initialised width growth), the statistics are weighted by it and the output
+    is not masked: the new coordinates there are held at zero by their zero writers and LayerNorm entries, and
+    only the mean and variance would otherwise see them.
     """
-    if mask is None:
+    m = mask if mask is not None else stats_mask
+    if m is None:
         return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-    total = mask.sum()
-    mu = (x * mask).sum(-1, keepdim=True) / total
-    var = (mask * (x - mu) ** 2).sum(-1, keepdim=True) / total
-    return ((x - mu) * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias) * mask
+    total = m.sum()
+    mu = (x * m).sum(-1, keepdim=True) / total
+    var = (m * (x - mu) ** 2).sum(-1, keepdim=True) / total
+    out = (x - mu) * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias
+    return out * mask if mask is not None else out
 
 
 class KVCache:
@@ -104,7 +110,8 @@ class Block(nn.Module):
     """Pre-LN: x += Attn(LN1(x)); x += MLP(LN2(x)).
 
     While growth ramps in: writes to the residual stream are multiplied by the hidden mask, and a new
-    block is blended with its input, out = c·Block(x) + (1-c)·x, through its `gate` buffer.
+    block is blended with its input, out = c·Block(x) + (1-c)·x, through its `gate` buffer (MSG); or, after
+    zero-initialised width growth, only the LayerNorm statistics are weighted, by its `norm_mask` buffer.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -115,13 +122,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("gate", None, persistent=False)  # scalar c for a newly added block
+        self.register_buffer("norm_mask", None, persistent=False)  # [d_model]: LayerNorm statistics only ("zero")
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], hidden_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x_in = x
-        a = self.drop(self.attn(layer_norm(self.ln1, x, hidden_mask), rope, cache, layer))
+        a = self.drop(self.attn(layer_norm(self.ln1, x, hidden_mask, self.norm_mask), rope, cache, layer))
         x = x + (a if hidden_mask is None else a * hidden_mask)
-        m = self.drop(self.mlp(layer_norm(self.ln2, x, hidden_mask)))
+        m = self.drop(self.mlp(layer_norm(self.ln2, x, hidden_mask, self.norm_mask)))
         x = x + (m if hidden_mask is None else m * hidden_mask)
         if self.gate is not None:
             x = x_in + self.gate * (x - x_in)
@@ -182,6 +190,7 @@ class FLM(nn.Module):
             for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), rotary_tables(cfg)):
                 self.register_buffer(name, table, persistent=False)
         self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
+        self.register_buffer("norm_mask", None, persistent=False)  # [d_model]: LayerNorm statistics only ("zero")
         if device.type != "meta":
             self.to_empty(device=device)
         if cfg.tie_embeddings:  # after to_empty, which gives every module a tensor of its own
@@ -233,7 +242,7 @@ class FLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm, LM head and the readout multiplier."""
-        logits = self.lm_head(layer_norm(self.ln_f, x, self.hidden_mask))
+        logits = self.lm_head(layer_norm(self.ln_f, x, self.hidden_mask, self.norm_mask))
         mult = readout_multiplier(self.cfg)
         if mult != 1.0:  # skip a pass over the [B, T, V] logits when it would change nothing
             logits = logits * mult

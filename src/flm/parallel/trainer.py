@@ -257,11 +257,12 @@ class ParallelTrainer(Trainer):
         self.layout = self._layout_of(nxt.index)
         sources = layer_sources(old_cfg.n_layers, nxt.model.n_layers, nxt.new_layers)
         model = self._shell(nxt.model)
-        optimizer = grow_sharded(old, model, sources, self.cfg.train, seed=self.cfg.train.seed, index=nxt.index)
+        optimizer = grow_sharded(old, model, sources, self.cfg.train, seed=self.cfg.train.seed, index=nxt.index,
+                                 operator=nxt.operator, noise=nxt.clone_noise)
         del old
         self._use(model, optimizer)
         self.loader = self._loader(self.loader.samples_seen)  # the data-parallel slices may have changed
-        self.ramp = Ramp(old_cfg, sources, nxt.ramp_steps)
+        self.ramp = Ramp(old_cfg, sources, nxt.ramp_steps, operator=nxt.operator)
         self._apply_masks()
         return self.ramp
 

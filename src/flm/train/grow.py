@@ -20,9 +20,9 @@ from flm.checkpoint.folders import publish, staging_dir, write_failure
 from flm.checkpoint.reader import CheckpointReader
 from flm.checkpoint.stream import StreamingSafetensors
 from flm.checkpoint.whole import MODEL_FILE, STATE_FILE
-from flm.config import PRESETS, config_from_dict, config_to_dict, model_config_from_dict
+from flm.config import PRESETS, StageConfig, config_from_dict, config_to_dict, model_config_from_dict
 from flm.errors import FlmError
-from flm.growth import Ramp, grow_tensors, layer_sources
+from flm.growth import Ramp, check_growable, grow_tensors, layer_sources, ramp_length
 from flm.train.guard import GUARD_FILE
 
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_ff")
@@ -43,12 +43,13 @@ def parse_shape(text: str) -> dict[str, int]:
 
 
 def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new_layers: str = "stack",
-                    ramp_steps: int | None = None) -> Path:
+                    ramp_steps: int | None = None, operator: str | None = None, noise: float | None = None) -> Path:
     """Grow a checkpoint (weights and Adam state) and save it under `out_run_dir/checkpoints/`.
 
     When the checkpoint's run config has a next stage of exactly this shape, the grown checkpoint continues that
-    schedule (stage + 1, that stage's ramp unless `ramp_steps` is given); otherwise the run config's model becomes
-    the grown shape and a ramp of `ramp_steps` (default 100) steps starts.
+    schedule (stage + 1, that stage's ramp, operator family and clone noise unless given); otherwise the run
+    config's model becomes the grown shape, grown by `operator` (default msg) with a ramp of `ramp_steps` (default
+    100) steps where that family ramps.
     """
     ckpt = find_checkpoint(source)
     meta = read_meta(ckpt, resume=True)
@@ -63,14 +64,19 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
     stage = meta["stage"]
     shapes = [dataclasses.replace(m, vocab_size=old_cfg.vocab_size) for m in cfg.stage_models()]
     if stage + 1 < len(shapes) and shapes[stage + 1] == new_cfg:  # the run's own next growth, done offline
-        new_stage, ramp = stage + 1, cfg.stages[stage + 1].ramp_steps if ramp_steps is None else ramp_steps
+        new_stage, planned = stage + 1, cfg.stages[stage + 1]
     else:
-        new_stage, ramp = stage, 100 if ramp_steps is None else ramp_steps
+        new_stage, planned = stage, StageConfig()
         cfg.model = dataclasses.replace(cfg.model, **{k: getattr(new_cfg, k) for k in SHAPE_KEYS})
+    ramp = planned.ramp_steps if ramp_steps is None else ramp_steps
+    operator = planned.operator if operator is None else operator
+    noise = planned.clone_noise if noise is None else noise
+    check_growable(old_cfg, new_cfg, operator, new_layers)
+    ramp = ramp_length(operator, old_cfg, new_cfg, ramp)
     sources = layer_sources(old_cfg.n_layers, new_cfg.n_layers, new_layers)
     new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "step", "layout")},
                 "config": config_to_dict(cfg), "model": config_to_dict(new_cfg), "stage": new_stage,
-                "ramp": Ramp(old_cfg, sources, ramp).to_dict() if ramp else None}
+                "ramp": Ramp(old_cfg, sources, ramp, operator=operator).to_dict() if ramp else None}
     out_root = Path(out_run_dir) / "checkpoints"
     lock = RunLock(Path(out_run_dir)).acquire()  # the output run folder has one writer, like any run
     reader = CheckpointReader(ckpt)
@@ -79,7 +85,7 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
         writers = [StreamingSafetensors(tmp / MODEL_FILE), StreamingSafetensors(tmp / STATE_FILE)]
         try:
             for grown in grow_tensors(old_cfg, new_cfg, sources, reader.weights, reader.adam,
-                                      seed=cfg.train.seed, index=stage + 1):
+                                      seed=cfg.train.seed, index=stage + 1, operator=operator, noise=noise):
                 writers[0].add(grown.name, grown.weight)
                 for field, value in (grown.adam or {}).items():
                     writers[1].add(f"opt.{grown.name}.{field}", value)

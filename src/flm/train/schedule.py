@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from flm.config import Config, ModelConfig
 from flm.errors import FlmError
-from flm.growth import check_growable
+from flm.growth import check_growable, ramp_length
 from flm.model import flops_per_token
 
 
@@ -28,8 +28,10 @@ class Stage:
     lr_start: float
     lr_end: float
     warmup: int
-    ramp_steps: int  # K of the growth into this stage (0 for the first stage)
+    ramp_steps: int  # K of the growth into this stage (0 for the first stage and for growths without masks)
     new_layers: str
+    operator: str  # the growth family of the growth into this stage
+    clone_noise: float
 
     @property
     def end(self) -> int:
@@ -40,20 +42,23 @@ def plan_stages(cfg: Config, model: ModelConfig) -> list[Stage]:
     """Resolve the config into stages; `model` is cfg.model with its vocabulary filled in."""
     tc = cfg.train
     if not cfg.stages:
-        return [Stage(0, model, 0, tc.max_steps, tc.grad_accum, tc.lr, tc.min_lr, tc.warmup_steps, 0, "stack")]
+        return [Stage(0, model, 0, tc.max_steps, tc.grad_accum, tc.lr, tc.min_lr, tc.warmup_steps, 0, "stack", "msg",
+                      0.0)]
     shapes = [dataclasses.replace(m, vocab_size=model.vocab_size) for m in cfg.stage_models()]
     for i in range(1, len(shapes)):  # refuse an impossible growth now, not hours into the run
         try:
-            check_growable(shapes[i - 1], shapes[i])
+            check_growable(shapes[i - 1], shapes[i], cfg.stages[i].operator, cfg.stages[i].new_layers)
         except FlmError as e:
             raise FlmError(f"stages[{i}]: {e}") from None
+    ramps = [0] + [ramp_length(stage.operator, shapes[i - 1], shapes[i], stage.ramp_steps)
+                   for i, stage in enumerate(cfg.stages) if i]
     sizes = []
     for i, stage in enumerate(cfg.stages):
         sequences = stage.batch_size or tc.batch_size * tc.grad_accum
         if sequences % tc.batch_size:
             raise FlmError(f"stages[{i}].batch_size ({sequences}) must be a multiple of train.batch_size ({tc.batch_size})")
         steps = math.ceil(stage.tokens / (sequences * tc.seq_len))
-        if i and stage.ramp_steps > steps:
+        if ramps[i] > steps:
             raise FlmError(f"stages[{i}].ramp_steps ({stage.ramp_steps}) is longer than the stage ({steps} steps): "
                            "the masks must reach 1 before the next growth or the end")
         sizes.append((sequences // tc.batch_size, steps))
@@ -66,8 +71,8 @@ def plan_stages(cfg: Config, model: ModelConfig) -> list[Stage]:
     for i, (stage, shape, (accum, steps)) in enumerate(zip(cfg.stages, shapes, sizes)):
         lr_start = stage.lr if stage.lr is not None else (tc.lr if i == 0 else cosine(start))
         warmup = stage.warmup_steps if i else (stage.warmup_steps or tc.warmup_steps)
-        out.append(Stage(i, shape, start, steps, accum, lr_start, cosine(start + steps), warmup,
-                         stage.ramp_steps if i else 0, stage.new_layers))
+        out.append(Stage(i, shape, start, steps, accum, lr_start, cosine(start + steps), warmup, ramps[i],
+                         stage.new_layers, stage.operator, stage.clone_noise))
         start += steps
     return out
 

@@ -285,14 +285,16 @@ class Trainer:
         self.stage += 1
         self.ramp = ramp if ramp.c < 1.0 else None
         loss_after, grad_after = self.probe()
-        return {"kind": "growth", "step": self.step, "stage": self.stage + 1, "loss_before": loss_before,
+        return {"kind": "growth", "step": self.step, "stage": self.stage + 1, "operator": nxt.operator,
+                "loss_before": loss_before,
                 "loss_after": loss_after, "grad_norm_before": grad_before, "grad_norm_after": grad_after,
                 "params_before": param_count(self.stages[self.stage - 1].model), "params_after": param_count(nxt.model)}
 
     def _grow_into(self, nxt: Stage) -> Ramp:
         """Replace model and optimizer by their growth into stage `nxt`, masks set at c = 0 (hook)."""
         model, ramp, state = grow_training(self.model, adam_state_by_name(self.optimizer), nxt.model, nxt.new_layers,
-                                           nxt.ramp_steps, seed=self.cfg.train.seed, index=nxt.index)
+                                           nxt.ramp_steps, seed=self.cfg.train.seed, index=nxt.index,
+                                           operator=nxt.operator, noise=nxt.clone_noise)
         self._use(self._transformed(model), build_optimizer(model, self.cfg.train, state))
         return ramp
 
@@ -313,7 +315,8 @@ class Trainer:
             lines.append(f"stage {s.index + 1}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads x "
                          f"{c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}: {param_count(c) / 1e6:.2f}M parameters; "
                          f"steps {s.start}-{s.end} x {s.grad_accum * tc.batch_size * tc.seq_len:,} tokens, "
-                         f"lr {s.lr_start:.2e} -> {s.lr_end:.2e}" + (f", ramp {s.ramp_steps}" if s.index else ""))
+                         f"lr {s.lr_start:.2e} -> {s.lr_end:.2e}"
+                         + (f", grown by {s.operator}, ramp {s.ramp_steps}" if s.index else ""))
         precision = "bf16 autocast" if not isinstance(self.autocast, contextlib.nullcontext) else "fp32"
         lines.append(f"data: {self.data.train_tokens:,} train / {self.data.val_tokens:,} validation tokens from "
                      f"{self.data.dir}; {self.max_steps} steps on {self.device.type} ({precision})")

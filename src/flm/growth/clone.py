@@ -1,0 +1,82 @@
+"""The `clone` family: HyperCloning-style width growth (Samragh et al. 2024, arXiv 2409.12903), tensor by tensor.
+
+Widths grow by whole factors k, every new index copying old index (i mod n) — the residual vector becomes
+[x; x; ...], the heads [h1..hn; h1..hn; ...], the FFN units likewise. This is the exact function of the small
+model because:
+- a tiled vector keeps LayerNorm's mean and variance, so LayerNorm with tiled γ, β gives the tiled output;
+- every weight is tiled along all its grown dims, and divided by k along the one dim its consumer sums over
+  (its input: the residual width for QKV, fc1 and the LM head, the heads for `attn.proj`, the units for
+  `mlp.fc2`), so k copies of a summand add up to the old one;
+- under μP the readout multiplier base_width/d shrinks by k when d grows; the LM head is scaled by k to match.
+
+Tiled copies receive identical gradients, so without help they would stay copies for ever (a wide model that is
+a small model). `noise` adds to each divided weight a draw whose k clones sum to zero — W/k + ε_j with Σ ε_j = 0
+— which keeps the function (exactly in real arithmetic) and makes the copies' gradients differ.
+
+Adam state follows the gradients of the clones: a clone's gradient is the old entry's gradient divided by the
+product of the factors of the dims it was copied along without division (its k copies share the old gradient)
+and by the head's μP scale; so the moments are tiled and divided by that product (the second by its square),
+and the step counts are kept — every clone has its old entry's history. Then each clone's first update is the
+old entry's, as if the small model took the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flm.config import ModelConfig
+from flm.growth.operators import local_name, logical_shape
+
+# The dim of each tensor's logical view (flm.growth.operators.logical_shape) that its consumer sums over.
+_SUMMED_DIM = {"attn.qkv.weight": 3, "attn.proj.weight": 1, "mlp.fc1.weight": 1, "mlp.fc2.weight": 1,
+               "lm_head.weight": 1}
+
+
+def _factors(name: str, old_cfg: ModelConfig, new_cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the tensor's old logical shape, the whole factor each of its dims grows by)."""
+    old_dims, new_dims = logical_shape(name, old_cfg), logical_shape(name, new_cfg)
+    return old_dims, tuple(n // o for o, n in zip(old_dims, new_dims))
+
+
+def _head_scale(name: str, old_cfg: ModelConfig, new_cfg: ModelConfig) -> float:
+    """The μP factor on the LM head that keeps the logits (old readout multiplier / new), else 1."""
+    if name == "lm_head.weight" and new_cfg.mup:
+        return new_cfg.d_model / old_cfg.d_model
+    return 1.0
+
+
+def clone_tensor(name: str, old: torch.Tensor, shape: torch.Size, old_cfg: ModelConfig, new_cfg: ModelConfig,
+                 noise: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Parameter `name` of the grown model (of `shape`), cloned from the old model's `old` (the old dtype). `noise`:
+    the standard deviation of the zero-sum noise on the divided weights, relative to their RMS, drawn from
+    `generator`."""
+    old_dims, factors = _factors(name, old_cfg, new_cfg)
+    out = old.detach().view(old_dims).repeat(factors)
+    dim = _SUMMED_DIM.get(local_name(name))
+    if dim is not None and factors[dim] > 1:
+        k = factors[dim]
+        out = out / k
+        if noise > 0:
+            std = noise * out.pow(2).mean().sqrt().item()
+            eps = torch.randn(out.shape, generator=generator, dtype=out.dtype) * std
+            # The k clones of an index sit at positions i, i + n, ..., i + (k-1)n of `dim`: centre over them.
+            groups = eps.unflatten(dim, (k, out.shape[dim] // k))
+            out = out + (groups - groups.mean(dim, keepdim=True)).flatten(dim, dim + 1)
+    out = out * _head_scale(name, old_cfg, new_cfg)
+    return out.reshape(shape)
+
+
+def clone_moment(name: str, moment: torch.Tensor, shape: torch.Size, old_cfg: ModelConfig, new_cfg: ModelConfig,
+                 power: int) -> torch.Tensor:
+    """An Adam moment (`power` 1: exp_avg, 2: exp_avg_sq) of the cloned parameter: tiled, divided by the gradient
+    scale of a clone (see the module docstring) to the `power`; `power` 0 tiles as it is (the age bytes)."""
+    old_dims, factors = _factors(name, old_cfg, new_cfg)
+    dim = _SUMMED_DIM.get(local_name(name))
+    copied = math.prod(k for i, k in enumerate(factors) if i != dim)
+    out = moment.detach().view(old_dims).repeat(factors)
+    if power:
+        out = out / (copied * _head_scale(name, old_cfg, new_cfg)) ** power
+    return out.reshape(shape)
+
