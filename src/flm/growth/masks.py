@@ -61,8 +61,9 @@ def apply_masks(model: FLM, ramp: Ramp, fold: bool = True, blocks: dict[int, nn.
     like = next(model.parameters())
     done = fold and c >= 1.0
     model.hidden_mask = None if done else _mask(new.d_model, old.d_model, c, like)
-    # One tensor of each kind, shared by every block: the masks are the same in all layers.
-    gate = None if done else torch.tensor(c, dtype=like.dtype, device=like.device)
+    # One tensor of each kind, shared by every block: the masks are the same in all layers. Filled on the device:
+    # a tensor copied from the host would make the host wait for the device at every step of the ramp.
+    gate = None if done else torch.full((), c, dtype=like.dtype, device=like.device)
     head_mask = None if done else _mask(new.n_heads, old.n_heads, c, like)
     unit_mask = None if done else _mask(new.ffn_dim, old.ffn_dim, c, like)
     for i, block in (blocks.items() if blocks is not None else enumerate(model.blocks)):
