@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -138,11 +139,11 @@ def peer_step(args, device: torch.device):
             block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
-    count = iter(range(1 << 62))
+    batches = itertools.cycle([torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
+                               for _ in range(4)])
 
     def step() -> torch.Tensor:
-        x = batches[next(count) % len(batches)]
+        x = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=x, use_cache=False).loss  # GPT-2 shifts the labels itself
         loss.backward()
