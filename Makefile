@@ -9,7 +9,7 @@ LOCK := requirements.lock
 # The lock covers Linux x86-64 with Python >= 3.10; elsewhere the set-up falls back to pyproject.toml's ranges.
 LOCKED_PLATFORM := import sys, platform; sys.exit(not (sys.platform == "linux" and platform.machine() == "x86_64"))
 
-.PHONY: demo test setup lock test-latest bench clean
+.PHONY: demo test setup lock test-latest bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,16 @@ test-latest:
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
+
+# The one-shot check for a short GPU window (docs/results/gpu.md): CUDA tests, throughput and MFU of a ~1B model
+# against HF GPT-2, a growth run; results in OUT (gpu_check.json, gpu_check.md, logs). No set-up: it runs from the
+# source tree with the machine's own Python (this one if it has torch, else /opt/torch/.venv/bin/python3, else
+# python3) and installs nothing from an index. Without CUDA it runs its tiny mode (seconds). More options in ARGS,
+# e.g. ARGS="--throughput-args '--batch 16'".
+OUT ?= runs/gpu-check
+GPU_PYTHON ?= $(firstword $(wildcard $(BIN)/python) $(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(ARGS)
 
 clean:
 	rm -rf runs data

@@ -1,6 +1,7 @@
 """Growth inside training: Adam state mapping, the c = 0 invariant, staged runs, resume mid-ramp."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from flm.config import ModelConfig, load_config
 from flm.growth import grow_tensor, grow_training
 from flm.model import FLM
 from flm.train import Trainer
-from flm.train.adamw import AdamW
+from flm.train.adamw import AdamW, unsettled_below
 from flm.train.metrics import read_metrics
 from flm.train.optim import adam_state_by_name, build_optimizer
 
@@ -42,6 +43,46 @@ def test_adamw_per_element_steps_equal_separate_optimizers_and_settle():
         whole.grad = torch.randn(6, 3)
         opt.step()
     assert opt.state[whole]["step"].dim() == 0 and opt.state[whole]["step"].item() == 810
+
+
+def first_settled(beta1: float, beta2: float) -> int:
+    """By brute force: the least step count whose bias corrections are both exactly 1.0 in double precision."""
+    return next(t for t in itertools.count() if 1.0 - beta1 ** t == 1.0 and 1.0 - beta2 ** t == 1.0)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.999), (0.5, 0.6), (0.0, 0.95), (0.0, 0.0)])
+def test_no_count_below_the_read_bound_settles(betas):
+    """Below `unsettled_below` the optimizer does not read the counts from the device: no count there settles, and
+    reading starts at most a few steps before the first one that does."""
+    assert unsettled_below(*betas) <= first_settled(*betas) <= unsettled_below(*betas) + 3
+
+
+def test_grown_counts_fold_at_the_step_they_settle_and_a_loaded_state_is_read_afresh():
+    """The host's bound only delays reads, never the fold: a tensor with classes of 0 and 5 steps folds at the step
+    its youngest class settles, as it would if the counts were read at every step. A state loaded into the same
+    optimizer (a rollback) is read afresh, not judged by the bound of the state it replaced."""
+    betas = (0.9, 0.95)
+    whole = torch.nn.Parameter(torch.randn(3, 2))
+    opt = AdamW([whole], lr=1e-3, betas=betas)
+
+    def grown_state(young: float, old: float) -> dict[str, torch.Tensor]:
+        return {"step": torch.tensor([old, young]), "age": torch.tensor([[0, 0], [0, 1], [1, 1]], dtype=torch.uint8),
+                "exp_avg": torch.zeros(3, 2), "exp_avg_sq": torch.zeros(3, 2)}
+
+    opt.state[whole] = grown_state(0.0, 5.0)
+    for step in range(1, first_settled(*betas) + 1):
+        whole.grad = torch.randn(3, 2)
+        opt.step()
+        assert (opt.state[whole]["step"].dim() == 0) == (step == first_settled(*betas)), step
+    assert opt.state[whole]["step"].item() == first_settled(*betas) + 5
+    opt.state[whole] = grown_state(0.0, 5.0)
+    for _ in range(3):  # the bound is now 3, far below the first count that can settle
+        whole.grad = torch.randn(3, 2)
+        opt.step()
+    opt.state[whole] = grown_state(first_settled(*betas) - 1.0, first_settled(*betas) + 9.0)  # one step from settled
+    whole.grad = torch.randn(3, 2)
+    opt.step()
+    assert opt.state[whole]["step"].dim() == 0 and opt.state[whole]["step"].item() == first_settled(*betas) + 10
 
 
 def test_step_at_c0_moves_old_entries_as_plain_training_and_new_entries_only_by_decay():

@@ -78,8 +78,9 @@ def apply_masks(model: FLM, ramp: Ramp, fold: bool = True, blocks: dict[int, nn.
     hidden = _mask(new.d_model, old.d_model, c, like) if msg or zero else None
     model.hidden_mask = hidden if msg else None
     model.norm_mask = hidden if zero else None
-    # One tensor of each kind, shared by every block: the masks are the same in all layers.
-    gate = torch.tensor(c, dtype=like.dtype, device=like.device) if msg else None
+    # One tensor of each kind, shared by every block: the masks are the same in all layers. Filled on the device:
+    # a tensor copied from the host would make the host wait for the device at every step of the ramp.
+    gate = torch.full((), c, dtype=like.dtype, device=like.device) if msg else None
     head_mask = _mask(new.n_heads, old.n_heads, c, like) if msg else None
     unit_mask = _mask(new.ffn_dim, old.ffn_dim, c, like) if msg else None
     for i, block in (blocks.items() if blocks is not None else enumerate(model.blocks)):

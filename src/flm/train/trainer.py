@@ -194,8 +194,7 @@ class Trainer:
             raise FlmError(f"step {self.step} drew no loss targets (every target masked): check the data sources")
         total = torch.zeros((), device=self.device)
         for (x, y), n in zip(batches, counts):
-            loss = self._forward_backward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
-                                          n, n_loss_tokens)
+            loss = self._forward_backward(self._to_device(x), self._to_device(y), n, n_loss_tokens)
             total += loss * n
         grad_norm = self._clip_grad_norm(tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         loss = self._step_loss(total / n_loss_tokens)
@@ -209,6 +208,13 @@ class Trainer:
             if self.ramp.c >= 1.0:
                 self.ramp = None  # folded: an ordinary model of the new shape
         return loss, grad_norm
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the training device. To a GPU through pinned memory: a copy from ordinary (pageable)
+        host memory may wait for the device to finish its queue, which would stall the step's launches."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     # Hooks (overridden by flm.parallel.ParallelTrainer).
     def _step_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -360,9 +366,10 @@ class Trainer:
                          f"{record['grad_norm_after']:.3f}")
                     t_last = time.perf_counter()
                 loss, grad_norm = self.train_step()
-                kept = ~self.last_step_bad if self.last_step_bad is not None else torch.ones((), dtype=torch.bool)
-                loss_sum += torch.where(kept.to(self.device), loss, 0.0)  # a cancelled step's loss is not averaged
-                loss_n += kept.to(self.device)
+                kept = (~self.last_step_bad if self.last_step_bad is not None
+                        else torch.ones((), dtype=torch.bool, device=self.device))
+                loss_sum += torch.where(kept, loss, 0.0)  # a cancelled step's loss is not averaged
+                loss_n += kept
                 if progress is not None:
                     progress.update(1)
                 log_now = self.step % tc.log_every == 0 or self.step == end
