@@ -426,7 +426,7 @@ dp = 2
 """
 
 
-def test_growth_families_preserve_the_function_under_torchrun(data_dir, tmp_path):
+def test_growth_families_preserve_the_function_under_torchrun(tiny_data, tmp_path):
     """The families run in the sharded growth too (flm.parallel.grow calls the one routine): four processes grow
     by `zero` (width, heads, a layer; dp2 x tp2 into tp4, its LayerNorm statistics ramping on every rank) and then by
     `clone` (heads and FFN x2; tp4 into dp2 x tp2), and the validation-batch loss is the same right before and right
@@ -435,7 +435,7 @@ def test_growth_families_preserve_the_function_under_torchrun(data_dir, tmp_path
     config = tmp_path / "stages.toml"
     config.write_text(FAMILY_STAGES)
     run = tmp_path / "families"
-    torchrun(4, "train", "-c", str(config), *(a for s in settings(data_dir, run) for a in ("--set", s)))
+    torchrun(4, "train", "-c", str(config), *(a for s in settings(tiny_data, run) for a in ("--set", s)))
     growths = [r for r in read_metrics(run) if r["kind"] == "growth"]
     assert [g["operator"] for g in growths] == ["zero", "clone"]
     for g in growths:
