@@ -9,7 +9,7 @@ LOCK := requirements.lock
 # The lock covers Linux x86-64 with Python >= 3.10; elsewhere the set-up falls back to pyproject.toml's ranges.
 LOCKED_PLATFORM := import sys, platform; sys.exit(not (sys.platform == "linux" and platform.machine() == "x86_64"))
 
-.PHONY: demo test setup lock test-latest bench gpu-check clean
+.PHONY: demo test setup lock test-latest mutation bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ test-latest:
 	$(VENV)-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(VENV)-latest/bin/pip list --format freeze | grep -iE '^(torch|transformers|lm.eval|tokenizers|safetensors|numpy|scipy|accelerate|datasets|pytest)=='
 	$(VENV)-latest/bin/python -m pytest -p no:cacheprovider; status=$$?; rm -rf $(VENV)-latest; exit $$status
+
+# Mutation testing of the core modules (mutmut; which modules and tests: [tool.mutmut] in pyproject.toml). Scores
+# and the survivors: docs/testing.md.
+mutation: $(BIN)/.installed
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
