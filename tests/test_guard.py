@@ -1,0 +1,99 @@
+"""The step guard on its own, step by step against counts worked out by hand, and AdamW's cancelled step against
+the state before it (tests/test_reliability.py checks the policies in whole runs)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flm.train.adamw import AdamW
+from flm.train.guard import StepGuard
+
+NAN, INF = float("nan"), float("inf")
+
+
+def run(guard: StepGuard, losses: list[float], norms: list[float] | None = None, first_step: int = 1) -> list[bool]:
+    norms = norms or [1.0] * len(losses)
+    return [bool(guard.check(first_step + i, torch.tensor(loss), torch.tensor(norm)))
+            for i, (loss, norm) in enumerate(zip(losses, norms))]
+
+
+def test_non_finite_loss_or_norm_is_flagged_and_counted():
+    guard = StepGuard(spike_factor=0.0, window=4, device=torch.device("cpu"))
+    flags = run(guard, [2.0, NAN, 1.9, INF, 1.8, 1.7], [1.0, 1.0, NAN, 1.0, 1.0, -INF])
+    assert flags == [False, True, True, True, False, True]
+    report = guard.report()
+    assert (report.bad, report.nonfinite, report.first, report.longest_run) == (4, 4, 2, 3)
+    after = guard.report()  # counts restart; the run in progress (1 bad step) carries over
+    assert (after.bad, after.nonfinite, after.first, after.longest_run) == (0, 0, 0, 1)
+    assert run(guard, [1.6], first_step=7) == [False]
+    assert guard.report().longest_run == 1 and guard.report().longest_run == 0  # the good step ended the run
+
+
+def test_a_spike_is_judged_against_the_median_of_accepted_losses_once_the_window_is_full():
+    guard = StepGuard(spike_factor=3.0, window=4, device=torch.device("cpu"))
+    # Not armed for the first 4 steps: a steep start is never a spike.
+    assert run(guard, [10.0, 9.0, 1.0, 1.0]) == [False] * 4
+    # The window holds 10, 9, 1, 1: median 1 (torch.nanmedian takes the lower middle) -> threshold 3.
+    assert run(guard, [2.9, 3.5], first_step=5) == [False, True]
+    # The spike is not part of the window (NaN there), so the next normal loss passes and the same jump is
+    # judged again against ordinary losses only.
+    assert run(guard, [1.0, 3.5], first_step=7) == [False, True]
+    report = guard.report()
+    assert (report.bad, report.nonfinite, report.first, report.longest_run) == (2, 0, 6, 1)
+    # The ring wraps: after 4 more accepted losses of 1.0 the old 10 and 9 are gone, and 3.5 is still a spike.
+    assert run(guard, [1.0] * 4 + [3.5], first_step=9) == [False] * 4 + [True]
+    assert torch.equal(guard.history.isnan(), torch.tensor([True, False, False, False]))
+
+
+def test_no_spike_test_when_it_is_off_and_reset_forgets_everything(tmp_path):
+    off = StepGuard(spike_factor=0.0, window=2, device=torch.device("cpu"))
+    assert run(off, [1.0, 1.0, 1000.0]) == [False, False, False]
+    on = StepGuard(spike_factor=2.0, window=2, device=torch.device("cpu"))
+    assert run(on, [1.0, 1.0, 1000.0]) == [False, False, True]
+    on.save(tmp_path)
+    copy = StepGuard(spike_factor=2.0, window=2, device=torch.device("cpu"))
+    copy.load(tmp_path, on.seen)
+    assert copy.seen == 3 and torch.equal(copy.history.isnan(), on.history.isnan())
+    assert run(copy, [1000.0], first_step=4) == run(on, [1000.0], first_step=4) == [True]
+    other = StepGuard(spike_factor=2.0, window=3, device=torch.device("cpu"))  # another window: starts empty
+    other.load(tmp_path, on.seen)
+    assert other.seen == 0 and other.history.isnan().all()
+    on.reset()
+    assert on.seen == 0 and on.history.isnan().all() and on.report().bad == 0
+    assert run(on, [1.0, 1.0, 1000.0]) == [False, False, True]  # re-armed only after the window fills again
+
+
+def test_a_cancelled_adamw_step_leaves_parameters_moments_and_counts_exactly():
+    """Both paths: the fused kernel (scalar counts) and the age-class path of a grown tensor."""
+    torch.manual_seed(0)
+    plain, grown = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    opt = AdamW([plain, grown], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(2):
+        plain.grad, grown.grad = torch.randn(4, 3), torch.randn(5)
+        opt.step()
+    state = opt.state[grown]
+    state["step"] = torch.tensor([2.0, 0.0])  # old entries 2 steps, the last two entries new
+    state["age"] = torch.tensor([0, 0, 0, 1, 1], dtype=torch.uint8)
+    state["exp_avg"][3:], state["exp_avg_sq"][3:] = 0.0, 0.0  # new entries start without moments
+    before = {k: v.clone() for k, v in [("p", plain.detach()), ("g", grown.detach()),
+                                         *[(f"p.{f}", v) for f, v in opt.state[plain].items()],
+                                         *[(f"g.{f}", v) for f, v in state.items()]]}
+    plain.grad, grown.grad = torch.full((4, 3), NAN), torch.tensor([1.0, NAN, 1.0, 1.0, INF])
+    opt.step(skip=torch.tensor(True))
+    after = {k: v for k, v in [("p", plain.detach()), ("g", grown.detach()),
+                               *[(f"p.{f}", v) for f, v in opt.state[plain].items()],
+                               *[(f"g.{f}", v) for f, v in state.items()]]}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # Not cancelled: the grown tensor's new entries take a first step's full size (lr, times sign), the old ones a
+    # bias-corrected third step's, each from its own count.
+    g = torch.tensor([0.5, -0.5, 0.5, 2.0, -2.0])
+    plain.grad, grown.grad = torch.randn(4, 3), g.clone()
+    start = grown.detach().clone()
+    opt.step(skip=torch.tensor(False))
+    assert torch.equal(state["step"], torch.tensor([3.0, 1.0]))
+    moved = (grown.detach() - start * (1 - 0.1 * 0.1))
+    assert torch.allclose(moved[3:], -0.1 * torch.sign(g[3:]), rtol=1e-5)  # m̂/sqrt(v̂) = sign(g) at count 1
+    assert not torch.allclose(moved[:3].abs(), torch.full((3,), 0.1), rtol=1e-3)
+    assert all(math.isfinite(v) for v in grown.detach().tolist())
