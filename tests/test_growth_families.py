@@ -388,3 +388,37 @@ def test_clones_stay_copies_without_noise(noise):
     fc1 = model.blocks[0].mlp.fc1.weight.detach()
     gap = relative_change(fc1[:128], fc1[128:])
     assert gap <= 1e-6 if noise == 0 else gap > 1e-3
+
+
+def test_new_values_follow_the_run_seed_and_nothing_else():
+    """Growth draws new entries and clone noise from generators seeded by (run seed, growth index, tensor name):
+    the same arguments give the same model bit for bit, whatever the global RNG did in between; another seed or
+    another growth index gives other values."""
+    old = make_old()
+    new_cfg = dataclasses.replace(OLD, d_ff=256)
+
+    calls = iter(range(100))
+
+    def weights(family, seed, index):
+        torch.manual_seed(next(calls))  # a different global RNG state at every call: it must not matter
+        model, _ = grow_model(old, new_cfg, operator=family, noise=0.3, seed=seed, index=index)
+        return model.blocks[0].mlp.fc2.weight.detach() if family == "clone" else model.blocks[0].mlp.fc1.weight
+
+    for family in ("msg", "clone"):
+        first = weights(family, 3, 1)
+        assert torch.equal(first, weights(family, 3, 1)), family
+        assert not torch.equal(first, weights(family, 4, 1)), family
+        assert not torch.equal(first, weights(family, 3, 2)), family
+
+
+@pytest.mark.parametrize("family", ["msg", "zero"])
+def test_a_tied_model_grows_tied_and_keeps_its_function(family):
+    """A tied model's head is its embedding: after a d_model growth both are one tensor again (the head's gradient
+    must reach the embedding), and the logits are the old ones."""
+    torch.manual_seed(0)
+    old = FLM(dataclasses.replace(OLD, tie_embeddings=True)).eval()
+    x = torch.randint(0, 101, (2, 24))
+    model, _ = grow_model(old, dataclasses.replace(old.cfg, d_model=64), operator=family, seed=1)
+    model.eval()
+    assert model.lm_head.weight is model.embed.weight
+    assert relative_change(model(x)[0], old(x)[0]) <= RTOL
