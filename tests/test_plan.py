@@ -145,13 +145,18 @@ LAYER, EMBED, SBH = 49_984, 32_768, 128 * 2 * 64
     # (sequence parallel: s.b.h.(34/t + 5.a.s/(h.t)) = s.b.h.(17 + 20)).
     (Layout(tp=2, pp=2, dp=2, micro_batch_size=2, recompute="full"), (2 * LAYER + EMBED) / 2,
      4 * 2 * SBH / 2 + SBH * (34 / 2 + 5 * 4 * 128 / (64 * 2))),
+    # Full recomputation without sequence parallelism: each layer's input whole, 2.s.b.h, plus the rebuilt layer
+    # s.b.h.(10 + 24/t + 5.a.s/(h.t)) = s.b.h.(10 + 12 + 20).
+    (Layout(tp=2, pp=2, dp=2, micro_batch_size=2, sequence_parallel=False, recompute="full"),
+     (2 * LAYER + EMBED) / 2, 4 * 2 * SBH + SBH * (10 + 24 / 2 + 5 * 4 * 128 / (64 * 2))),
     # PP3: ceil(4/3) = 2 layers on the first stage.
     (Layout(tp=2, pp=3, dp=2, micro_batch_size=2), (2 * LAYER + EMBED) / 2, 4 * SBH * 34 / 2),
     # PP1: the one stage holds everything (4 layers, embedding, head, final LayerNorm) and the fp32 logits of one
     # micro-batch, 4.s.b.V/t bytes.
     (Layout(tp=2, pp=1, dp=2, micro_batch_size=2), (4 * LAYER + 2 * EMBED + 128) / 2,
      4 * SBH * 34 / 2 + 4 * 128 * 2 * 512 / 2),
-], ids=["tp2-pp2-dp2", "no-recompute-no-sp", "full-recompute", "pp3-ceil", "pp1-head-and-logits"])
+], ids=["tp2-pp2-dp2", "no-recompute-no-sp", "full-recompute", "full-recompute-no-sp", "pp3-ceil",
+        "pp1-head-and-logits"])
 def test_memory_of_a_tiny_layout_by_hand(layout, params, activations):
     """estimate_memory's fields equal the docstring's formulas worked out by hand for a tiny model: bf16 weights
     (2 bytes per parameter of the first pipeline stage, split TP ways), fp32 gradients (4, not sharded over DP),
@@ -242,3 +247,21 @@ def test_missing_config_and_missing_vocab(tmp_path):
     path.write_text('[model]\npreset = "tiny"\n')
     with pytest.raises(FlmError, match="needs model.vocab_size"):
         run_cli([str(path)])
+
+
+def test_layout_limits_and_each_stage_reads_the_plans_precision_settings():
+    """One layer per pipeline stage is the most PP a model takes; a stage's layout carries the [plan] settings it is
+    checked under, and an error names the stage."""
+    gpu = get_gpu("A800-80G")
+    assert estimate_memory(TINY, 128, Layout(pp=4), gpu, 0.1).fits
+    with pytest.raises(FlmError, match=r"^pp=5 exceeds n_layers=4$"):
+        estimate_memory(TINY, 128, Layout(pp=5), gpu, 0.1)
+    cfg = load_config(FLM101B, ["plan.micro_batch_size=3", "plan.sequence_parallel=false", "plan.recompute='full'",
+                                "plan.distributed_optimizer=false"])
+    for _, layout, _ in stage_memory(cfg, gpu):
+        assert (layout.micro_batch_size, layout.sequence_parallel, layout.recompute,
+                layout.distributed_optimizer) == (3, False, "full", False)
+    first = cfg.stages[0].name
+    with pytest.raises(FlmError, match=rf"^stage {first}: tp=7 does not divide n_heads="):
+        stage_memory(load_config(FLM101B, ["parallel.tp=7"] + [f"stages.{i}.tp=7" for i in range(len(cfg.stages))]),
+                     gpu)
