@@ -225,10 +225,24 @@ def test_mixture_resumes_exactly_and_keeps_order_across_ranks(sources):
         _mixture(sources, [1, 1, 1]).load_state_dict(state)
 
 
+@pytest.mark.parametrize("weights, period, pattern", [
+    # Shares 8/3 each: 2 slots each, the two spare slots to the lowest indices on a tie; midpoints 1/6, 1/2, 5/6
+    # (sources 0, 1) and 1/4, 3/4 (source 2) interleave.
+    ([1, 1, 1], 8, [0, 1, 2, 0, 1, 2, 0, 1]),
+    # Shares 6.25 and 3.75: 6 + 3, the spare slot to the larger remainder (source 1): 6 + 4; midpoints (j+1/2)/6
+    # and (j+1/2)/4 merged.
+    ([5, 3], 10, [0, 1, 0, 1, 0, 0, 1, 0, 1, 0]),
+    ([1, 1, 2], 8, [2, 0, 1, 2, 2, 0, 1, 2]),
+])
+def test_mixture_pattern_by_hand(weights, period, pattern):
+    got = mixture_pattern(weights, period=period)
+    assert got.dtype == np.int64 and got.tolist() == pattern
+
+
 def test_mixture_pattern_refuses_a_vanishing_weight():
-    assert np.bincount(mixture_pattern([1, 1, 2], period=8)).tolist() == [2, 2, 4]
-    with pytest.raises(FlmError, match="too small"):
-        mixture_pattern([1, 1e-6])
+    with pytest.raises(FlmError, match=r"^a mixture weight is too small: each source needs at least 1/8 of the "):
+        mixture_pattern([1, 1e-6], period=8)
+    assert np.bincount(mixture_pattern([1, 1 / 8], period=8)).tolist() == [7, 1]  # 0.89 of a slot rounds up
 
 
 # --- prepare with sources -----------------------------------------------------------------------------------
