@@ -29,7 +29,7 @@ without training. The CPU preset (final model 4 x 64, 0.2M non-embedding paramet
 run to read each token once (`--corpus`; the report states the epochs read).
 
     python benchmarks/growth_horizon.py --plan               # step times and projected total, no training
-    python benchmarks/growth_horizon.py                      # the CPU measurement -> docs/results/growth_horizon.*
+    python benchmarks/growth_horizon.py --last-horizon msg-depth=5  # the CPU measurement -> docs/results/growth_horizon.*
     python benchmarks/growth_horizon.py --smoke              # end to end in a few minutes (tiny horizons, one rate)
     python benchmarks/growth_horizon.py --preset gpu --corpus 'CORPUS' --out runs/growth_horizon_gpu
 
@@ -211,8 +211,10 @@ class Sweeps:
     """The runs in flight and done, and what each (arm, horizon) needs next: a wider grid, a second seed, the next
     horizon's grid around its best rate."""
 
-    def __init__(self, arms: list[str], horizons: tuple[float, ...], center: float, grid: int, seeds: tuple[int, ...]):
+    def __init__(self, arms: list[str], horizons: tuple[float, ...], center: float, grid: int, seeds: tuple[int, ...],
+                 last: dict[str, float] | None = None):
         self.arms, self.horizons, self.grid, self.seeds = arms, horizons, grid, seeds
+        self.last = last or {}  # arm -> the last horizon it runs (all of them when absent)
         self.centers = {arm: center for arm in arms}
         self.results: dict[tuple, dict] = {}  # (arm, horizon, lr, seed) -> result
         self.widened: dict[tuple, int] = {}
@@ -245,7 +247,7 @@ class Sweeps:
         self.best[(arm, horizon)] = best
         self.centers[arm] = best
         nxt = [(arm, horizon, best, s) for s in self.seeds[1:]]
-        later = [h for h in self.horizons if h > horizon]
+        later = [h for h in self.horizons if horizon < h <= self.last.get(arm, math.inf)]
         return nxt + (self.first_grid(arm, later[0]) if later else [])
 
 
@@ -485,6 +487,9 @@ def report(summary: dict, path: Path) -> None:
         lines.append("")
         for arm in summary["arms"]:
             a = h["arms"][arm]
+            if not a["grid"]:
+                lines.append(f"- {arm}: not run at this horizon (`--last-horizon`)")
+                continue
             grid = ", ".join(f"{lr:.3g}: {loss:.4f}" for lr, loss in a["grid"].items())
             lines.append(f"- {arm}: {grid}; steps per stage {a['steps']}, {a['tokens']:,} tokens, "
                          f"{a['flops'] / 1e12:.2f} TFLOPs, {statistics.fmean(a['wall_s'].values()):.0f} s per run")
@@ -512,12 +517,20 @@ def main() -> None:
     p.add_argument("--out", default=None, help="run folders and cache (default runs/growth_horizon[_smoke])")
     p.add_argument("--report", default=None, help="Markdown report (default docs/results/growth_horizon.md; "
                                                    "with --smoke, OUT/growth_horizon.md)")
+    p.add_argument("--last-horizon", action="append", default=[], metavar="ARM=H",
+                   help="the last horizon ARM runs (repeatable), to leave a secondary arm out of the longest runs")
     p.add_argument("--plan", action="store_true", help="measure step times and print the projection only")
     p.add_argument("--smoke", action="store_true", help="horizons 0.05,0.2, one rate, small evaluations")
     args = p.parse_args()
     preset = PRESETS[args.preset]
     arms = args.arms.split(",")
     unknown = [a for a in arms if a != "scratch" and a not in FAMILY_ARMS]
+    try:
+        last = {a: float(h) for a, h in (item.split("=", 1) for item in args.last_horizon)}
+    except ValueError:
+        p.error("--last-horizon takes ARM=H, e.g. msg-depth=5")
+    if "scratch" in last or not set(last) <= set(arms):
+        p.error(f"--last-horizon names a family arm among {', '.join(arms[1:])}; scratch runs every horizon")
     if unknown or "scratch" not in arms:
         p.error(f"--arms needs scratch and families among {', '.join(FAMILY_ARMS)}; unknown: {unknown}")
     horizons = (0.05, 0.2) if args.smoke else preset.horizons
@@ -567,9 +580,9 @@ def main() -> None:
               f"({plan['total_s_one_widening_each'] / 60:.0f} min if every sweep widens once), {jobs} jobs")
         return
     settings = [args.preset, arms, horizons, grid, args.seeds, setup["eval_batches"], setup["evals"], corpus, SHARES,
-                RAMP_FRAC, WARMUP_FRAC]
+                RAMP_FRAC, WARMUP_FRAC]  # not `last`: it chooses which runs to do, not what a run does
     fingerprint = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
-    sweeps = Sweeps(arms, horizons, preset.lr_center, grid, SEEDS[:args.seeds])
+    sweeps = Sweeps(arms, horizons, preset.lr_center, grid, SEEDS[:args.seeds], last)
     run_all(sweeps, setup, out / f"runs-{fingerprint}.jsonl", jobs)
     summary = summarize(sweeps, setup)
     summary["arms"] = arms
