@@ -58,6 +58,7 @@ mutation: $(BIN)/.installed
 	rm -rf mutants
 	$(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut results
+	$(BIN)/python tools/mutation_scores.py
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
