@@ -422,3 +422,14 @@ def test_a_tied_model_grows_tied_and_keeps_its_function(family):
     model.eval()
     assert model.lm_head.weight is model.embed.weight
     assert relative_change(model(x)[0], old(x)[0]) <= RTOL
+
+
+def test_growth_seeds_are_the_documented_63_bits_of_sha256():
+    """New values must not change between versions or machines (a resumed run regrows the same model): the seed is
+    the first 8 bytes of SHA-256("flm-growth/{seed}/{index}/{name}"), little-endian, top bit cleared — values
+    worked out with `hashlib` and pinned, one of them with the top bit set before clearing (13568622604322516187)."""
+    from flm.growth.routine import growth_seed
+
+    assert growth_seed(0, 1, "blocks.0.attn.qkv.weight") == 0x4D491DACA2F01089 == 5569015041525551241
+    assert growth_seed(1337, 2, "lm_head.weight") == 13568622604322516187 - 2**63 == 4345250567467740379
+    assert growth_seed(1337, 2, "embed.weight") != growth_seed(1337, 2, "lm_head.weight")
