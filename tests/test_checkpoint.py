@@ -146,3 +146,21 @@ def test_the_reader_gives_each_tensor_of_a_checkpoint_one_at_a_time(tmp_path):
     with pytest.raises(KeyError):
         reader.weights["lm_head.bias"]
     json.loads((ckpt / "meta.json").read_text())
+
+
+def test_a_ramp_round_trips_through_its_checkpoint_form_and_old_forms_still_load():
+    """The growth ramp as meta.json holds it: every field back as it was (a new layer's source is null), a ramp
+    written before growth families is an msg ramp, and a damaged old shape is named by its key."""
+    from flm.growth import Ramp
+    from flm.growth.operators import LayerSource
+
+    old = ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, vocab_size=101, max_seq_len=64)
+    ramp = Ramp(old, [LayerSource(0, False), LayerSource(None, True), LayerSource(1, False)], 10, 3, "zero")
+    form = json.loads(json.dumps(ramp.to_dict()))
+    assert form["sources"] == [[0, False], [None, True], [1, False]]
+    assert Ramp.from_dict(form) == ramp
+    del form["operator"]
+    assert Ramp.from_dict(form).operator == "msg"
+    form["old"]["bogus"] = 1
+    with pytest.raises(FlmError, match=r"unknown key 'growth\.old\.bogus'"):
+        Ramp.from_dict(form)
