@@ -64,6 +64,8 @@ def test_a_complete_meta_passes_for_inference_and_resume():
     (lambda m: m["ramp"].update(ramp_steps=0), False, "'ramp.ramp_steps' must be an integer >= 1, got 0"),
     (lambda m: m["ramp"].update(steps_done=-1), False, "'ramp.steps_done' must be an integer >= 0, got -1"),
     (lambda m: m["ramp"].update(steps_done=10), False, "'ramp.steps_done' (10) must be below ramp.ramp_steps (10)"),
+    (lambda m: m["ramp"].update(operator="clone"), False,
+     "'ramp.operator' must be one of ('msg', 'zero') (the families that ramp), got 'clone'"),
     (lambda m: m.pop("config"), True, "key 'config' is missing"),
     (lambda m: m.update(config={"train": {"lr": 5}}), True, "'config' is not a valid run config"),
     (lambda m: m.pop("stage"), True, "key 'stage' is missing"),

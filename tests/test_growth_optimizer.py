@@ -59,7 +59,7 @@ def test_the_classes_a_byte_holds_and_the_message_past_them():
     state["step"] = torch.arange(MAX_AGES - 1, dtype=torch.float32)  # classes 0 .. 253
     out = grow_adam_state("blocks.0.mlp.fc1.weight", state, torch.Size((64, 8)), BASE, wide)
     assert len(out["step"]) == MAX_AGES and out["age"][32:].unique().tolist() == [MAX_AGES - 1]
-    with pytest.raises(FlmError, match=r"blocks\.0\.mlp\.fc1\.weight: 255 growths .*let each stage run longer"):
+    with pytest.raises(FlmError, match=r"^blocks\.0\.mlp\.fc1\.weight: 255 growths .*; let each stage run longer$"):
         grow_adam_state("blocks.0.mlp.fc1.weight", out, torch.Size((128, 8)), wide,
                         dataclasses.replace(BASE, d_ff=128))
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from flm.errors import FlmError
 from flm.train.adamw import AdamW
 from flm.train.guard import StepGuard
 
@@ -60,6 +62,14 @@ def test_no_spike_test_when_it_is_off_and_reset_forgets_everything(tmp_path):
     other = StepGuard(spike_factor=2.0, window=3, device=torch.device("cpu"))  # another window: starts empty
     other.load(tmp_path, on.seen)
     assert other.seen == 0 and other.history.isnan().all()
+    for folder, seen in [(tmp_path / "none", on.seen), (tmp_path, None)]:  # no window saved, or no count in meta
+        fresh = StepGuard(spike_factor=2.0, window=2, device=torch.device("cpu"))
+        fresh.load(folder, seen)
+        assert fresh.seen == 0 and fresh.history.isnan().all()
+    (tmp_path / "guard.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(FlmError, match=r"^cannot read .*guard\.safetensors: ") as e:
+        copy.load(tmp_path, on.seen)
+    assert "\n" not in str(e.value)
     on.reset()
     assert on.seen == 0 and on.history.isnan().all() and on.report().bad == 0
     assert run(on, [1.0, 1.0, 1000.0]) == [False, False, True]  # re-armed only after the window fills again
