@@ -72,6 +72,9 @@ def test_a_complete_meta_passes_for_inference_and_resume():
     (lambda m: m.update(stage=-2), True, "'stage' must be an integer >= 0, got -2"),
     (lambda m: m.pop("data"), True, "key 'data' is missing"),
     (lambda m: m.update(data=None), True, "'data' is null at step 6"),
+    (lambda m: m.update(data=None, step=1), True, "'data' is null at step 1: the data position is unknown, so "
+                                                  "resuming would read samples again that were already trained on"),
+    (lambda m: m.update(config=[]), True, "'config' must be an object, got []"),
     (lambda m: m.update(data=[]), True, "'data' must be an object, got []"),
     (lambda m: m.update(data={"samples_seen": "96"}), True, "'data.samples_seen' must be an integer >= 0, got '96'"),
 ])
@@ -98,6 +101,8 @@ def test_a_sharded_checkpoint_must_say_how_many_processes_wrote_it():
         validate_meta(FILE, meta, sharded=True)
     with pytest.raises(FlmError, match=re.escape("'layout.world_size' must be an integer >= 1, got 0")):
         validate_meta(FILE, {**meta, "layout": {"world_size": 0}}, sharded=True)
+    with pytest.raises(FlmError, match=re.escape("'layout' must be an object, got 4")):
+        validate_meta(FILE, {**meta, "layout": 4}, sharded=True)
     assert validate_meta(FILE, {**meta, "layout": {"world_size": 4}}, sharded=True)
 
 

@@ -17,7 +17,7 @@ from flm.config.schema import DataConfig
 from flm.data import (TokenLoader, iter_documents, iter_eval_batches, load_prepared, load_tokenizer, prepare,
                       read_shard, train_bpe, write_shard)
 from flm.data.split import split_documents
-from flm.data.shards import HEADER_SIZE, ShardFile, read_shard_header
+from flm.data.shards import HEADER_SIZE, ShardFile, read_shard_header, write_mask
 from flm.data.tokenizer import load_tokenizer_dir
 from flm.errors import FlmError
 
@@ -455,5 +455,13 @@ def test_eval_batches(stream_shards, tmp_path):
     write_shard(small, np.arange(35), 100)
     (only,) = iter_eval_batches([small], batch_size=8, seq_len=SEQ, max_batches=5)
     assert only[0].shape == (3, SEQ)
-    with pytest.raises(FlmError, match="validation split too small"):
+    with pytest.raises(FlmError, match=r"^validation split too small: 35 tokens, need at least 41 for one window "
+                                       r"of seq_len 40$"):
         list(iter_eval_batches([small], batch_size=8, seq_len=40, max_batches=5))
+    # A source with a loss mask (instruction or teacher data): its validation targets are ignored where the mask is
+    # 0, as in training. Tokens 0..34, every third one not a target.
+    mask = tmp_path / "val.mask"
+    write_mask(mask, (np.arange(35) % 3 != 0).astype(np.uint8))
+    (masked,) = iter_eval_batches([small], batch_size=8, seq_len=SEQ, max_batches=5, masks=[mask])
+    assert masked[0].tolist() == [list(range(s, s + SEQ)) for s in (0, 10, 20)]
+    assert masked[1].tolist() == [[p if p % 3 else -100 for p in range(s + 1, s + SEQ + 1)] for s in (0, 10, 20)]
