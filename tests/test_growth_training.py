@@ -13,6 +13,7 @@ from flm.train import Trainer
 from flm.train.adamw import AdamW, unsettled_below
 from flm.train.metrics import read_metrics
 from flm.train.optim import adam_state_by_name, build_optimizer
+from flm.train.schedule import plan_stages
 
 
 def test_adamw_per_element_steps_equal_separate_optimizers_and_settle():
@@ -243,8 +244,11 @@ def test_a_ramp_longer_than_its_stage_is_a_config_error(tiny_data, tmp_path):
 
     cfg = staged(tiny_data, tmp_path / "r")
     cfg.stages[1].ramp_steps = 50  # the stage has 5 steps: a next growth would land mid-ramp
-    with pytest.raises(FlmError, match=r"stages\[1\]\.ramp_steps \(50\) is longer than the stage \(5 steps\)"):
+    with pytest.raises(FlmError, match=r"stages\[1\]\.ramp_steps \(50\) is longer than the stage \(5 steps\): "
+                                       r"the masks must reach 1 before the next growth or the end$"):
         Trainer(cfg, log=lambda *_: None)
+    cfg.stages[1].ramp_steps = 5  # as long as the stage: the masks reach 1 at its last step
+    assert [s.ramp_steps for s in plan_stages(cfg, dataclasses.replace(cfg.model, vocab_size=97))] [:2] == [0, 5]
 
 
 def test_a_stage_that_would_shrink_is_refused_before_training(tiny_data, tmp_path):

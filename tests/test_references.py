@@ -479,3 +479,27 @@ def test_flm_grow_then_resume_continues_with_the_old_moments(tiny, flm, tmp_path
     trainer.train()
     trainer.close()
     assert trainer.step == 7 and trainer.ramp is None  # 3 more steps: the ramp of 3 is done
+
+
+def test_an_unstaged_run_is_one_stage_of_the_train_settings(tiny, tmp_path):
+    """No [[stages]]: one stage, index 0, from step 0 for max_steps, with train's lr, min_lr, warmup and
+    accumulation, and nothing to ramp."""
+    cfg = tiny.config(tmp_path / "run", "train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=3",
+                      "train.max_steps=12", "train.grad_accum=2")
+    (stage,) = plan_stages(cfg, dataclasses.replace(cfg.model, vocab_size=V))
+    assert (stage.index, stage.start, stage.steps, stage.grad_accum, stage.lr_start, stage.lr_end, stage.warmup,
+            stage.ramp_steps) == (0, 0, 12, 2, 3e-3, 3e-4, 3, 0)
+    assert lr_at(0, [stage]) == pytest.approx(1e-3, rel=1e-12)  # the first warmup step: lr / warmup
+
+
+def test_the_optimizer_holds_each_parameter_once_with_the_configured_settings():
+    """A tied head is the embedding: one tensor, one entry (torch refuses a parameter in two groups, and a loop
+    that stopped at the tie would leave the parameters after it untrained); betas and eps as configured."""
+    model = FLM(ModelConfig(n_layers=2, d_model=32, n_heads=2, head_dim=16, vocab_size=V, max_seq_len=16,
+                            tie_embeddings=True))
+    train = dataclasses.replace(load_config(None).train, beta1=0.8, beta2=0.99, adam_eps=1e-6)
+    opt = build_optimizer(model, train)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert len(held) == len({id(p) for p in held}) == len(list(model.parameters()))
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()}
+    assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in opt.param_groups)

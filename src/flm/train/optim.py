@@ -19,11 +19,7 @@ def param_groups(model: FLM, weight_decay: float, lr: float) -> list[dict]:
     parameter names, so optimizer state can be saved and grown by name.
     """
     groups: dict[tuple[float, float], dict] = {}
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:  # tied head/embedding: one tensor, one entry
-            continue
-        seen.add(id(p))
+    for name, p in model.named_parameters():  # a tied head is the embedding: named_parameters gives it once
         mult, decay = lr_mult(model.cfg, name), decay_of(model.cfg, name, weight_decay)
         group = groups.setdefault((mult, decay), {"params": [], "names": [], "lr": lr * mult, "lr_mult": mult,
                                                   "weight_decay": decay})
