@@ -47,6 +47,8 @@ def test_a_spike_is_judged_against_the_median_of_accepted_losses_once_the_window
     # The ring wraps: after 4 more accepted losses of 1.0 the old 10 and 9 are gone, and 3.5 is still a spike.
     assert run(guard, [1.0] * 4 + [3.5], first_step=9) == [False] * 4 + [True]
     assert torch.equal(guard.history.isnan(), torch.tensor([True, False, False, False]))
+    # A spike is a loss *above* factor x median: exactly 3.0 (median 1.0) passes.
+    assert run(guard, [1.0, 3.0], first_step=14) == [False, False]
 
 
 def test_no_spike_test_when_it_is_off_and_reset_forgets_everything(tmp_path):
