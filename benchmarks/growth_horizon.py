@@ -443,7 +443,9 @@ def report(summary: dict, path: Path) -> None:
              f"Command (from the repository root): `{summary['command']}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB" + (f", {m['gpu']}" if "gpu" in m else "")
              + f"; Python {m['python']}, torch {m['torch']}. Date {summary['date']}. Wall time "
-             f"{summary['wall_s'] / 60:.0f} min with {s['jobs']} jobs x {s['threads']} thread(s); load average before "
+             f"{summary['run_s'] / 60:.0f} min of runs with {s['jobs']} jobs x {s['threads']} thread(s) (the runs' times "
+             f"over the jobs; this invocation {summary['wall_s'] / 60:.0f} min, reusing finished runs); load average "
+             "before "
              f"{summary['load_before']}, after {summary['load_after']}. Raw results: "
              f"[{path.stem}.json]({path.stem}.json), plot: [{path.stem}.png]({path.stem}.png).",
              "", "## Set-up", "",
@@ -498,6 +500,9 @@ def report(summary: dict, path: Path) -> None:
               "- FLOPs to a loss are read off the curve of a run planned for the whole budget (its cosine has not "
               "decayed at that point); a run planned for the shorter budget would get there sooner, so savings below "
               "the budget are understated for growth and scratch alike.",
+              "- Arms that share their first stage (msg, zero and clone: the half-width model; stack and msg-depth: "
+              "the quarter-depth one) train identically until their first growth: where they reach scratch's final "
+              "loss before it, their savings are the same number.",
               "- Two seeds give a spread, not a confidence interval.",
               "- Tokens per parameter count non-embedding parameters; per parameter in all, divide by "
               f"{fm['params'] / fm['non_embedding_params']:.2f}.", ""]
@@ -590,6 +595,7 @@ def main() -> None:
     summary["command"] = " ".join(["python benchmarks/growth_horizon.py", *sys.argv[1:]])
     summary["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     summary["wall_s"] = time.perf_counter() - t_start
+    summary["run_s"] = sum(r["wall_s"] for r in sweeps.results.values()) / jobs
     summary["load_before"], summary["load_after"] = load_before, ", ".join(f"{v:.2f}" for v in os.getloadavg())
     summary["setup"] = {"preset": args.preset, "corpus": corpus_note, "train_tokens": data.train_tokens,
                         "val_tokens": data.val_tokens, "max_tokens": max(r["tokens"] for r in sweeps.results.values()),
