@@ -29,7 +29,7 @@ without training. The CPU preset (final model 4 x 64, 0.2M non-embedding paramet
 run to read each token once (`--corpus`; the report states the epochs read).
 
     python benchmarks/growth_horizon.py --plan               # step times and projected total, no training
-    python benchmarks/growth_horizon.py --last-horizon msg-depth=5  # the CPU measurement -> docs/results/growth_horizon.*
+    python benchmarks/growth_horizon.py --last-horizon msg-depth=5  # CPU measurement -> docs/results/growth_horizon.*
     python benchmarks/growth_horizon.py --smoke              # end to end in a few minutes (tiny horizons, one rate)
     python benchmarks/growth_horizon.py --preset gpu --corpus 'CORPUS' --out runs/growth_horizon_gpu
 
@@ -443,9 +443,9 @@ def report(summary: dict, path: Path) -> None:
              f"Command (from the repository root): `{summary['command']}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB" + (f", {m['gpu']}" if "gpu" in m else "")
              + f"; Python {m['python']}, torch {m['torch']}. Date {summary['date']}. Wall time "
-             f"{summary['run_s'] / 60:.0f} min of runs with {s['jobs']} jobs x {s['threads']} thread(s) (the runs' times "
-             f"over the jobs; this invocation {summary['wall_s'] / 60:.0f} min, reusing finished runs); load average "
-             "before "
+             f"{summary['run_s'] / 60:.0f} min of runs with {s['jobs']} jobs x {s['threads']} thread(s) (the runs' "
+             f"times over the jobs; this invocation {summary['wall_s'] / 60:.0f} min, reusing finished runs); "
+             "load average before "
              f"{summary['load_before']}, after {summary['load_after']}. Raw results: "
              f"[{path.stem}.json]({path.stem}.json), plot: [{path.stem}.png]({path.stem}.png).",
              "", "## Set-up", "",
