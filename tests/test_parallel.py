@@ -308,7 +308,10 @@ trainer.save()
 trainer.close()
 """
 
-PATHS_STAGES = """
+def stages_changing_layout(growth: str, then: str = "") -> str:
+    """[[stages]] TOML: tp2 x dp2, then a growth into 3 layers x 128 x 4 heads made by `growth` (one TOML line)
+    on tp4 x dp1, then the stages in `then`."""
+    return f"""
 [[stages]]
 tokens = 768
 tp = 2
@@ -317,12 +320,15 @@ dp = 2
 n_layers = 3
 d_model = 128
 n_heads = 4
-new_layers = "random"
+{growth}
 tokens = 768
 ramp_steps = 2
 tp = 4
 dp = 1
-"""
+{then}"""
+
+
+PATHS_STAGES = stages_changing_layout('new_layers = "random"')
 
 
 def fresh_region(name: str, old_cfg, new_cfg, shape) -> torch.Tensor:
@@ -402,28 +408,14 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
     assert all(torch.equal(final[k], want[k]) for k in want)
 
 
-FAMILY_STAGES = """
-[[stages]]
-tokens = 768
-tp = 2
-dp = 2
-[[stages]]
-n_layers = 3
-d_model = 128
-n_heads = 4
-operator = "zero"
-tokens = 768
-ramp_steps = 2
-tp = 4
-dp = 1
-[[stages]]
+FAMILY_STAGES = stages_changing_layout('operator = "zero"', """[[stages]]
 n_heads = 8
 d_ff = 1024
 operator = "clone"
 tokens = 768
 tp = 2
 dp = 2
-"""
+""")
 
 
 def test_growth_families_preserve_the_function_under_torchrun(tiny_data, tmp_path):
