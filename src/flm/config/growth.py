@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from flm.config.shape import WIDTH_FIELDS
+
 OPERATORS = ("msg", "zero", "clone", "stack")
 RAMPING = ("msg", "zero")  # the families whose growth can leave masks ramping (a checkpoint's ramp names one)
 NEW_LAYER_MODES = ("stack", "insert", "random")
@@ -34,8 +36,7 @@ def growth_problem(operator: str, old: _Shape, new: _Shape, new_layers: str | No
     on where new layers come from. Shrinking and fixed fields are flm.growth.check_growable's business."""
     if operator not in OPERATORS:
         return f"unknown growth operator {operator!r}; choose from {', '.join(OPERATORS)}"
-    widths = [(key, getattr(old, attr), getattr(new, attr))
-              for key, attr in (("d_model", "d_model"), ("n_heads", "n_heads"), ("d_ff", "ffn_dim"))]
+    widths = [(key, getattr(old, attr), getattr(new, attr)) for key, attr in WIDTH_FIELDS]
     grown = [(key, a, b) for key, a, b in widths if b > a]
     if operator == "stack" and grown:
         key, a, b = grown[0]

@@ -8,6 +8,7 @@ from flm.config.checks import require as _require
 from flm.config.growth import NEW_LAYER_MODES, OPERATORS, growth_problem
 from flm.config.mup import MupConfig
 from flm.config.plan import PlanConfig
+from flm.config.shape import SHAPE_KEYS
 from flm.errors import FlmError
 
 
@@ -229,7 +230,7 @@ class StageConfig:
     dp: int | None = None
 
     def validate(self, where: str) -> None:
-        for name in ("n_layers", "d_model", "n_heads", "d_ff", "batch_size"):
+        for name in (*SHAPE_KEYS, "batch_size"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"{where}.{name} must be positive, got {value}")
         _require(self.tokens > 0, f"{where}.tokens must be positive, got {self.tokens}")
@@ -304,8 +305,7 @@ class Config:
         """The model shape of every stage, each stage's overrides applied to the previous shape."""
         shapes, current = [], self.model
         for stage in self.stages:
-            changes = {k: getattr(stage, k) for k in ("n_layers", "d_model", "n_heads", "d_ff")
-                       if getattr(stage, k) is not None}
+            changes = {k: getattr(stage, k) for k in SHAPE_KEYS if getattr(stage, k) is not None}
             current = replace(current, **changes)
             shapes.append(current)
         return shapes

@@ -20,6 +20,7 @@ import torch
 
 from flm.config import ModelConfig
 from flm.config.growth import NEW_LAYER_MODES, growth_problem
+from flm.config.shape import SHAPE_FIELDS
 from flm.errors import FlmError
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -63,7 +64,7 @@ def layer_sources(old_layers: int, new_layers: int, mode: str) -> list[LayerSour
 
 def check_growable(old: ModelConfig, new: ModelConfig, operator: str = "msg", new_layers: str | None = None) -> None:
     """Refuse changes that no growth can make or that family `operator` cannot make, with the reason."""
-    for name in ("n_layers", "d_model", "n_heads", "ffn_dim"):
+    for name in (f.attr for f in SHAPE_FIELDS):
         if getattr(new, name) < getattr(old, name):
             raise FlmError(f"growth cannot shrink {name} ({getattr(old, name)} -> {getattr(new, name)})")
     fixed = ("head_dim", "vocab_size", "rope_theta", "xpos_scale_base", "ln_eps", "tie_embeddings", "mup",
