@@ -1,44 +1,24 @@
 """Processes and device meshes: the torchrun environment, the process group, and one named mesh per layout.
 
-A layout is tp x pp x dp processes; dp may be split into dp_replicate groups that each shard the model
-over dp_shard ranks (HSDP). The mesh has the dimensions ("pp", "dp_replicate", "dp_shard", "tp"), tp
-innermost so that tensor-parallel ranks are neighbours (one node, the fastest links), pp outermost.
-Dimensions of size 1 are kept, so every piece of code can ask for the same names.
+A layout (flm.config.layout.Layout) is tp x pp x dp processes, dp perhaps split into HSDP's replicas. The
+mesh has the dimensions ("pp", "dp_replicate", "dp_shard", "tp"), tp innermost so that tensor-parallel ranks
+are neighbours (one node, the fastest links), pp outermost. Dimensions of size 1 are kept, so every piece of
+code can ask for the same names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from flm.config.layout import Layout
 from flm.device import process_device
 from flm.errors import FlmError
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1  # all data-parallel ranks: dp_replicate x dp_shard
-    dp_replicate: int = 1
-
-    @property
-    def dp_shard(self) -> int:
-        return self.dp // self.dp_replicate
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def describe(self) -> str:
-        hsdp = f" ({self.dp_replicate} replicas x {self.dp_shard} shards)" if self.dp_replicate > 1 else ""
-        return f"dp{self.dp}{hsdp} x tp{self.tp} x pp{self.pp}"
 
 
 def init_distributed(device_spec: str, timeout_s: float) -> torch.device:
@@ -59,7 +39,7 @@ def init_distributed(device_spec: str, timeout_s: float) -> torch.device:
     return device
 
 
-def build_mesh(layout: ParallelLayout, device: torch.device) -> DeviceMesh:
+def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
     """The named mesh for `layout` over all processes (an explicit CPU mesh on CPU); collective."""
     world = dist.get_world_size()
     if layout.world_size != world:

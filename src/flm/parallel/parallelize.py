@@ -17,16 +17,17 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from flm.config import ParallelConfig
+from flm.config.layout import Layout
 from flm.model import FLM
 from flm.model.flm import held_blocks
 from flm.parallel.fsdp import apply_fsdp
-from flm.parallel.mesh import ParallelLayout, dp_mesh
+from flm.parallel.mesh import dp_mesh
 from flm.parallel.pipeline import StageModule, keep_stage
 from flm.parallel.tensor import apply_tensor_parallel
 from flm.train.transforms import apply_activation_checkpointing, compile_blocks
 
 
-def parallelize(model: FLM, layout: ParallelLayout, mesh: DeviceMesh, pc: ParallelConfig, compile: bool,
+def parallelize(model: FLM, layout: Layout, mesh: DeviceMesh, pc: ParallelConfig, compile: bool,
                 bf16: bool) -> nn.Module:
     """Shard `model` in place over `mesh`; returns the module a step runs (the pipeline stage's own module
     under pipeline parallelism, else the model itself)."""

@@ -22,6 +22,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 
 from flm.config import Config, ModelConfig
+from flm.config.layout import Layout
 from flm.data.loader import IGNORE
 from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp, apply_masks, layer_sources
@@ -31,7 +32,7 @@ from flm.checkpoint import is_sharded, load_model, load_train_state
 from flm.checkpoint.pieces import write_pieces
 from flm.checkpoint.state import named_params
 from flm.parallel.grow import OldModel, fresh_values, grow_sharded
-from flm.parallel.mesh import ParallelLayout, build_mesh, dp_rank, init_distributed
+from flm.parallel.mesh import build_mesh, dp_rank, init_distributed
 from flm.parallel.norms import clip_grad_norm
 from flm.parallel.parallelize import parallelize
 from flm.parallel.pipeline import build_schedule, check_pipeline
@@ -54,7 +55,7 @@ class ParallelTrainer(Trainer):
         device = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main, self.distributed = self.rank == 0, True
-        self._meshes: dict[ParallelLayout, Any] = {}
+        self._meshes: dict[Layout, Any] = {}
         # Every stage's layout is checked now, not hours into the run when its growth comes.
         layouts = [self._layout_of(i, cfg) for i in range(max(1, len(cfg.stages)))]
         self.layout = layouts[0]
@@ -66,10 +67,10 @@ class ParallelTrainer(Trainer):
             self.peak_flops *= self.world
 
     # ---- layout ------------------------------------------------------------------------------------
-    def _layout_of(self, stage: int, cfg: Config | None = None) -> ParallelLayout:
+    def _layout_of(self, stage: int, cfg: Config | None = None) -> Layout:
         cfg = cfg or self.cfg
         tp, pp, dp = cfg.stage_layout(cfg.stages[stage] if cfg.stages else None)
-        layout = ParallelLayout(tp=tp, pp=pp, dp=dp, dp_replicate=cfg.parallel.dp_replicate)
+        layout = Layout(tp=tp, pp=pp, dp=dp, dp_replicate=cfg.parallel.dp_replicate)
         where = f"stages[{stage}]" if cfg.stages else "[parallel]"
         if dp % layout.dp_replicate:
             raise FlmError(f"{where}: parallel.dp_replicate ({layout.dp_replicate}) must divide dp ({dp})")
@@ -121,7 +122,7 @@ class ParallelTrainer(Trainer):
         model.init_rotary()
         return model
 
-    def _check_model(self, cfg: ModelConfig, layout: ParallelLayout) -> None:
+    def _check_model(self, cfg: ModelConfig, layout: Layout) -> None:
         pc = self.cfg.parallel
         if layout.pp > 1:
             check_pipeline(cfg, layout.pp, self.cfg.train.batch_size // layout.dp,

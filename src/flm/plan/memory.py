@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, replace
 
 from flm.config import Config, ModelConfig, StageConfig
+from flm.config.layout import Layout
 from flm.errors import FlmError
 from flm.model.counting import param_count
 from flm.plan.cost import planned_stages
@@ -36,24 +37,6 @@ from flm.plan.hardware import GPU
 
 GIB = float(2**30)
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 4, 12
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    micro_batch_size: int = 1
-    sequence_parallel: bool = True
-    recompute: str = "selective"  # "none", "selective" or "full"
-    distributed_optimizer: bool = True
-
-    @property
-    def n_gpus(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def describe(self) -> str:
-        return f"TP{self.tp} PP{self.pp} DP{self.dp}"
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from flm.config import ModelConfig
+from flm.config.layout import Layout
 from flm.errors import FlmError
 from flm.plan.cost import PlanResult, StageCost
 from flm.plan.hardware import GPU
-from flm.plan.memory import GIB, Layout, MemoryEstimate
+from flm.plan.memory import GIB, MemoryEstimate
 from flm.plan.search import SearchResult
 
 ZETTA = 1e21
@@ -76,7 +77,8 @@ def format_plan(r: PlanResult) -> str:
 
 def format_memory(rows: list[tuple[str, Layout, MemoryEstimate]], gpu: GPU, n_gpus: int) -> str:
     header = ["stage", "layout", "GPUs", "weights", "grads", "optimizer", "activations", "total", "usable", "fits"]
-    body = [[name, lay.describe(), str(lay.n_gpus), *(f"{b / GIB:.1f}" for b in
+    # Megatron's notation, as in the paper's tables (the torchrun trainer's messages use Layout.describe()).
+    body = [[name, f"TP{lay.tp} PP{lay.pp} DP{lay.dp}", str(lay.world_size), *(f"{b / GIB:.1f}" for b in
              (m.params, m.grads, m.optimizer, m.activations, m.total, m.usable)), "yes" if m.fits else "NO"]
             for name, lay, m in rows]
     lay = rows[0][1]
@@ -85,7 +87,7 @@ def format_memory(rows: list[tuple[str, Layout, MemoryEstimate]], gpu: GPU, n_gp
              f" ({'sharded over DP' if lay.distributed_optimizer else 'not sharded'}); activations per "
              f"Korthikanti et al. 2022 with {lay.recompute} recomputation, sequence parallel "
              f"{'on' if lay.sequence_parallel else 'off'}, micro-batch {lay.micro_batch_size}"]
-    odd = [name for name, lay, _ in rows if lay.n_gpus != n_gpus]
+    odd = [name for name, lay, _ in rows if lay.world_size != n_gpus]
     if odd:
         notes.append(f"note: the layout of {', '.join(odd)} does not use plan.n_gpus = {n_gpus} GPUs")
     return "\n".join([table(header, body), *notes])
