@@ -10,7 +10,7 @@ import torch
 from flm.config import ModelConfig, load_config
 from flm.errors import FlmError
 from flm.growth import Ramp, apply_masks, grow_model, grow_tensors, grow_training, layer_sources
-from flm.growth.clone import clone_moment
+from flm.growth.families.clone import clone_moment
 from flm.model import FLM
 from flm.train.optim import adam_state_by_name, build_optimizer
 
@@ -428,7 +428,7 @@ def test_growth_seeds_are_the_documented_63_bits_of_sha256():
     """New values must not change between versions or machines (a resumed run regrows the same model): the seed is
     the first 8 bytes of SHA-256("flm-growth/{seed}/{index}/{name}"), little-endian, top bit cleared — values
     worked out with `hashlib` and pinned, one of them with the top bit set before clearing (13568622604322516187)."""
-    from flm.growth.routine import growth_seed
+    from flm.growth.fresh import growth_seed
 
     assert growth_seed(0, 1, "blocks.0.attn.qkv.weight") == 0x4D491DACA2F01089 == 5569015041525551241
     assert growth_seed(1337, 2, "lm_head.weight") == 13568622604322516187 - 2**63 == 4345250567467740379

@@ -9,7 +9,8 @@ import torch
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
-from flm.growth.optimizer import MAX_AGES, clone_adam_state, grow_adam_state
+from flm.growth.families.clone import clone_adam_state
+from flm.growth.optimizer import MAX_AGES, grow_adam_state
 
 BASE = ModelConfig(n_layers=1, d_model=8, n_heads=2, head_dim=4, vocab_size=5, max_seq_len=8, mup=True, base_width=8)
 

@@ -12,7 +12,7 @@ from flm.checkpoint import find_checkpoint, load_model, persistent_tensors, read
 from flm.config import model_config_from_dict
 from flm.data.tokenizer import Tokenizer, load_tokenizer_dir
 from flm.growth import Ramp, apply_masks
-from flm.model import FLM
+from flm.model import FLM, build_model
 
 
 def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> tuple[FLM, Tokenizer, dict[str, Any]]:
@@ -20,7 +20,7 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu") -> 
     in the middle of a growth ramp comes with its masks set, so it computes exactly what training computed."""
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
-    model = FLM(model_config_from_dict(meta["model"]))
+    model = build_model(model_config_from_dict(meta["model"]))
     load_model(ckpt, persistent_tensors(model))
     model = model.to(device).eval()
     if meta["ramp"]:  # in the middle of a growth ramp: the masks are part of the function

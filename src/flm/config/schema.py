@@ -12,6 +12,11 @@ from flm.config.shape import SHAPE_KEYS
 from flm.errors import FlmError
 
 
+# The model architectures a config may name; flm.model.build_model maps each to its class (a test checks both
+# name the same ones). Declared here because the config is validated without importing torch.
+ARCHS = ("flm",)
+
+
 @dataclass
 class ModelConfig:
     """Shape and parametrisation of one FLM decoder (REFERENCE.md §1).
@@ -20,6 +25,7 @@ class ModelConfig:
     head growth keep the head dim fixed while the residual width changes independently.
     """
 
+    arch: str = "flm"  # the model class (ARCHS); checkpoints written before it existed are "flm"
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
@@ -50,6 +56,7 @@ class ModelConfig:
         return self.n_heads * self.head_dim
 
     def validate(self) -> None:
+        _require(self.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("n_layers", "d_model", "n_heads", "head_dim", "max_seq_len", "base_width"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
         _require(self.head_dim % 2 == 0, f"model.head_dim must be even for rotary pairs, got {self.head_dim}")

@@ -6,9 +6,9 @@ residual coordinates (hidden mask), new FFN units (unit mask), new heads (head m
 new weights are, and rises by 1/K per optimizer step; at c = 1 the masks change nothing and are
 removed, leaving an ordinary model of the new shape.
 
-The other families need no masks, except one: a `zero` growth of d_model weights the LayerNorm statistics by the
-same ramp (`norm_mask`), because LayerNorm's mean over the grown width would count the new, zero coordinates.
-`ramp_length` says how long each growth ramps (0: not at all).
+Which masks a ramp sets is its family's (flm.growth.families: `msg` all of the above, `zero` only `norm_mask`, the
+LayerNorm statistics weighted by the same ramp while d_model grows, because LayerNorm's mean over the grown width
+would count the new, zero coordinates); how long it ramps is its declaration's (flm.config.growth.ramp_length).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from flm.config import ModelConfig, model_config_from_dict
+from flm.growth.families import behaviour
 from flm.growth.operators import LayerSource
 from flm.model import FLM
 
@@ -49,14 +50,6 @@ class Ramp:
                    d["ramp_steps"], d["steps_done"], d.get("operator", "msg"))
 
 
-def ramp_length(operator: str, old: ModelConfig, new: ModelConfig, ramp_steps: int) -> int:
-    """Steps the growth of family `operator` from `old` to `new` ramps its masks over: the stage's `ramp_steps`
-    for `msg`, and for `zero` when d_model grows (its LayerNorm statistics); 0 otherwise (no masks at all)."""
-    if operator == "msg" or (operator == "zero" and new.d_model != old.d_model):
-        return ramp_steps
-    return 0
-
-
 def _mask(size: int, old_size: int, c: float, like: torch.Tensor) -> torch.Tensor | None:
     """1 on the first `old_size` entries, c on the rest; None when nothing is new."""
     if size == old_size:
@@ -73,16 +66,15 @@ def apply_masks(model: FLM, ramp: Ramp, fold: bool = True, blocks: dict[int, nn.
     """
     new, old, c = model.cfg, ramp.old, ramp.c
     like = next(model.parameters())
-    msg = ramp.operator == "msg" and not (fold and c >= 1.0)
-    zero = ramp.operator == "zero" and not (fold and c >= 1.0)
-    hidden = _mask(new.d_model, old.d_model, c, like) if msg or zero else None
-    model.hidden_mask = hidden if msg else None
-    model.norm_mask = hidden if zero else None
+    kinds = frozenset() if fold and c >= 1.0 else behaviour(ramp.operator).masks
+    hidden = _mask(new.d_model, old.d_model, c, like) if kinds & {"hidden", "norm"} else None
+    model.hidden_mask = hidden if "hidden" in kinds else None
+    model.norm_mask = hidden if "norm" in kinds else None
     # One tensor of each kind, shared by every block: the masks are the same in all layers. Filled on the device:
     # a tensor copied from the host would make the host wait for the device at every step of the ramp.
-    gate = torch.full((), c, dtype=like.dtype, device=like.device) if msg else None
-    head_mask = _mask(new.n_heads, old.n_heads, c, like) if msg else None
-    unit_mask = _mask(new.ffn_dim, old.ffn_dim, c, like) if msg else None
+    gate = torch.full((), c, dtype=like.dtype, device=like.device) if "gate" in kinds else None
+    head_mask = _mask(new.n_heads, old.n_heads, c, like) if "heads" in kinds else None
+    unit_mask = _mask(new.ffn_dim, old.ffn_dim, c, like) if "units" in kinds else None
     for i, block in (blocks.items() if blocks is not None else enumerate(model.blocks)):
         src = ramp.sources[i]
         block.gate = gate if src.new else None

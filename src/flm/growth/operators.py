@@ -6,9 +6,9 @@ value of the `template` tensor it is given (a fresh initialisation for parameter
 moments). The same mapping therefore grows parameters and optimizer state alike, and it works one
 tensor at a time, so growing never needs more extra memory than the largest single tensor.
 
-It serves the `msg` family, whose function preservation does not come from the new values (they can be anything)
-but from the masks in `flm.growth.masks`, and the `zero` family, which then sets the new entries of every writer
-into the residual stream to zero (`zero_new_entries`). The `clone` family tiles instead (flm.growth.clone).
+It serves the families that place old values top-left (flm.growth.families: `msg`, whose function preservation
+comes from the masks in flm.growth.masks rather than from the new values, `zero`, which then zeroes the new entries
+of the residual-stream writers, and `stack`); `clone` tiles instead.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from flm.config.shape import SHAPE_FIELDS
 from flm.errors import FlmError
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
-# What writes into the residual stream (the `zero` family starts their new entries at zero), as local names.
-RESIDUAL_WRITERS = ("embed.weight", "attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias")
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ def check_growable(old: ModelConfig, new: ModelConfig, operator: str = "msg", ne
     for name in (f.attr for f in SHAPE_FIELDS):
         if getattr(new, name) < getattr(old, name):
             raise FlmError(f"growth cannot shrink {name} ({getattr(old, name)} -> {getattr(new, name)})")
-    fixed = ("head_dim", "vocab_size", "rope_theta", "xpos_scale_base", "ln_eps", "tie_embeddings", "mup",
+    fixed = ("arch", "head_dim", "vocab_size", "rope_theta", "xpos_scale_base", "ln_eps", "tie_embeddings", "mup",
              "base_width", "output_mult")
     for name in fixed:
         if getattr(new, name) != getattr(old, name):
@@ -129,29 +127,3 @@ def local_name(name: str) -> str:
     """A block parameter's name inside its block ('blocks.3.attn.proj.weight' -> 'attn.proj.weight')."""
     m = _LAYER.match(name)
     return m.group(2) if m else name
-
-
-def zero_new_entries(name: str, grown: torch.Tensor, old_cfg: ModelConfig, new_cfg: ModelConfig,
-                     new_layer: bool) -> None:
-    """The `zero` family, in place on a tensor `grow_tensor` made: every new entry of a residual-stream writer
-    (embedding columns; `attn.proj` and `mlp.fc2` rows, columns and biases) and of a LayerNorm (γ and β) becomes 0,
-    and a new layer's writers become 0 entirely.
-
-    Why this preserves the function without masks (Gesmundo & Maile 2023, for pre-norm blocks): new FFN units and
-    heads are read out by zero columns, a new layer adds zero to its input, and new residual coordinates are
-    written as zero and normalised into zero (γ = β = 0) — except that LayerNorm's mean and variance over the
-    grown width would still count them, which the `norm_mask` of flm.growth.masks holds off while it ramps in.
-    Readers' new entries (QKV, fc1, LM head) keep their fresh values: they only ever read zeros at first.
-    """
-    local = local_name(name)
-    if new_layer and local in RESIDUAL_WRITERS:
-        grown.zero_()
-        return
-    if local not in RESIDUAL_WRITERS and not local.startswith("ln"):
-        return
-    old_dims = logical_shape(name, old_cfg)
-    view = grown.view(logical_shape(name, new_cfg))
-    block = tuple(slice(0, n) for n in old_dims)
-    kept = view[block].clone()
-    view.zero_()
-    view[block] = kept

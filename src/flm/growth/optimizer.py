@@ -9,7 +9,7 @@ each entry is in (old entries keep theirs, new ones get a new class); flm.train.
 back into one scalar count once every class's bias correction is exactly 1.0. A tensor that did not grow keeps
 its state as it is.
 
-The `clone` family has no new entries: its moments are tiled instead (`clone_adam_state`).
+The `clone` family has no new entries: its moments are tiled instead (flm.growth.families.clone).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
-from flm.growth.clone import clone_moment
 from flm.growth.operators import grow_tensor
 
 MAX_AGES = 255  # a byte per entry
@@ -49,16 +48,4 @@ def grow_adam_state(name: str, old: Mapping[str, torch.Tensor], grown_shape: tor
     new_class = torch.full(grown_shape, len(counts), dtype=torch.uint8, device=old_age.device)
     state["step"] = torch.cat([counts, counts.new_zeros(1)])
     state["age"] = grow_tensor(name, old_age, new_class, old_cfg, new_cfg, readout_power=0, in_place=True)
-    return state
-
-
-def clone_adam_state(name: str, old: Mapping[str, torch.Tensor], grown_shape: torch.Size, old_cfg: ModelConfig,
-                     new_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The Adam state of parameter `name` grown by the `clone` family: moments tiled and scaled to the clones'
-    gradients (flm.growth.clone), step counts and age classes kept, since every clone inherits a whole history."""
-    state = {"exp_avg": clone_moment(name, old["exp_avg"], grown_shape, old_cfg, new_cfg, 1),
-             "exp_avg_sq": clone_moment(name, old["exp_avg_sq"], grown_shape, old_cfg, new_cfg, 2),
-             "step": old["step"].clone()}
-    if "age" in old:
-        state["age"] = clone_moment(name, old["age"], grown_shape, old_cfg, new_cfg, 0)
     return state

@@ -4,33 +4,29 @@ Used by the single-process trainer (`grow_training`), the torchrun trainer (flm.
 keeps its pieces under the next stage's layout) and `flm grow` (flm.train.grow: read from one checkpoint,
 written into another, never more than one tensor in memory). All of them get bit-identical values:
 
-- old values are mapped by the stage's operator family: placed in the top-left block (`msg`, `zero`, `stack`:
-  flm.growth.operators; `zero` then zeroes the new entries of the residual-stream writers) or tiled (`clone`:
-  flm.growth.clone); their Adam moments with the same mapping and their step counts by age class
-  (flm.growth.optimizer), or tiled with every clone's history (`clone`);
-- new entries (and `clone`'s symmetry-breaking noise) are drawn on the host from a generator of their own,
-  seeded from the run's seed, the growth's index and the tensor's name: the same numbers whatever the device,
-  the layout, the order in which tensors are grown or the entry point, and the run's own random stream is left
-  alone.
+- old values and their Adam state are mapped by the stage's growth family, asked by name
+  (flm.growth.families: placed in the top-left block with step counts by age class, or tiled with every
+  clone's history), which keeps the promises its declaration makes (flm.config.growth);
+- new entries (and `clone`'s symmetry-breaking noise) are drawn on the host from a generator of their own
+  (flm.growth.fresh), seeded from the run's seed, the growth's index and the tensor's name.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from flm.config import ModelConfig
+from flm.config.growth import ramp_length
 from flm.errors import FlmError
-from flm.growth.clone import clone_tensor
-from flm.growth.masks import Ramp, apply_masks, ramp_length
-from flm.growth.optimizer import clone_adam_state, grow_adam_state
-from flm.growth.operators import (LayerSource, check_growable, grow_tensor, layer_sources, source_name,
-                                  zero_new_entries)
-from flm.model import FLM
-from flm.model.flm import init_order, init_parameter
+from flm.growth.families import behaviour
+from flm.growth.families.base import TensorGrowth
+from flm.growth.masks import Ramp, apply_masks
+from flm.growth.operators import LayerSource, check_growable, layer_sources, source_name
+from flm.model import FLM, build_model
+from flm.model.flm import init_order
 
 
 @dataclass
@@ -45,31 +41,14 @@ class Grown:
 def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Every parameter's whole shape, from a model on the meta device (no memory)."""
     with torch.device("meta"):
-        return {name: p.shape for name, p in FLM(cfg).named_parameters()}
-
-
-def growth_seed(seed: int, index: int, name: str) -> int:
-    """The seed of tensor `name`'s new entries at growth `index` of a run seeded `seed` (63 bits of SHA-256)."""
-    digest = hashlib.sha256(f"flm-growth/{seed}/{index}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def tensor_generator(seed: int, index: int, name: str) -> torch.Generator:
-    """The host generator of tensor `name`'s new values at growth `index` of a run seeded `seed`."""
-    return torch.Generator().manual_seed(growth_seed(seed, index, name))
-
-
-def fresh_parameter(cfg: ModelConfig, name: str, shape: torch.Size, seed: int, index: int) -> torch.Tensor:
-    """Freshly initialised values of parameter `name` (of `shape`) of a model of shape `cfg`, for growth `index`
-    of a run seeded `seed` (host, float32)."""
-    return init_parameter(cfg, name, torch.empty(shape), generator=tensor_generator(seed, index, name))
+        return {name: p.shape for name, p in build_model(cfg).named_parameters()}
 
 
 def grow_tensors(old_cfg: ModelConfig, new_cfg: ModelConfig, sources: list[LayerSource],
                  weights: Mapping[str, torch.Tensor], adam: Mapping[str, Mapping[str, torch.Tensor]] | None,
                  seed: int, index: int, operator: str = "msg", noise: float = 0.0) -> Iterator[Grown]:
     """The grown model's parameters in initialisation order, each with its Adam state, grown by family
-    `operator` (`noise`: the `clone` family's symmetry-breaking noise, flm.growth.clone).
+    `operator` (`noise`: the `clone` family's symmetry-breaking noise, flm.growth.families.clone).
 
     `weights` and `adam` give the old model's whole tensors by name when asked (they may gather them from
     shards or read them from disk), so only one is ever needed at a time. Layers new in the grown model copy
@@ -77,28 +56,19 @@ def grow_tensors(old_cfg: ModelConfig, new_cfg: ModelConfig, sources: list[Layer
     gradients differ) or, without one, are freshly initialised.
     """
     check_growable(old_cfg, new_cfg, operator)
+    family = behaviour(operator)
     shapes = parameter_shapes(new_cfg)
     for name in init_order(new_cfg):
         src, in_new_layer = source_name(name, sources)
         if src is not None and src not in weights:
             raise FlmError(f"cannot grow {name}: the old model has no {src}")
         old = weights[src].detach().cpu() if src is not None else None
-        if old is not None and operator == "clone":
-            weight = clone_tensor(name, old, shapes[name], old_cfg, new_cfg, noise,
-                                  tensor_generator(seed, index, name))
-        elif old is not None and tuple(old.shape) == tuple(shapes[name]):
-            weight = old.clone()
-        else:
-            weight = fresh_parameter(new_cfg, name, shapes[name], seed, index)
-            if old is not None:
-                weight = grow_tensor(name, old, weight, old_cfg, new_cfg, in_place=True)
-        if operator == "zero":
-            zero_new_entries(name, weight, old_cfg, new_cfg, in_new_layer)
+        weight = family.weight(TensorGrowth(name, old, shapes[name], old_cfg, new_cfg, in_new_layer, seed, index,
+                                            noise))
         state = None
         if adam is not None and old is not None and not in_new_layer and src in adam:
-            grow_state = clone_adam_state if operator == "clone" else grow_adam_state
-            state = grow_state(name, {k: v.detach().cpu() for k, v in adam[src].items()}, shapes[name],
-                               old_cfg, new_cfg)
+            state = family.adam_state(name, {k: v.detach().cpu() for k, v in adam[src].items()}, shapes[name],
+                                      old_cfg, new_cfg)
         yield Grown(name, weight, state)
         del old, weight, state  # before the next tensor is read: one tensor's worth in memory
 
@@ -113,7 +83,7 @@ def grow_training(model: FLM, adam: Mapping[str, Mapping[str, torch.Tensor]] | N
     sources = layer_sources(model.cfg.n_layers, new_cfg.n_layers, new_layers)
     device = next(model.parameters()).device
     with torch.device("meta"):
-        grown = FLM(new_cfg)
+        grown = build_model(new_cfg)
     grown.to_empty(device=device)  # memory without values: every parameter is written below
     if new_cfg.tie_embeddings:  # to_empty gives every module a tensor of its own
         grown.lm_head.weight = grown.embed.weight

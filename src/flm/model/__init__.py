@@ -1,8 +1,10 @@
-"""The FLM decoder (single device), its KV-cache sampler and its parameter/FLOP counts."""
+"""The FLM decoder (single device), its KV-cache sampler, its parameter/FLOP counts, and `build_model`, the one
+function that makes a model of a config's architecture."""
 
 from flm.model.counting import flops_per_token, matmul_params, non_embedding_params, param_count
 from flm.model.flm import FLM, KVCache, readout_multiplier, rotary_tables
 from flm.model.generate import filter_logits, generate
+from flm.model.registry import MODELS, build_model
 
-__all__ = ["FLM", "KVCache", "filter_logits", "flops_per_token", "generate", "matmul_params",
-           "non_embedding_params", "param_count", "readout_multiplier", "rotary_tables"]
+__all__ = ["FLM", "KVCache", "MODELS", "build_model", "filter_logits", "flops_per_token", "generate",
+           "matmul_params", "non_embedding_params", "param_count", "readout_multiplier", "rotary_tables"]

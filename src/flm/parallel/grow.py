@@ -2,7 +2,7 @@
 
 A sharded model is first laid out on the meta device (flm.parallel.parallelize), then given memory for its
 own pieces only. Its values come tensor by tensor: the whole tensor is made on the host (fresh initialisation,
-in the order `FLM(cfg)` draws it, so the values are exactly those of a single-device model), this process
+in the order `build_model(cfg)` draws it, so the values are exactly those of a single-device model), this process
 keeps its piece, and the whole tensor is dropped before the next one.
 
 Growth at a stage boundary runs the one growth routine (flm.growth.routine) with the old model's tensors
@@ -33,7 +33,7 @@ from flm.train.optim import build_optimizer
 
 def fresh_values(cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Freshly initialised whole tensors of a model of shape `cfg`, made one at a time in init order from the
-    global generator, exactly as `FLM(cfg)` draws them."""
+    global generator, exactly as `build_model(cfg)` draws them."""
     shapes = parameter_shapes(cfg)
     for name in init_order(cfg):
         yield name, init_parameter(cfg, name, torch.empty(shapes[name]))

@@ -23,10 +23,12 @@ old entry's, as if the small model took the step.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from flm.config import ModelConfig
+from flm.growth.families.base import Behaviour, TensorGrowth, place_top_left
 from flm.growth.operators import local_name, logical_shape
 
 # The dim of each tensor's logical view (flm.growth.operators.logical_shape) that its consumer sums over.
@@ -80,3 +82,25 @@ def clone_moment(name: str, moment: torch.Tensor, shape: torch.Size, old_cfg: Mo
         out = out / (copied * _head_scale(name, old_cfg, new_cfg)) ** power
     return out.reshape(shape)
 
+
+def clone_adam_state(name: str, old: Mapping[str, torch.Tensor], grown_shape: torch.Size, old_cfg: ModelConfig,
+                     new_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The Adam state of parameter `name` grown by the `clone` family: moments tiled and scaled to the clones'
+    gradients, step counts and age classes kept, since every clone inherits a whole history."""
+    state = {"exp_avg": clone_moment(name, old["exp_avg"], grown_shape, old_cfg, new_cfg, 1),
+             "exp_avg_sq": clone_moment(name, old["exp_avg_sq"], grown_shape, old_cfg, new_cfg, 2),
+             "step": old["step"].clone()}
+    if "age" in old:
+        state["age"] = clone_moment(name, old["age"], grown_shape, old_cfg, new_cfg, 0)
+    return state
+
+
+def clone_weight(t: TensorGrowth) -> torch.Tensor:
+    """The old tensor cloned (with `t.noise` drawn from the tensor's own generator); a new layer that copies
+    nothing (a caller of grow_tensors may pass such sources) is freshly initialised."""
+    if t.old is None:
+        return place_top_left(t)
+    return clone_tensor(t.name, t.old, t.shape, t.old_cfg, t.new_cfg, t.noise, t.generator())
+
+
+BEHAVIOUR = Behaviour(clone_weight, clone_adam_state)
