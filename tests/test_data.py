@@ -17,7 +17,7 @@ from flm.config.schema import DataConfig
 from flm.data import (TokenLoader, iter_documents, iter_eval_batches, load_prepared, load_tokenizer, prepare,
                       read_shard, train_bpe, write_shard)
 from flm.data.split import split_documents
-from flm.data.shards import HEADER_SIZE, ShardFile, read_shard_header, write_mask
+from flm.data.shards import HEADER_SIZE, ShardFile, read_mask, read_shard_header, write_mask
 from flm.data.tokenizer import load_tokenizer_dir
 from flm.errors import FlmError
 
@@ -208,6 +208,25 @@ def test_read_shard_rejects_damage(tmp_path, how, message):
     with pytest.raises(FlmError, match=message) as err:
         read_shard(bad)
     assert bad.name in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["shard", "mask"])
+def test_a_flipped_reserved_header_byte_is_damage(tmp_path, kind):
+    """Bytes 32-63 of the header follow the documented fields and must be zero: each one flipped alone is
+    reported, naming the file and the byte, rather than read past."""
+    good = tmp_path / f"good.{kind}"
+    write, read = (lambda p: write_shard(p, np.arange(10), 50), read_shard) if kind == "shard" else \
+        (lambda p: write_mask(p, np.arange(10) % 2), read_mask)
+    write(good)
+    raw = good.read_bytes()
+    assert raw[32:HEADER_SIZE] == bytes(HEADER_SIZE - 32)
+    read(good)
+    for at in range(32, HEADER_SIZE):
+        bad = tmp_path / f"flipped_{at}.{kind}"
+        bad.write_bytes(raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:])
+        with pytest.raises(FlmError, match=f"reserved header byte {at} is 0xff, not zero") as err:
+            read(bad)
+        assert bad.name in str(err.value) and "\n" not in str(err.value)
 
 
 # --- prepare ------------------------------------------------------------------------------------------------

@@ -10,12 +10,13 @@ tensor, at the price of writing the bytes twice.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
 
 import torch
+
+from flm.files import DurableFile
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -47,18 +48,13 @@ class StreamingSafetensors:
         self._body.close()
         header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as out, open(self._body_path, "rb") as body:
+        with DurableFile(self.path) as out, open(self._body_path, "rb") as body:
             out.write(struct.pack("<Q", len(header)))
             out.write(header)
             shutil.copyfileobj(body, out, length=16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
         self._body_path.unlink()
 
     def discard(self) -> None:
         """Give up (an error while writing): remove what was written."""
         self._body.close()
-        for p in (self._body_path, self.path.with_name(self.path.name + ".tmp")):
-            p.unlink(missing_ok=True)
+        self._body_path.unlink(missing_ok=True)

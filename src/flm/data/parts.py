@@ -20,13 +20,14 @@ import numpy as np
 
 from flm.config.schema import DataConfig
 from flm.data.encoding import Chunk, EncodePool
-from flm.data.shards import ShardFile, atomic_write
+from flm.data.shards import ShardFile
 from flm.data.sources import Document, Source, iter_source, planned_sources, split_key, teacher_split, training_text
 from flm.data.split import Forced, SplitCounts, split_hash
 from flm.data.staging import clear_part, shard_name, staged_tokenizer, write_manifest
 from flm.data.teacher import items_jsonl
 from flm.data.tokenizer import Tokenizer
 from flm.errors import FlmError
+from flm.files import atomic_write
 
 SPLITS = ("train", "val")
 # Characters of text per chunk handed to a worker: a fraction of a second of tokenising; its ids as Python lists

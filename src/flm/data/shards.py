@@ -3,6 +3,8 @@
 Layout (little-endian): magic b"FLMSHARD", u32 format version, u32 dtype code (2 = uint16, 4 = uint32),
 u64 vocab_size, u64 token_count, zero padding to 64 bytes, then token_count ids. The header lets a reader
 reject a truncated or foreign file before training on garbage, and `read_shard` checks every id against vocab_size.
+The padding is reserved: a reader requires it to be zero, so a flipped byte there is reported as damage, and a
+later format version can put fields there that no older reader silently ignores.
 
 Loss masks sit beside the token shards of sources that have them (instruction and teacher data): the same header
 with magic b"FLMLMASK", dtype code 1 (uint8), vocab_size 2 and token_count entries, one 0/1 byte per token of the
@@ -11,15 +13,14 @@ shard (1: the token is a loss target). A byte per token keeps any slice a plain 
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from flm.errors import FlmError
+from flm.files import DurableFile
 
 MAGIC = b"FLMSHARD"
 MASK_MAGIC = b"FLMLMASK"
@@ -59,8 +60,8 @@ class ShardFile:
     """A shard (or with `mask`, a loss mask file) written piece by piece, so no shard has to fit in memory.
 
     Every piece is checked as it comes (ids in [0, vocab_size), mask bytes 0 or 1). The header, which holds the
-    count, is filled in on `close`, and only then does the file appear under its name (temporary file, fsync,
-    rename); leaving the `with` block by an exception removes the temporary file.
+    count, is filled in on `close`, and only then does the file appear under its name (flm.files.DurableFile);
+    leaving the `with` block by an exception, or a failing `close`, removes the temporary file.
     """
 
     def __init__(self, path: str | Path, vocab_size: int, mask: bool = False):
@@ -68,9 +69,8 @@ class ShardFile:
         self.vocab_size, self.mask = vocab_size, mask
         self.dtype = _MASK_DTYPE if mask else shard_dtype(vocab_size)
         self.count = 0
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self._tmp, "wb")
-        self._file.write(bytes(HEADER_SIZE))
+        self._out = DurableFile(self.path)
+        self._out.file.write(bytes(HEADER_SIZE))
 
     def write(self, values: np.ndarray) -> None:
         values = np.asarray(values)
@@ -84,21 +84,21 @@ class ShardFile:
             if values.size and (int(values.min()) < 0 or int(values.max()) >= self.vocab_size):
                 raise FlmError(f"cannot write {what} {self.path.name}: token ids must be in [0, {self.vocab_size}), "
                                f"got [{int(values.min())}, {int(values.max())}]")
-        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).data)
+        self._out.file.write(np.ascontiguousarray(values, dtype=self.dtype).data)
         self.count += values.size
 
     def close(self) -> None:
         magic, code = (MASK_MAGIC, _MASK_CODE) if self.mask else (MAGIC, _dtype_code(self.dtype))
-        self._file.seek(0)
-        self._file.write(_HEADER.pack(magic, VERSION, code, self.vocab_size, self.count))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._out.file.seek(0)
+            self._out.file.write(_HEADER.pack(magic, VERSION, code, self.vocab_size, self.count))
+            self._out.commit()
+        except BaseException:
+            self._out.abort()
+            raise
 
     def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> ShardFile:
         return self
@@ -112,21 +112,6 @@ class ShardFile:
 
 def _dtype_code(dtype: np.dtype) -> int:
     return next(c for c, d in _DTYPES.items() if d == dtype)
-
-
-def atomic_write(path: Path, parts: Iterable[bytes | memoryview]) -> None:
-    """Write to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_shard_header(path: str | Path) -> ShardHeader:
@@ -154,6 +139,10 @@ def _read_header(path: str | Path, magic_expected: bytes, what_file: str) -> Sha
         raise FlmError(f"bad {what_file} {path}: wrong magic {magic!r}, not an flm {what_file}")
     if version != VERSION:
         raise FlmError(f"bad {what_file} {path}: unknown format version {version} (this flm reads version {VERSION})")
+    reserved = raw[_HEADER.size:]
+    if any(reserved):
+        at = _HEADER.size + next(i for i, b in enumerate(reserved) if b)
+        raise FlmError(f"bad {what_file} {path}: reserved header byte {at} is {raw[at]:#04x}, not zero (a damaged file)")
     codes = {_MASK_CODE: _MASK_DTYPE} if magic == MASK_MAGIC else _DTYPES
     if code not in codes:
         raise FlmError(f"bad {what_file} {path}: unknown dtype code {code} (expected {' or '.join(map(str, codes))})")

@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flm.data.shards import atomic_write
 from flm.data.tokenizer import HF_FILE, TIKTOKEN_FILE, TIKTOKEN_META, Tokenizer, load_tokenizer_dir
 from flm.errors import FlmError
-from flm.files import fsync_path
+from flm.files import atomic_write, fsync_path
 
 META = "meta.json"
 TOKENIZER_FILES = (HF_FILE, TIKTOKEN_FILE, TIKTOKEN_META)

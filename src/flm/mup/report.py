@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from flm.data.shards import atomic_write
+from flm.files import DurableFile, atomic_write
 
 NAMES = {"mup": "μP", "sp": "SP"}  # how the reports spell each parametrization
 
@@ -33,8 +32,7 @@ def write_outputs(out_dir: Path, name: str, data: dict[str, Any], markdown: str,
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
     atomic_write(paths[0], [json.dumps(data, indent=1).encode()])
     atomic_write(paths[1], [markdown.encode()])
-    tmp = paths[2].with_name(paths[2].name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, paths[2])
+    with DurableFile(paths[2]) as f:
+        fig.savefig(f, format="png")
     figure().close(fig)
     return paths
