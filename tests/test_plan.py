@@ -6,13 +6,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from flm.config import ModelConfig, load_config, model_config_from_dict
 from flm.config.plan import FLOPS_FORMULAS
 from flm.errors import FlmError
 from flm.plan import FLOPS_PER_TOKEN, Layout, estimate_memory, get_gpu, plan_costs, search_schedule, stage_memory
 from flm.plan.cli import register
+from flm.plan.hardware import gpu_of_device
 from flm.plan.search import budget_gpu_hours
+from flm.train.metrics import peak_bf16_flops
 
 FLM101B = Path(__file__).resolve().parents[1] / "configs" / "flm101b.toml"
 A800 = get_gpu("A800-80G")
@@ -265,3 +268,18 @@ def test_layout_limits_and_each_stage_reads_the_plans_precision_settings():
     with pytest.raises(FlmError, match=rf"^stage {first}: tp=7 does not divide n_heads="):
         stage_memory(load_config(FLM101B, ["parallel.tp=7"] + [f"stages.{i}.tp=7" for i in range(len(cfg.stages))]),
                      gpu)
+
+
+def test_one_dense_bf16_table_for_the_planner_and_mfu(monkeypatch):
+    # The data sheets' dense (not 2:4 sparse) bf16 tensor-core TFLOP/s.
+    assert [get_gpu(n).peak_tflops for n in ("H100-SXM", "A100-40G", "A100-80G", "A800-80G", "H200")] == [
+        989.0, 312.0, 312.0, 312.0, 989.0]
+    # MFU finds the same entries from the names CUDA reports, comparing whole words.
+    names = {"NVIDIA H100 80GB HBM3": "H100-SXM", "NVIDIA H100 PCIe": "H100-PCIe", "NVIDIA A100-SXM4-40GB": "A100-40G",
+             "NVIDIA A100 80GB PCIe": "A100-80G", "NVIDIA A800-SXM4-80GB": "A800-80G", "NVIDIA H200": "H200",
+             "NVIDIA H20": "H20", "NVIDIA L40S": "L40S", "NVIDIA A10G": "A10G", "NVIDIA GeForce RTX 4090": "RTX-4090"}
+    assert {n: gpu_of_device(n).name for n in names} == names
+    assert gpu_of_device("NVIDIA L40") is None and gpu_of_device("Tesla V100-SXM2-16GB") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_bf16_flops(torch.device("cuda")) == 989e12
+    assert peak_bf16_flops(torch.device("cpu")) is None

@@ -9,25 +9,15 @@ from typing import Any
 import torch
 
 from flm.errors import FlmError
-
-# Dense bf16 peak FLOP/s by GPU name (vendor datasheets, no sparsity). MFU is reported only when the
-# device is recognised; a wrong peak is a worse lie than no MFU at all.
-_BF16_PEAK = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-    ("L4", 121e12), ("A10G", 70e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-]
+from flm.plan.hardware import gpu_of_device
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak in FLOP/s, or None on CPU and unknown GPUs."""
+    """The device's dense bf16 peak in FLOP/s (the planner's table), or None on CPU and unknown GPUs."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in _BF16_PEAK:
-        if key in name:
-            return peak
-    return None
+    gpu = gpu_of_device(torch.cuda.get_device_name(device))
+    return gpu.peak_tflops * 1e12 if gpu else None
 
 
 # Records written at a checkpoint's step after the checkpoint itself: the growth at a stage boundary (the
