@@ -43,6 +43,7 @@ def test_config_round_trips_through_dict():
     ("[train]\ndtype = 'fp8'\n", "train.dtype must be"),
     ("[train]\nlr = 1e-3\nmin_lr = 1e-2\n", "train.min_lr must be in [0, lr]"),
     ("[train\n", "config error"),
+    ("[model]\narch = 'gpt'\n", "model.arch must be one of ('flm',), got 'gpt'"),
 ])
 def test_bad_configs_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(FlmError) as e:
@@ -87,3 +88,54 @@ def test_overrides_reach_arrays_of_tables(tmp_path):
                               ("stages.0.nope=1", "unknown key 'stages[0].nope'")]:
         with pytest.raises(FlmError, match=re.escape(message)):
             load_config(path, [override])
+
+
+def test_every_declared_arch_builds_its_model():
+    """model.arch is declared in the config (validated without torch) and mapped to a class by flm.model's one
+    seam: both name the same architectures."""
+    from flm.config import model_config_from_dict
+    from flm.config.schema import ARCHS
+    from flm.model import MODELS, build_model
+
+    assert sorted(MODELS) == sorted(ARCHS)
+    for arch in ARCHS:
+        cfg = model_config_from_dict({"arch": arch, "n_layers": 1, "vocab_size": 11})
+        assert type(build_model(cfg)) is MODELS[arch]
+
+
+def test_a_model_table_without_arch_is_an_flm_so_older_checkpoints_load(tmp_path):
+    """Checkpoints written before model.arch existed hold model and run configs (and a ramp's old shape) without
+    it: the default makes their meta.json valid for inference and resume."""
+    from flm.checkpoint.meta import FORMAT_VERSION, validate_meta
+    from flm.config import model_config_from_dict
+
+    config = config_to_dict(load_config(None, ["model.vocab_size=300"]))
+    model = config["model"]
+    assert model.pop("arch") == "flm"
+    ramp = {"old": model, "sources": [[i, False] for i in range(model["n_layers"])], "ramp_steps": 10,
+            "steps_done": 1, "operator": "msg"}
+    meta = {"format": FORMAT_VERSION, "step": 3, "model": model, "ramp": ramp, "config": config, "stage": 0,
+            "data": {"samples_seen": 48}}
+    assert validate_meta(tmp_path / "meta.json", meta, resume=True) is meta
+    assert model_config_from_dict(model).arch == "flm"
+
+
+def test_the_growable_shape_is_declared_once():
+    """flm.config.shape names each growable dimension by its config key (a [model] and a [[stages]] field) and its
+    ModelConfig attribute; a stage setting each key changes exactly that attribute of its model."""
+    import dataclasses
+
+    from flm.config import ModelConfig, StageConfig
+    from flm.config.shape import SHAPE_FIELDS, SHAPE_KEYS
+
+    assert SHAPE_KEYS == ("n_layers", "d_model", "n_heads", "d_ff")
+    for field in SHAPE_FIELDS:
+        assert field.key in {f.name for f in dataclasses.fields(StageConfig)}
+        assert field.key in {f.name for f in dataclasses.fields(ModelConfig)} and hasattr(ModelConfig(), field.attr)
+        cfg = load_config(None, ["model.d_ff=512"])  # set, so that d_model's growth leaves the FFN alone
+        cfg.stages = [StageConfig(tokens=1000), StageConfig(tokens=1000)]
+        before = getattr(cfg.model, field.attr)
+        setattr(cfg.stages[1], field.key, 2 * before)
+        first, second = cfg.stage_models()
+        changed = [f.key for f in SHAPE_FIELDS if getattr(first, f.attr) != getattr(second, f.attr)]
+        assert changed == [field.key] and getattr(second, field.attr) == 2 * before

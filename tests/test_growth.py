@@ -147,6 +147,9 @@ def test_moments_map_into_the_old_block_and_new_entries_are_zero(old_model):
     (dict(n_layers=1), "cannot shrink n_layers"),
     (dict(head_dim=8), "keeps head_dim fixed"),
     (dict(vocab_size=200), "keeps vocab_size fixed"),
+    (dict(n_heads=1), "cannot shrink n_heads"),
+    (dict(d_ff=64), "cannot shrink ffn_dim"),
+    (dict(arch="other"), "keeps arch fixed"),  # the model class: growth maps tensors of one architecture
 ])
 def test_impossible_growth_is_refused(old_model, change, message):
     with pytest.raises(FlmError, match=message):

@@ -2,6 +2,7 @@
 internals; their Adam state; the config errors; every entry point (trainer, `flm grow`) taking them."""
 
 import dataclasses
+import re
 import textwrap
 
 import pytest
@@ -433,3 +434,139 @@ def test_growth_seeds_are_the_documented_63_bits_of_sha256():
     assert growth_seed(0, 1, "blocks.0.attn.qkv.weight") == 0x4D491DACA2F01089 == 5569015041525551241
     assert growth_seed(1337, 2, "lm_head.weight") == 13568622604322516187 - 2**63 == 4345250567467740379
     assert growth_seed(1337, 2, "embed.weight") != growth_seed(1337, 2, "lm_head.weight")
+
+
+# The registry: every family's declaration (flm.config.growth.FAMILIES) against what its behaviour module does.
+
+# Each shape key grown alone, by a whole factor (so that every family able to grow it can).
+BY_KEY = {"n_layers": dict(n_layers=4), "d_model": dict(d_model=64), "n_heads": dict(n_heads=4),
+          "d_ff": dict(d_ff=256)}
+
+
+def test_every_declared_family_has_behaviour_and_every_behaviour_a_declaration():
+    """A family is its declaration plus its module; one without the other is a family half added. The masks a
+    family's ramp sets are known mask kinds, and a family has masks exactly when it declares that it ramps."""
+    from flm.config.growth import FAMILIES, OPERATORS, RAMPING
+    from flm.config.shape import SHAPE_KEYS
+    from flm.growth.families import BEHAVIOURS
+    from flm.growth.families.base import MASK_KINDS
+
+    assert sorted(BEHAVIOURS) == sorted(FAMILIES) == sorted(OPERATORS)
+    assert set(BY_KEY) == set(SHAPE_KEYS)
+    for name, declared in FAMILIES.items():
+        assert declared.name == name
+        assert set(declared.exact) <= set(declared.grows) <= set(SHAPE_KEYS), name
+        assert set(declared.ramps_only_for) <= set(declared.grows) and declared.adam in ("block", "tiled"), name
+        assert BEHAVIOURS[name].masks <= MASK_KINDS, name
+        assert bool(BEHAVIOURS[name].masks) == declared.ramps == (name in RAMPING), name
+
+
+@pytest.mark.parametrize("mup", [False, True])
+@pytest.mark.parametrize("key", list(BY_KEY))
+@pytest.mark.parametrize("family", ["msg", "zero", "clone", "stack"])
+def test_each_family_does_what_it_declares_for_each_dimension(tmp_path, family, key, mup):
+    """For every family and shape key: a key the family does not declare is refused when the config is loaded, in
+    one line naming the family, the key and the families that can; a key it declares grows a random small model,
+    whose logits right after growth are the old ones (within RTOL) exactly when the key is declared exact, and which
+    ramps masks exactly when the declaration says it does — the masks being the ones its behaviour names."""
+    from flm.config.growth import FAMILIES, ramp_length
+    from flm.growth.families import BEHAVIOURS
+
+    declared = FAMILIES[family]
+    change = BY_KEY[key]
+    if key not in declared.grows:
+        path = tmp_path / "c.toml"
+        shape = "\n".join(f"{k} = {v}" for k, v in change.items())
+        path.write_text(STAGED.format(tied="false", shape=shape, family=family, new_layers="stack"))
+        able = [f"'{n}'" for n, f in FAMILIES.items() if key in f.grows]
+        with pytest.raises(FlmError, match=rf"stages\[1\]: operator '{family}' grows .* only, not {key} .*"
+                                           rf"use {', '.join(able[:-1])} or {able[-1]}$") as e:
+            load_config(path)
+        assert "\n" not in str(e.value)
+        return
+    old = make_old(mup)
+    x = torch.randint(0, 101, (3, 40))
+    before = old(x)[0]
+    new_cfg = dataclasses.replace(old.cfg, init_std=0.5, **change)
+    model, ramp = grow_model(old, new_cfg, declared.new_layers[0], ramp_steps=10, operator=family, noise=0.3, seed=3)
+    moved = relative_change(model.eval()(x)[0], before)
+    assert moved <= RTOL if key in declared.exact else moved > CHANGED
+    ramps = declared.ramps and (not declared.ramps_only_for or key in declared.ramps_only_for)
+    assert ramp.ramp_steps == ramp_length(family, old.cfg, model.cfg, 10) == (10 if ramps else 0)
+    masks = BEHAVIOURS[family].masks if ramps else frozenset()
+    block = model.blocks[-1]
+    # A mask of a dimension that did not grow stays None (nothing is new there); the others are set.
+    assert (model.hidden_mask is not None) == ("hidden" in masks and key == "d_model")
+    assert (model.norm_mask is not None) == ("norm" in masks and key == "d_model")
+    assert (block.gate is not None) == ("gate" in masks and key == "n_layers")
+    assert (block.attn.head_mask is not None) == ("heads" in masks and key == "n_heads")
+    assert (block.mlp.unit_mask is not None) == ("units" in masks and key in ("d_ff", "d_model"))
+
+
+@pytest.mark.parametrize("family", ["msg", "zero", "clone", "stack"])
+def test_each_family_treats_new_layers_and_tied_heads_as_declared(tmp_path, family):
+    """Every new_layers mode a family declares loads and every other is a one-line config error naming the
+    families that take it; a family that declares why it cannot grow d_model of a tied model refuses it with that
+    reason, and the others load."""
+    from flm.config.growth import FAMILIES, NEW_LAYER_MODES
+
+    declared = FAMILIES[family]
+    path = tmp_path / "c.toml"
+    for mode in NEW_LAYER_MODES:
+        path.write_text(STAGED.format(tied="false", shape="n_layers = 4", family=family, new_layers=mode))
+        if mode in declared.new_layers:
+            load_config(path)
+            continue
+        able = " or ".join(f"'{n}'" for n, f in FAMILIES.items() if mode in f.new_layers)
+        with pytest.raises(FlmError, match=f"operator '{family}' copies layers; new_layers = '{mode}' needs {able}$"):
+            load_config(path)
+    if "d_model" not in declared.grows:
+        return
+    path.write_text(STAGED.format(tied="true", shape="d_model = 64", family=family, new_layers="stack"))
+    if declared.tied_d_model is None:
+        load_config(path)
+    else:
+        with pytest.raises(FlmError, match=re.escape(declared.tied_d_model)):
+            load_config(path)
+
+
+@pytest.mark.parametrize("family", ["msg", "zero", "clone", "stack"])
+def test_each_family_grows_adam_state_as_declared(family):
+    """"block": a grown tensor's old moments sit in its old block, its new entries start at zero in a new age
+    class; "tiled": no new class, the step count kept (every entry inherits a history). A family that grows no
+    width keeps every old layer's state as it was, whatever it declares."""
+    from flm.config.growth import FAMILIES
+
+    declared = FAMILIES[family]
+    old = make_old()
+    weights = dict(old.named_parameters())
+    adam = {k: {"exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v), "step": torch.tensor(5.0)}
+            for k, v in weights.items()}
+    key = "d_model" if "d_model" in declared.grows else "n_layers"
+    new_cfg = dataclasses.replace(OLD, **BY_KEY[key])
+    sources = layer_sources(OLD.n_layers, new_cfg.n_layers, declared.new_layers[0])
+    state = {t.name: t.adam for t in grow_tensors(OLD, new_cfg, sources, weights, adam, 0, 1, operator=family)}
+    fc1, old_fc1 = state["blocks.0.mlp.fc1.weight"], adam["blocks.0.mlp.fc1.weight"]
+    if key == "n_layers":
+        assert all(torch.equal(fc1[f], old_fc1[f]) for f in ("exp_avg", "exp_avg_sq", "step"))
+    elif declared.adam == "block":
+        assert torch.equal(fc1["exp_avg"][:128, :32], old_fc1["exp_avg"]) and not fc1["exp_avg"][:, 32:].any()
+        assert torch.equal(fc1["step"], torch.tensor([5.0, 0.0])) and fc1["age"].max() == 1
+    else:
+        assert torch.equal(fc1["exp_avg"], old_fc1["exp_avg"].repeat(2, 2) / 2)
+        assert fc1["step"].item() == 5.0 and "age" not in fc1
+
+
+def test_an_unknown_family_is_one_line_listing_the_registered_ones(tmp_path):
+    """The config, the growth routine and the tensor registry name the same families in their error."""
+    from flm.config.growth import OPERATORS, family
+    from flm.growth import behaviour, check_growable
+
+    listed = ", ".join(OPERATORS)
+    for ask in (lambda: family("grow"), lambda: behaviour("grow"), lambda: check_growable(OLD, OLD, "grow")):
+        with pytest.raises(FlmError, match=f"^unknown growth operator 'grow'; choose from {listed}$"):
+            ask()
+    path = tmp_path / "c.toml"
+    path.write_text(STAGED.format(tied="false", shape="n_layers = 3", family="grow", new_layers="stack"))
+    with pytest.raises(FlmError, match=re.escape(f"stages[1].operator must be one of {OPERATORS}, got 'grow'")):
+        load_config(path)
