@@ -30,8 +30,9 @@ class Family:
     exact: tuple[str, ...]  # of those, the ones whose growth keeps the function (the logits right after growth)
     whole_factors: bool = False  # widths only by whole factors (every new index copies an old one)
     copies_layers: bool = False  # new layers are always copies of old ones: new_layers = "random" is refused
-    adam: str = "block"  # grown Adam state: "block" (old moments top-left, new entries fresh with their own step
-    # count: flm.growth.optimizer) or "tiled" (every copy inherits its source's moments, scaled, and history)
+    # Grown Adam state: "block" (old moments top-left, new entries fresh with a step count of their own:
+    # flm.growth.optimizer) or "tiled" (every copy inherits its source's moments, scaled, and its history).
+    adam: str = "block"
     ramps: bool = False  # leaves masks that ramp 0 -> 1 over the stage's ramp_steps (a checkpoint's ramp names it)
     ramps_only_for: tuple[str, ...] = ()  # ramps only when one of these shape keys grows (empty: every growth)
     tied_d_model: str | None = None  # why it cannot grow d_model of a tied model (None: it can)
