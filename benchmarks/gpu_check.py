@@ -39,6 +39,8 @@ from pathlib import Path
 from gpu_report import markdown, part_line, summary_lines
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # the driver runs from the source tree too, for flm's report writer
+from flm.files import write_json_report  # noqa: E402
 BENCH = ROOT / "benchmarks"
 GROWTH_CONFIG = BENCH / "gpu_growth.toml"
 FILELOCK_WHEEL = BENCH / "gpu_wheels" / "filelock-4.3.1-py3-none-any.whl"
@@ -260,7 +262,7 @@ def main() -> int:
         report["parts"][name] = part
         report["seconds"] = round(time.perf_counter() - started, 1)
         cap_log(log)
-        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        write_json_report(out / "gpu_check.json", report)
         (out / "gpu_check.md").write_text(markdown(report))
         print(part_line(name, part), flush=True)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from flm.config import load_config
+from flm.files import write_json_report
 from flm.model import flops_per_token, param_count
 from flm.train import Trainer
 from flm.train.metrics import peak_bf16_flops
@@ -222,7 +222,7 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self.data, indent=1))
+        write_json_report(self.path, self.data)
 
     def run(self, name: str, measure) -> object:
         """`measure()` stored under `name`, or its error (the rest goes on); returns the value or None."""

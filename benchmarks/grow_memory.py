@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from flm.files import write_json_report
+
 OLD = dict(n_layers=12, d_model=768, n_heads=12, head_dim=64, d_ff=3072, vocab_size=32768, max_seq_len=2048)
 TARGET = "d_model=1024,n_heads=16,d_ff=4096"
 
@@ -112,7 +114,7 @@ def main() -> None:
     results["ratio_in_memory_over_flm_grow"] = results["in_memory_peak_gib"] / results["flm_grow_peak_gib"]
     print(json.dumps(results, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_json_report(args.json, results)
     shutil.rmtree(work, ignore_errors=True)
 
 

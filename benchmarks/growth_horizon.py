@@ -558,6 +558,7 @@ def main() -> None:
 
     from flm.config import ModelConfig, load_config
     from flm.data import prepare
+    from flm.files import write_json_report
 
     load_before = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     t_start = time.perf_counter()
@@ -604,7 +605,7 @@ def main() -> None:
                         "seeds": list(SEEDS[:args.seeds])}
     summary["runs"] = list(sweeps.results.values())
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    write_json_report(report_path.with_suffix(".json"), summary)
     plot(summary, report_path.with_suffix(".png"))
     report(summary, report_path)
     print(f"wrote {report_path} (+ .json, .png) in {summary['wall_s'] / 60:.1f} min")

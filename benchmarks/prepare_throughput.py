@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flm.files import write_json_report
+
 REPO = Path(__file__).resolve().parent.parent
 
 _PEER = r"""
@@ -280,7 +282,7 @@ def main() -> None:
         print(line)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json_report(out.with_suffix(".json"), report)
     out.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {report['wall_seconds']:.0f}s")
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import statistics
 import time
 
 import torch
+
+from flm.files import write_json_report
 
 
 def build_ours(layers: int, width: int, heads: int, vocab: int, seq: int):
@@ -113,8 +114,8 @@ def main() -> None:
               f"flm {row['ours_tok_s']:>9,.0f} tok/s   HF GPT-2 {row['peer_tok_s']:>9,.0f} tok/s   "
               f"ratio {row['ratio']:.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        write_json_report(args.json, {"device": str(device), "dtype": args.dtype, "torch": torch.__version__,
+                                      "rows": rows})
 
 
 if __name__ == "__main__":

@@ -283,3 +283,11 @@ def test_one_dense_bf16_table_for_the_planner_and_mfu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert peak_bf16_flops(torch.device("cuda")) == 989e12
     assert peak_bf16_flops(torch.device("cpu")) is None
+
+
+def test_json_report_lands_in_new_folders_and_a_failed_write_is_one_line(tmp_path):
+    run_cli([str(FLM101B), "--json", str(tmp_path / "new" / "plan.json")])
+    assert json.loads((tmp_path / "new" / "plan.json").read_text())["plan"]["gpu"] == "A800-80G"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FlmError, match=r"^cannot write .*plan\.json: "):
+        run_cli([str(FLM101B), "--json", str(tmp_path / "file" / "plan.json")])

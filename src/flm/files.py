@@ -7,10 +7,13 @@ a temporary name beside it, flushed and fsynced, then renamed over the name in o
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
+
+from flm.errors import FlmError
 
 
 def fsync_path(path: Path) -> None:
@@ -71,3 +74,16 @@ def atomic_write(path: Path, parts: Iterable[bytes | memoryview]) -> None:
     with DurableFile(path) as f:
         for part in parts:
             f.write(part)
+
+
+def write_json_report(path: str | Path, data: object) -> None:
+    """Write a report (`flm plan --json`, `flm eval ... --json`, the benchmarks' results) as indented UTF-8 JSON,
+    durably, creating its folder. Values JSON lacks (lm-eval's task configs hold functions) are written as their
+    str(); a write that fails is one line naming the file."""
+    path = Path(path)
+    text = json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, [text.encode("utf-8")])
+    except OSError as e:
+        raise FlmError(f"cannot write {path}: {e.strerror}") from None

@@ -7,10 +7,10 @@ FlmError for user mistakes like every other flm command.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from flm.errors import FlmError, require_module
+from flm.files import write_json_report
 
 
 def _data_arg(text: str) -> tuple[str, str]:
@@ -45,9 +45,7 @@ def cmd_iq(args: argparse.Namespace) -> None:
     summary = summarize(results)
     print(format_table(summary, model.name, settings))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        report = to_json(summary, results, model.name, settings)
-        Path(args.json).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_report(args.json, to_json(summary, results, model.name, settings))
         print(f"wrote {args.json}")
 
 
@@ -98,8 +96,7 @@ def cmd_teacher(args: argparse.Namespace) -> None:
         report = {"model": args.model, "data": [str(p) for p in paths], "propositions": result.propositions,
                   "accuracy": result.accuracy, "true_share": result.true_share, "questions": result.questions,
                   "mc_accuracy": result.mc_accuracy}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_json_report(args.json, report)
         print(f"wrote {args.json}")
 
 

@@ -10,7 +10,6 @@ lm-eval's own command line only knows models that have been imported, so use it 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from flm.errors import FlmError
 from flm.eval.scorer import TokenScorer, load_scorer
+from flm.files import write_json_report
 
 log = logging.getLogger("flm.eval")
 
@@ -100,8 +100,6 @@ def evaluate(model: str, tasks: Sequence[str], include_paths: Sequence[str] = ()
     results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
                               limit=limit, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         fields = ("results", "groups", "configs", "versions", "n-shot", "n-samples")
-        keep = {k: results[k] for k in fields if k in results}
-        Path(json_out).write_text(json.dumps(keep, indent=1, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_report(json_out, {k: results[k] for k in fields if k in results})
     return results

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
-from pathlib import Path
 
 from flm.config import Config, ModelConfig, PRESETS, PlanConfig, load_config, model_config_from_dict
 from flm.errors import FlmError
+from flm.files import write_json_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,13 +64,6 @@ def final_shape(cfg: Config, preset: str | None) -> ModelConfig:
     return model_config_from_dict({"preset": preset})
 
 
-def _write_json(path: str, doc: dict) -> None:
-    try:
-        Path(path).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise FlmError(f"cannot write {path}: {e.strerror}") from None
-
-
 def cmd_plan(args: argparse.Namespace) -> None:
     # Imported here: they load torch (through the model's counting functions), which `flm --help` should not.
     from flm.plan.cost import plan_costs
@@ -101,6 +93,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(format_search(found, gpu))
         doc["search"] = search_to_dict(found)
     if args.json:
-        _write_json(args.json, doc)
+        write_json_report(args.json, doc)
     if args.png:
         save_png(result, args.png)
