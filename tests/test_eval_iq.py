@@ -15,7 +15,7 @@ from flm.config import ModelConfig, config_to_dict
 from flm.data.tokenizer import train_bpe
 from flm.errors import FlmError
 from flm.eval.cli import register
-from flm.eval.iq import ABILITIES, SUBTASKS, Settings, build_items, resolve_tasks, run_iq, summarize
+from flm.eval.iq import ABILITIES, SUBTASKS, Settings, SubtaskResult, build_items, resolve_tasks, run_iq, summarize
 from flm.eval.iq.items import Item
 from flm.eval.iq.symbolic import FORMATS
 from flm.model import FLM
@@ -290,3 +290,16 @@ def test_cli_iq_prints_the_table_and_writes_json(checkpoint, tmp_path, capsys):
     assert report["abilities"][1]["paper"]["FLM-101B"] == 76.42
     with pytest.raises(FlmError, match="unknown dataset"):
         flm_cli("eval", "iq", "--model", str(checkpoint), "--data", "mnli=x.jsonl")
+
+
+def test_symbolic_mapping_averages_its_suites_not_its_datasets():
+    """Three SuperGLUE-IQ datasets and one CLUE-IQ dataset: each suite is the mean of its datasets, and the
+    ability the mean of the two suites, as the paper reports it; an ability without suites averages its rows."""
+    scores = {"superglue_iq_boolq": (8, 10), "superglue_iq_wic": (1, 4), "superglue_iq_rte": (3, 5),
+              "clue_iq_afqmc": (9, 10), "multiple_key_retrieval": (1, 2), "single_supporting_fact": (3, 4)}
+    summary = summarize([SubtaskResult(SUBTASKS[n], correct=c, total=t) for n, (c, t) in scores.items()])
+    symbolic, anti = summary
+    assert [(g["name"], g["accuracy"], g["total"]) for g in symbolic["groups"]] == [
+        ("superglue_iq", (80 + 25 + 60) / 3, 19), ("clue_iq", 90.0, 10)]
+    assert symbolic["average"] == (55.0 + 90.0) / 2  # not (80 + 25 + 60 + 90) / 4 = 63.75, nor 21 / 29 pooled
+    assert (anti["name"], anti["groups"], anti["average"]) == ("anti_interference", [], (50.0 + 75.0) / 2)
