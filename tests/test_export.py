@@ -399,3 +399,21 @@ def test_cli_and_user_mistakes(tok, tmp_path, capsys):
         import_hf(tmp_path / "hf", tmp_path / "again")
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     assert import_hf(tmp_path / "hf", tmp_path / "again").name == "step_00000000"
+
+
+def test_a_model_without_mup_exports_output_mult_alone_as_its_readout(tok, tmp_path):
+    """Without μP the readout multiplier is output_mult alone, whatever base_width and d_model are: 2, not
+    2 * 64 / 32 = 4 as with μP. The exported config carries it and the exported model's logits are flm's."""
+    cfg = ModelConfig(n_layers=2, vocab_size=tok.vocab_size + 6, max_seq_len=64, init_std=0.3, mup=False,
+                      output_mult=2.0, base_width=64, d_model=32, n_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = FLM(cfg).eval()
+    save(model, tok, tmp_path / "run")
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["mup"], config["output_mult"], config["base_width"], config["hidden_size"]) == (False, 2.0, 64, 32)
+    hf = load_hf(out)
+    assert readout_multiplier(cfg) == hf.config.readout_multiplier == 2.0
+    ids = torch.tensor([tok.encode(" ".join(TEXTS[:4]))[:40]])
+    with torch.no_grad():
+        assert (model(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-5
