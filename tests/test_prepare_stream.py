@@ -4,6 +4,7 @@ Expectations are computed here from the documented rules (the split hash, the sh
 applied directly to the documents, not from flm's own preparation code.
 """
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -405,3 +406,40 @@ def test_an_out_of_vocabulary_id_is_found_when_the_shard_is_opened(small_run, tm
     with pytest.raises(FlmError, match=r"token id 4000 at position 77 is outside its vocabulary of 300 ids"):
         read_shard(shard)
     one_line_error(run_flm("train", "-c", str(small_run)), str(shard), "token id 4000 at position 77")
+
+
+# --- the fingerprint --------------------------------------------------------------------------------------------
+
+
+def test_every_field_that_changes_the_prepared_files_is_in_the_fingerprint(tmp_path, tokenizer_file):
+    base = cfg_for(tmp_path / "corpus.jsonl", tmp_path / "out")
+    changes = {"corpus": str(tmp_path / "other.jsonl"), "tokenizer": str(tokenizer_file), "vocab_size": 400,
+               "bpe_sample_chars": 1000, "val_fraction": 0.3, "shard_tokens": 600, "max_chars": 5000,
+               "sources": [SourceConfig(kind="text")]}
+    neutral = {"dir": str(tmp_path / "elsewhere"), "workers": 3}  # where the files go, and how fast
+    assert set(changes) | set(neutral) == {f.name for f in dataclasses.fields(DataConfig)}
+    for name, value in changes.items():
+        assert config_fingerprint(dataclasses.replace(base, **{name: value})) != config_fingerprint(base), name
+    for name, value in neutral.items():
+        assert config_fingerprint(dataclasses.replace(base, **{name: value})) == config_fingerprint(base), name
+    # A tokenizer file decides the vocabulary: BPE's size and sample no longer count.
+    given = dataclasses.replace(base, tokenizer=str(tokenizer_file))
+    for name, value in (("vocab_size", 400), ("bpe_sample_chars", 1000)):
+        assert config_fingerprint(dataclasses.replace(given, **{name: value})) == config_fingerprint(given), name
+    mixture = dataclasses.replace(base, sources=[SourceConfig(kind="text")])
+    assert config_fingerprint(mixture) != config_fingerprint(
+        dataclasses.replace(base, sources=[SourceConfig(kind="text", val_fraction=0.3)]))
+
+
+def test_a_new_validation_fraction_prepares_the_split_again(tmp_path, tokenizer_file):
+    docs = sample_docs(60)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    logs: list[str] = []
+    prepare(cfg_for(corpus, tmp_path / "out", tokenizer_file), log=logs.append)
+    data = prepare(cfg_for(corpus, tmp_path / "out", tokenizer_file, val_fraction=0.3), log=logs.append)
+    assert not any("reusing" in line for line in logs)
+    tok = load_tokenizer(str(tokenizer_file))
+    by_hand = {split: sorted(tuple(tok.encode(d) + [tok.eot_id]) for d in docs if (score(d) < 0.3) == held)
+               for split, held in (("train", False), ("val", True))}
+    assert 0 < len(by_hand["val"]) < len(docs) and documents_of(data) == by_hand
+    assert sum(score(d) < 0.2 for d in docs) < len(by_hand["val"])  # the old split held fewer documents
