@@ -1,5 +1,6 @@
 """The checkpoint package on its own: meta.json validation key by key, the streaming safetensors writer read
-back by the safetensors library, and the lazy reader against the files it reads."""
+back by the safetensors library, the lazy reader against the files it reads, extra files carried over by name-blind
+copying, and a full disk in any of a checkpoint's writes."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from flm.checkpoint import save_checkpoint
+from flm.checkpoint import CheckpointReader, WholeWriter, copy_extra_files, save_checkpoint, save_streamed
 from flm.checkpoint.meta import FORMAT_VERSION, validate_meta
-from flm.checkpoint.reader import CheckpointReader
 from flm.checkpoint.stream import StreamingSafetensors
 from flm.config import Config, ModelConfig, TrainConfig, config_to_dict
 from flm.errors import FlmError
@@ -171,3 +171,135 @@ def test_a_ramp_round_trips_through_its_checkpoint_form_and_old_forms_still_load
     form["old"]["bogus"] = 1
     with pytest.raises(FlmError, match=r"unknown key 'growth\.old\.bogus'"):
         Ramp.from_dict(form)
+
+
+# ---- a full disk -----------------------------------------------------------------------------------------------
+NO_SPACE = "No space left on device (os error 28)"  # what the tokenizers library raises, as a plain Exception
+
+
+def trained(seed: int = 0):
+    torch.manual_seed(seed)
+    model = FLM(MODEL)
+    opt = build_optimizer(model, Config(model=MODEL).train)
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    return model, opt
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_full_disk_in_any_write_of_a_checkpoint_is_one_line_and_the_older_one_survives(tmp_path):
+    """Each writer of a checkpoint fails on a full disk in its own way (OSError, SafetensorError, or the plain
+    Exception of the tokenizers library in `write_extra`): always the one line naming the last good checkpoint,
+    no staging folder left, the older checkpoint as it was; an error that is not a write error (a bug) keeps its
+    type and traceback, and leaves no staging folder either."""
+    model, opt = trained()
+    meta = {k: v for k, v in good_meta().items() if k not in ("format", "step")}
+    root = tmp_path / "checkpoints"
+    good = save_checkpoint(root, 3, model, opt, meta, keep_last=5,
+                           write_extra=lambda folder: (folder / "tokenizer.json").write_text("{}"))
+    before = files_of(good)
+
+    def full(folder: Path) -> None:
+        (folder / "tokenizer.json").write_text("{")  # a part written, then the disk is full
+        raise Exception(NO_SPACE)
+
+    def disk_full(error: BaseException):
+        def write(folder: Path) -> None:
+            raise error
+        return write
+
+    for write_extra in (full, disk_full(OSError(28, "No space left on device")),
+                        disk_full(SafetensorError(f"Error while serializing: IoError({NO_SPACE})"))):
+        with pytest.raises(FlmError) as e:
+            save_checkpoint(root, 6, model, opt, meta, keep_last=5, write_extra=write_extra)
+        assert str(e.value) == (f"could not write checkpoint step 6 in {root}: No space left on device; "
+                                f"the last good checkpoint is {good}")
+        assert sorted(p.name for p in root.iterdir()) == ["step_00000003"] and files_of(good) == before
+
+    def streamed(out: WholeWriter) -> None:
+        out.weight("embed.weight", torch.ones(4))
+        raise Exception(NO_SPACE)
+
+    with pytest.raises(FlmError, match=f"could not write checkpoint step 6 in .*: No space left on device; "
+                                       f"the last good checkpoint is {good}$"):
+        save_streamed(root, 6, streamed, meta, keep_last=5)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"] and files_of(good) == before
+    for bug in (Exception("not an OS error"), KeyError("tokenizer")):
+        with pytest.raises(type(bug), match=str(bug)):
+            save_checkpoint(root, 6, model, opt, meta, keep_last=5, write_extra=disk_full(bug))
+        assert sorted(p.name for p in root.iterdir()) == ["step_00000003"] and files_of(good) == before
+
+
+def test_a_checkpoint_rewritten_from_another_keeps_every_extra_file(tmp_path):
+    """`flm grow` copies what `write_extra` added (by exclusion of the format's own entries), so a file added to
+    checkpoints later travels with no change to the copier."""
+    model, opt = trained()
+    meta = {k: v for k, v in good_meta().items() if k not in ("format", "step")}
+
+    def extra(folder: Path) -> None:
+        (folder / "tokenizer.json").write_text("{}")
+        (folder / "guard.safetensors").write_bytes(b"guard")
+        (folder / "future").mkdir()
+        (folder / "future" / "table.bin").write_bytes(b"\1\2")
+
+    source = save_checkpoint(tmp_path / "a", 6, model, opt, meta, keep_last=1, write_extra=extra)
+    reader = CheckpointReader(source)
+
+    def copy(out: WholeWriter) -> None:
+        for name, value in reader.weights.items():
+            out.weight(name, value)
+        for name, fields in reader.adam.items():
+            for field, value in fields.items():
+                out.adam(name, field, value)
+        out.rng(reader.rng())
+
+    copied = save_streamed(tmp_path / "b", 6, copy, meta, keep_last=1,
+                           write_extra=lambda folder: copy_extra_files(source, folder))
+    assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in source.iterdir())
+    for name in ("tokenizer.json", "guard.safetensors"):
+        assert (copied / name).read_bytes() == (source / name).read_bytes()
+    assert (copied / "future" / "table.bin").read_bytes() == b"\1\2"
+    for name in ("model.safetensors", "train_state.safetensors"):  # the same tensors, streamed
+        a, b = load_file(str(source / name)), load_file(str(copied / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_full_disk_while_training_and_while_resuming_is_one_line_and_resume_is_exact_after(tiny, tmp_path, flm,
+                                                                                            monkeypatch):
+    """The tokenizer file of a checkpoint is written by the tokenizers library, which reports a full disk as a
+    plain Exception. Training, and a resume while the disk is still full, end with exit status 2 and one line
+    naming the last good checkpoint, with nothing half-written left; once there is room, resuming continues
+    exactly as an uninterrupted run."""
+    from flm.data.tokenizer import Tokenizer
+
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert flm("train", *tiny.args(straight)).status == 0
+    assert flm("train", *tiny.args(run), "--until-step", "3").status == 0
+    good = run / "checkpoints" / "step_00000003"
+    before = files_of(good)
+    real_save = Tokenizer.save
+
+    def no_space(self, directory):
+        real_save(self, directory)  # the file is there, half-written, when the error comes
+        raise Exception(NO_SPACE)
+
+    monkeypatch.setattr(Tokenizer, "save", no_space)
+    for attempt in ("training", "resuming while the disk is still full"):
+        result = flm("train", *tiny.args(run), "--resume", "auto")
+        assert result.status == 2, attempt
+        assert result.err.strip().splitlines() == [
+            f"error: could not write checkpoint step 6 in {run / 'checkpoints'}: No space left on device; "
+            f"the last good checkpoint is {good}"], attempt
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"], attempt
+        assert files_of(good) == before, attempt
+    monkeypatch.undo()
+    result = flm("train", *tiny.args(run), "--resume", "auto")
+    assert result.status == 0 and "resumed from" in result.out
+    last = "checkpoints/step_00000012"
+    for name in ("model.safetensors", "train_state.safetensors"):
+        a, b = load_file(str(straight / last / name)), load_file(str(run / last / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -243,6 +243,31 @@ def test_sharded_and_bf16_exports(tok, tmp_path):
     assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_a_sharded_checkpoint_exports_to_the_same_files_as_a_whole_one(tok, tmp_path):
+    """The export reads weights through the checkpoint package's reader, whatever the format: the same model saved
+    by a (one-process) torchrun job in the sharded format exports to the very bytes of its whole checkpoint."""
+    import torch.distributed as dist
+
+    model = make_model(tok, **SHAPES["untied, attention narrower than d_model"])
+    save(model, tok, tmp_path / "whole")
+    full = Config(model=model.cfg, train=TrainConfig(seq_len=32))
+    meta = {"model": config_to_dict(model.cfg), "config": config_to_dict(full), "ramp": None,
+            "layout": {"world_size": 1}}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ckpt = save_checkpoint(tmp_path / "sharded" / "checkpoints", 3, model, build_optimizer(model, full.train),
+                               meta, keep_last=1, write_extra=tok.save, distributed=True)
+    finally:
+        dist.destroy_process_group()
+    assert (ckpt / "sharded").is_dir() and not (ckpt / "model.safetensors").exists()
+    whole = export_hf(tmp_path / "whole", tmp_path / "hf-whole", max_shard_size="8KB")
+    sharded = export_hf(tmp_path / "sharded", tmp_path / "hf-sharded", max_shard_size="8KB")
+    weights = sorted(p.name for p in whole.glob("model*"))
+    assert len(weights) > 2 and sorted(p.name for p in sharded.glob("model*")) == weights
+    assert all((whole / name).read_bytes() == (sharded / name).read_bytes() for name in weights)
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in whole.iterdir())
+
+
 def tiktoken_ranks(tokenizer_json: Path, out: Path) -> Path:
     """Write a byte-level BPE's vocabulary (without its special token) as a tiktoken rank file, ranks in id order."""
     to_byte = {c: b for b, c in byte_to_unicode().items()}

@@ -356,7 +356,7 @@ def test_flm_grow_takes_the_family(tiny_data, tmp_path):
     and the grown checkpoint, loaded for inference, computes the small model's function; "clone" writes no ramp."""
     from flm.inference import load_for_inference
     from flm.train import Trainer
-    from flm.train.grow import grow_checkpoint
+    from flm.offline_growth import grow_checkpoint
 
     cfg = staged_config(tiny_data, tmp_path / "small", "")
     cfg.stages, cfg.train.max_steps = [], 3

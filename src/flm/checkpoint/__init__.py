@@ -6,6 +6,10 @@ whole format written by one process (flm.checkpoint.whole) or the sharded format
 torchrun job (flm.checkpoint.sharded). Both name tensors the same way (flm.checkpoint.state), both load into a
 model on any layout, and both carry a validated meta.json (flm.checkpoint.meta). One writer per run folder
 (flm.checkpoint.lock).
+
+Every write of a checkpoint, whoever makes it (safetensors, DCP, the `write_extra` callback with its tokenizers
+library), fails the same way: the staging folder is removed, the older checkpoints are untouched, and a write
+error of the file system (flm.checkpoint.folders.is_write_error) becomes one line naming the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -15,79 +19,121 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
-from flm.checkpoint.folders import (find_checkpoint, is_sharded, list_checkpoints, publish, read_meta,
-                                    resolve_checkpoint, staging_dir, staging_path, step_of, write_failure)
+from flm.checkpoint.folders import (copy_extra_files, find_checkpoint, is_sharded, is_write_error, list_checkpoints,
+                                    publish, read_meta, resolve_checkpoint, staging_dir, staging_path, step_of,
+                                    write_failure)
 from flm.checkpoint.lock import RunLock
 from flm.checkpoint.meta import INFERENCE_KEYS
+from flm.checkpoint.reader import CheckpointReader
 from flm.checkpoint.state import persistent_tensors
-from flm.checkpoint.whole import load_whole_model, load_whole_train_state, save_whole
+from flm.checkpoint.whole import WholeWriter, load_whole_model, load_whole_train_state, save_whole
 
-__all__ = ["RunLock", "find_checkpoint", "is_sharded", "list_checkpoints", "load_model", "load_train_state",
-           "persistent_tensors", "read_meta", "resolve_checkpoint", "save_checkpoint", "step_of"]
+__all__ = ["CheckpointReader", "RunLock", "WholeWriter", "copy_extra_files", "find_checkpoint", "is_sharded",
+           "list_checkpoints", "load_model", "load_train_state", "persistent_tensors", "read_meta",
+           "resolve_checkpoint", "save_checkpoint", "save_streamed", "step_of"]
+
+WriteExtra = Callable[[Path], None]
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    meta: dict[str, Any], keep_last: int, write_extra: Callable[[Path], None] | None = None,
+                    meta: dict[str, Any], keep_last: int, write_extra: WriteExtra | None = None,
                     distributed: bool = False) -> Path:
     """Write `root/step_<step>/` atomically, then delete all but the newest `keep_last` checkpoints.
 
     `meta` must hold what inference reads (`model`, `ramp`); without `optimizer` the Adam state is fresh;
-    `write_extra(folder)` adds files (the tokenizer,
-    the step guard's window) so that a checkpoint folder stands on its own. `distributed`: every process of
-    the job calls this (collective) and the sharded format is written. A write error (disk full, ...) on any
-    process removes the partial checkpoint and raises a one-line FlmError on all; the older ones are intact.
+    `write_extra(folder)` adds files (the tokenizer, the step guard's window) so that a checkpoint folder stands
+    on its own. `distributed`: every process of the job calls this (collective) and the sharded format is
+    written. A write error (disk full, ...) on any process, in any file, removes the partial checkpoint and
+    raises a one-line FlmError on all; the older ones are intact.
     """
+    _check_meta(meta)
+    if distributed:
+        return _save_distributed(root, step, optimizer, meta, keep_last, write_extra)
+    return _save_staged(root, step, lambda tmp: save_whole(tmp, model, optimizer), meta, keep_last, write_extra)
+
+
+def save_streamed(root: Path, step: int, write_tensors: Callable[[WholeWriter], None], meta: dict[str, Any],
+                  keep_last: int, write_extra: WriteExtra | None = None) -> Path:
+    """`save_checkpoint` for a model larger than memory: `write_tensors(writer)` adds the tensors one at a time
+    (weights, Adam fields, generators) and the whole format is streamed to disk as they come (`flm grow`)."""
+    _check_meta(meta)
+
+    def write(tmp: Path) -> None:
+        writer = WholeWriter(tmp)
+        try:
+            write_tensors(writer)
+            writer.close()
+        except BaseException:
+            writer.discard()
+            raise
+
+    return _save_staged(root, step, write, meta, keep_last, write_extra)
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
     missing = [k for k in INFERENCE_KEYS if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
-    if distributed:
-        return _save_distributed(root, step, optimizer, meta, keep_last, write_extra)
-    tmp = staging_dir(root, step)
+
+
+def _save_staged(root: Path, step: int, write_tensors: Callable[[Path], None], meta: dict[str, Any],
+                 keep_last: int, write_extra: WriteExtra | None) -> Path:
+    """One process writes checkpoint `step`: tensors, extra files and meta.json into a staging folder, then
+    published; on any error the staging folder goes, and a write error becomes the one-line FlmError."""
+    tmp = staging_path(root, step)
     try:
-        save_whole(tmp, model, optimizer)
+        staging_dir(root, step)
+        write_tensors(tmp)
         if write_extra is not None:
             write_extra(tmp)
         return publish(tmp, step, meta, keep_last)
-    except (OSError, SafetensorError) as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure(root, step, e) from None
+        if is_write_error(e):
+            raise write_failure(root, step, e) from None
+        raise
 
 
 def _save_distributed(root: Path, step: int, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
-                      keep_last: int, write_extra: Callable[[Path], None] | None) -> Path:
+                      keep_last: int, write_extra: WriteExtra | None) -> Path:
     import torch.distributed as dist
     from torch.distributed.checkpoint.api import CheckpointException
 
     from flm.checkpoint.sharded import save_sharded
 
     main = dist.get_rank() == 0
-    if main:
-        staging_dir(root, step)
-    dist.barrier()
     tmp, error = staging_path(root, step), None
+
+    def attempt(action: Callable[[], object]) -> None:  # an error is kept, not raised, so all reach all_ok
+        nonlocal error
+        try:
+            action()
+        except Exception as e:
+            error = e
 
     def all_ok() -> bool:  # every process learns whether any could not write, so that all stop alike
         failed = torch.tensor(int(error is not None))
         dist.all_reduce(failed)
         return not failed
 
-    try:
-        save_sharded(tmp, optimizer)
-    except (OSError, SafetensorError, CheckpointException) as e:
-        error = e
+    def finish() -> None:
+        if write_extra is not None:
+            write_extra(tmp)
+        publish(tmp, step, meta, keep_last)
+
+    if main:
+        attempt(lambda: staging_dir(root, step))
+    if all_ok():  # also keeps the others from writing before the staging folder exists
+        attempt(lambda: save_sharded(tmp, optimizer))
     if all_ok() and main:
-        try:
-            if write_extra is not None:
-                write_extra(tmp)
-            publish(tmp, step, meta, keep_last)
-        except (OSError, SafetensorError) as e:
-            error = e
+        attempt(finish)
     if not all_ok():
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None and not (is_write_error(error) or isinstance(error, CheckpointException)):
+            raise error
         raise write_failure(root, step, error or OSError("another process could not write its part")) from None
     return root / f"step_{step:08d}"
 

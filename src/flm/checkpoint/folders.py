@@ -4,6 +4,9 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step_NNNNNNNN/`. It is written in 
 and renamed into place in one step after everything in it was flushed to disk, so a crash at any moment
 leaves the previous checkpoints intact and never a half-written one that looks complete. `meta.json` is
 the mark of a complete checkpoint; its keys are checked by flm.checkpoint.meta before anything is read.
+
+The names of the format's own entries are listed here, once; everything else in a checkpoint folder was added
+by its writer's `write_extra` (the tokenizer, the step guard's window) and is carried over by name-blind copying.
 """
 
 from __future__ import annotations
@@ -15,12 +18,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from flm.checkpoint.meta import FORMAT_VERSION, validate_meta
 from flm.errors import FlmError
 from flm.files import fsync_path
 
 _NAME = re.compile(r"^step_(\d{8})$")
-SHARDED = "sharded"  # the folder of a checkpoint written by several processes (flm.checkpoint.sharded)
+_OS_ERROR = re.compile(r"os error (\d+)")  # how Rust libraries (safetensors, tokenizers) report an OS error
+META_FILE = "meta.json"
+MODEL_FILE, STATE_FILE = "model.safetensors", "train_state.safetensors"  # the whole format (flm.checkpoint.whole)
+SHARDED, RNG_DIR = "sharded", "rng"  # the sharded format's folders (flm.checkpoint.sharded)
+FORMAT_ENTRIES = (META_FILE, MODEL_FILE, STATE_FILE, SHARDED, RNG_DIR)
 
 
 def step_of(path: Path) -> int:
@@ -50,11 +59,19 @@ def staging_dir(root: Path, step: int) -> Path:
     return tmp
 
 
+def is_write_error(error: BaseException) -> bool:
+    """Whether `error` is the file system refusing a write (disk full, quota, I/O error), however the library
+    that wrote reported it: an OSError, a SafetensorError, or the plain Exception of a Rust library such as
+    tokenizers ("No space left on device (os error 28)"). Anything else is a bug, left to show its traceback."""
+    return isinstance(error, (OSError, SafetensorError)) or (
+        type(error) is Exception and _OS_ERROR.search(str(error)) is not None)
+
+
 def write_failure(root: Path, step: int, error: BaseException) -> FlmError:
-    """The one-line error for a checkpoint that could not be written (disk full, quota, I/O error), naming the
-    checkpoint that is still good; the caller has removed the partial one."""
+    """The one-line error for a checkpoint that could not be written (`is_write_error`), naming the checkpoint
+    that is still good; the caller has removed the partial one."""
     text = str(error).strip()
-    os_error = re.search(r"os error (\d+)", text)  # safetensors reports the OS error inside its message
+    os_error = _OS_ERROR.search(text)
     reason = (getattr(error, "strerror", None) or (os.strerror(int(os_error.group(1))) if os_error else None)
               or (text.splitlines()[-1] if text else type(error).__name__))
     found = list_checkpoints(root)
@@ -62,12 +79,20 @@ def write_failure(root: Path, step: int, error: BaseException) -> FlmError:
     return FlmError(f"could not write checkpoint step {step} in {root}: {reason}; {last}")
 
 
+def copy_extra_files(source: Path, folder: Path) -> None:
+    """Copy what `write_extra` added to checkpoint `source` (everything but FORMAT_ENTRIES) into `folder`, so a
+    checkpoint rewritten from another (`flm grow`) keeps them without knowing their names."""
+    for entry in sorted(Path(source).iterdir()):
+        if entry.name not in FORMAT_ENTRIES:
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, folder / entry.name)
+
+
 def publish(tmp: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
     """Write meta.json into the staged folder, flush everything to disk, rename it to `step_<step>/`, and
     delete all but the newest `keep_last` checkpoints."""
     root = tmp.parent
     final = root / f"step_{step:08d}"
-    (tmp / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1))
+    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1))
     for f in tmp.rglob("*"):
         if f.is_file():
             fsync_path(f)
@@ -90,13 +115,13 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (staging folders are ignored)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "meta.json").is_file()]
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / META_FILE).is_file()]
     return sorted(found, key=step_of)
 
 
 def read_meta(path: Path, resume: bool = False) -> dict[str, Any]:
     """A checkpoint's meta.json, validated for inference (or for `resume`): flm.checkpoint.meta."""
-    meta_file = Path(path) / "meta.json"
+    meta_file = Path(path) / META_FILE
     if not meta_file.is_file():
         raise FlmError(f"not a checkpoint (no meta.json): {path}")
     try:
@@ -121,7 +146,7 @@ def resolve_checkpoint(spec: str, root: Path) -> Path | None:
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder / checkpoints folder (-> its newest checkpoint)."""
     path = Path(path)
-    if (path / "meta.json").is_file():
+    if (path / META_FILE).is_file():
         return path
     for root in (path / "checkpoints", path):
         found = list_checkpoints(root)

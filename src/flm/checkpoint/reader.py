@@ -1,6 +1,6 @@
-"""A checkpoint's tensors read one at a time, in either format: what `flm grow` grows, without ever holding the
-whole model (a safetensors file is mapped only while one tensor is read; a sharded checkpoint is asked for one
-tensor at a time)."""
+"""A checkpoint's tensors read one at a time, in either format: what `flm grow` grows and `flm export hf` copies,
+without ever holding the whole model (a safetensors file is mapped only while one tensor is read; a sharded
+checkpoint is asked for one tensor at a time)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from flm.checkpoint.folders import SHARDED, is_sharded
-from flm.checkpoint.state import split_key
-from flm.checkpoint.whole import MODEL_FILE, STATE_FILE
+from flm.checkpoint.folders import MODEL_FILE, SHARDED, STATE_FILE, is_sharded
+from flm.checkpoint.state import adam_fields, adam_key, is_weight
+from flm.checkpoint.whole import saved_rng
 from flm.errors import FlmError
 
 
@@ -41,42 +41,41 @@ class Lazy(Mapping):
 
 
 class CheckpointReader:
+    """`weights` (name -> tensor) and `adam` (name -> {field: tensor}) read when asked for; `shapes` of the
+    weights known without reading them."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.sharded = is_sharded(self.path)
+        shapes: dict[str, tuple[int, ...]] = {}
         try:
             if self.sharded:
-                from flm.checkpoint.sharded import _saved
+                from flm.checkpoint.sharded import saved_tensors
 
-                self._shapes = _saved(self.path)
-                keys = list(self._shapes)
+                self._saved = saved_tensors(self.path)
+                shapes = {key: tuple(shape) for key, (shape, _) in self._saved.items()}
             else:
-                keys = []
                 for file in (MODEL_FILE, STATE_FILE):
                     with safe_open(str(self.path / file), framework="pt") as f:
-                        keys += list(f.keys())
+                        shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
         except (SafetensorError, OSError) as e:
             raise FlmError(f"cannot read {self.path}: {e}") from None
-        self._fields: dict[str, list[str]] = {}
-        for key in keys:
-            if key.startswith("opt."):
-                name, field = split_key(key)
-                self._fields.setdefault(name, []).append(field)
-        names = [k for k in keys if not k.startswith(("opt.", "rng."))]
-        self.weights: Mapping[str, torch.Tensor] = Lazy(names, self._tensor)
+        self._fields = adam_fields(shapes)
+        self.shapes = {key: shape for key, shape in shapes.items() if is_weight(key)}
+        self.weights: Mapping[str, torch.Tensor] = Lazy(list(self.shapes), self._tensor)
         self.adam: Mapping[str, dict[str, torch.Tensor]] = Lazy(
-            list(self._fields), lambda name: {f: self._tensor(f"opt.{name}.{f}") for f in self._fields[name]})
+            list(self._fields), lambda name: {f: self._tensor(adam_key(name, f)) for f in self._fields[name]})
 
     def _tensor(self, key: str) -> torch.Tensor:
         try:
             if not self.sharded:  # opened for each tensor: the mapping, and its pages, go when it is read
-                file = STATE_FILE if key.startswith(("opt.", "rng.")) else MODEL_FILE
+                file = MODEL_FILE if is_weight(key) else STATE_FILE
                 with safe_open(str(self.path / file), framework="pt") as f:
                     return f.get_tensor(key)
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-            shape, dtype = self._shapes[key]
+            shape, dtype = self._saved[key]
             out = {key: torch.empty(shape, dtype=dtype)}
             with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what no_dist asks for
                 warnings.simplefilter("ignore", UserWarning)
@@ -88,7 +87,9 @@ class CheckpointReader:
     def rng(self) -> dict[str, torch.Tensor]:
         """The generators of the (first) process that wrote the checkpoint."""
         if self.sharded:
-            path = self.path / "rng" / "rank_0.safetensors"
+            from flm.checkpoint.sharded import rng_file
+
+            path = rng_file(self.path, 0)
             return load_file(str(path)) if path.is_file() else {}
         with safe_open(str(self.path / STATE_FILE), framework="pt") as f:
-            return {k[len("rng."):]: f.get_tensor(k) for k in f.keys() if k.startswith("rng.")}
+            return saved_rng(f)

@@ -19,9 +19,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
-from flm.checkpoint.folders import SHARDED
+from flm.checkpoint.folders import RNG_DIR, SHARDED
 from flm.checkpoint.pieces import local_device
-from flm.checkpoint.state import named_params, optimizer_state, restore_rng, rng_state
+from flm.checkpoint.state import adam_fields, adam_key, named_params, optimizer_state, restore_rng, rng_state
 from flm.errors import FlmError
 
 
@@ -29,11 +29,17 @@ def save_sharded(folder: Path, optimizer: torch.optim.Optimizer) -> None:
     """Every process writes its pieces of the parameters and Adam state, and its generators; collective."""
     dcp.save({**named_params(optimizer), **optimizer_state(optimizer)},
              storage_writer=HuggingFaceStorageWriter(str(folder / SHARDED), save_distributed=True))
-    (folder / "rng").mkdir(exist_ok=True)
-    save_file(rng_state(), str(folder / "rng" / f"rank_{dist.get_rank()}.safetensors"))
+    (folder / RNG_DIR).mkdir(exist_ok=True)
+    save_file(rng_state(), str(rng_file(folder, dist.get_rank())))
 
 
-def _saved(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+def rng_file(folder: Path, rank: int) -> Path:
+    """Where process `rank` of the job that wrote checkpoint `folder` saved its generators."""
+    return folder / RNG_DIR / f"rank_{rank}.safetensors"
+
+
+def saved_tensors(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Every tensor of the checkpoint by key, with its whole shape and dtype (read from DCP's metadata)."""
     try:
         meta = HuggingFaceStorageReader(str(folder / SHARDED)).read_metadata()
     except Exception as e:  # a missing or corrupt file: the user's checkpoint, not our bug
@@ -49,7 +55,7 @@ def load_sharded(folder: Path, params: dict[str, torch.Tensor], optimizer: torch
     it has the parameter's shape), and DCP fills it. `rng_rank`: whose saved generators this process continues
     with (None: leave them alone).
     """
-    saved = _saved(folder)
+    saved = saved_tensors(folder)
     missing = sorted(set(params) - set(saved))
     if missing:
         raise FlmError(f"checkpoint {folder} does not fit this model: missing {missing[:3]}")
@@ -59,20 +65,19 @@ def load_sharded(folder: Path, params: dict[str, torch.Tensor], optimizer: torch
                            f"model expects {tuple(p.shape)}")
     wanted = dict(params)
     if optimizer is not None:
+        fields = adam_fields(saved)
         for name, p in named_params(optimizer).items():
-            keys = {key[len(f"opt.{name}."):]: key for key in saved if key.startswith(f"opt.{name}.")
-                    and "." not in key[len(f"opt.{name}."):]}
             state = {}
-            for field, key in keys.items():
-                shape, dtype = saved[key]
+            for field in fields.get(name, ()):
+                shape, dtype = saved[adam_key(name, field)]
                 state[field] = (torch.zeros_like(p, dtype=dtype) if tuple(shape) == tuple(p.shape) and len(shape)
                                 else torch.zeros(shape, dtype=dtype, device=local_device(p)))
             if state:
                 optimizer.state[p] = state
-                wanted.update({f"opt.{name}.{field}": value for field, value in state.items()})
+                wanted.update({adam_key(name, field): value for field, value in state.items()})
     with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what no_dist asks for
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(folder / SHARDED)), no_dist=not distributed)
-    path = folder / "rng" / f"rank_{rng_rank}.safetensors"
+    path = rng_file(folder, rng_rank)
     if rng_rank is not None and path.is_file():
         restore_rng(load_file(str(path)))

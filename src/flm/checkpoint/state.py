@@ -4,13 +4,49 @@
   saved as the embedding);
 - Adam state as `opt.<parameter name>.<field>` (exp_avg, exp_avg_sq, step, and `age` for grown tensors:
   flm.train.adamw);
-- the random number generators as `torch_cpu` and `cuda` (this process's device).
+- the random number generators as `torch_cpu` and `cuda` (this process's device), prefixed `rng.` where they
+  share a file with Adam state (the whole format).
+
+Keys are built and taken apart only by the functions here, so the scheme is spelled once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
+
+_ADAM, _RNG = "opt.", "rng."
+
+
+def adam_key(name: str, field: str) -> str:
+    """The key of Adam field `field` of parameter `name`."""
+    return f"{_ADAM}{name}.{field}"
+
+
+def adam_fields(keys: Iterable[str]) -> dict[str, list[str]]:
+    """The Adam fields saved for each parameter, by parameter name, among a file's `keys`."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        if key.startswith(_ADAM):
+            name, field = key[len(_ADAM):].rsplit(".", 1)
+            out.setdefault(name, []).append(field)
+    return out
+
+
+def rng_key(generator: str) -> str:
+    """The key of a generator's state in a file shared with Adam state."""
+    return _RNG + generator
+
+
+def generator_of(key: str) -> str | None:
+    """The generator whose state `key` holds; None for a weight or Adam state."""
+    return key[len(_RNG):] if key.startswith(_RNG) else None
+
+
+def is_weight(key: str) -> bool:
+    return not key.startswith((_ADAM, _RNG))
 
 
 def persistent_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -33,13 +69,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]
     out = {}
     for name, p in named_params(optimizer).items():
         for field, value in optimizer.state.get(p, {}).items():
-            out[f"opt.{name}.{field}"] = value
+            out[adam_key(name, field)] = value
     return out
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """'opt.blocks.0.ln1.weight.exp_avg' -> ('blocks.0.ln1.weight', 'exp_avg')."""
-    return tuple(key[len("opt."):].rsplit(".", 1))
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """The whole format, written by one process: `model.safetensors` (weights) and `train_state.safetensors`
-(Adam state and the RNG state, keys of flm.checkpoint.state, the RNG's prefixed `rng.`). Nothing is pickled.
+(Adam state and the RNG state, keys of flm.checkpoint.state). Nothing is pickled.
 
 Loading reads one tensor at a time and gives each parameter its piece (flm.checkpoint.pieces), so a model
-sharded over any layout loads a whole checkpoint without ever holding more than one tensor whole.
+sharded over any layout loads a whole checkpoint without ever holding more than one tensor whole. `WholeWriter`
+writes the same two files one tensor at a time, for a model that does not fit in memory (`flm grow`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from flm.checkpoint.folders import MODEL_FILE, STATE_FILE
 from flm.checkpoint.pieces import place_state, write_pieces
-from flm.checkpoint.state import named_params, optimizer_state, persistent_tensors, restore_rng, rng_state, split_key
+from flm.checkpoint.state import (adam_fields, adam_key, generator_of, named_params, optimizer_state,
+                                  persistent_tensors, restore_rng, rng_key, rng_state)
+from flm.checkpoint.stream import StreamingSafetensors
 from flm.errors import FlmError
-
-MODEL_FILE, STATE_FILE = "model.safetensors", "train_state.safetensors"
 
 
 def save_whole(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -26,9 +28,36 @@ def save_whole(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
     optimizer, the checkpoint's Adam state is fresh (a model imported from elsewhere)."""
     host = lambda tensors: {k: v.detach().contiguous().cpu() for k, v in tensors.items()}  # noqa: E731
     save_file(host(persistent_tensors(model)), str(folder / MODEL_FILE))
-    rng = {f"rng.{k}": v for k, v in rng_state().items()}
+    rng = {rng_key(k): v for k, v in rng_state().items()}
     adam = host(optimizer_state(optimizer)) if optimizer is not None else {}
     save_file({**adam, **rng}, str(folder / STATE_FILE))
+
+
+class WholeWriter:
+    """The two files of `folder` written one tensor at a time (flm.checkpoint.stream); `close` when all are
+    added, `discard` on an error."""
+
+    def __init__(self, folder: Path):
+        self._model = StreamingSafetensors(Path(folder) / MODEL_FILE)
+        self._state = StreamingSafetensors(Path(folder) / STATE_FILE)
+
+    def weight(self, name: str, value: torch.Tensor) -> None:
+        self._model.add(name, value)
+
+    def adam(self, name: str, field: str, value: torch.Tensor) -> None:
+        self._state.add(adam_key(name, field), value)
+
+    def rng(self, states: dict[str, torch.Tensor]) -> None:
+        for generator, value in states.items():
+            self._state.add(rng_key(generator), value)
+
+    def close(self) -> None:
+        self._model.close()
+        self._state.close()
+
+    def discard(self) -> None:
+        self._model.discard()
+        self._state.discard()
 
 
 def _open(path: Path):
@@ -36,6 +65,11 @@ def _open(path: Path):
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
         raise FlmError(f"cannot read {path}: {e}") from None
+
+
+def saved_rng(state_file) -> dict[str, torch.Tensor]:
+    """The generators' states in an open `train_state.safetensors`."""
+    return {g: state_file.get_tensor(key) for key in state_file.keys() if (g := generator_of(key))}
 
 
 def load_whole_model(folder: Path, params: dict[str, torch.Tensor], partial: bool = False) -> None:
@@ -65,16 +99,12 @@ def load_whole_train_state(folder: Path, optimizer: torch.optim.Optimizer, resto
     params = named_params(optimizer)
     try:
         with _open(path) as f:
-            fields: dict[str, list[str]] = {}
-            for key in f.keys():
-                if key.startswith("opt."):
-                    name, field = split_key(key)
-                    fields.setdefault(name, []).append(field)
+            fields = adam_fields(f.keys())
             for name, p in params.items():
                 if name in fields:
-                    optimizer.state[p] = {field: place_state(p, f.get_tensor(f"opt.{name}.{field}"))
+                    optimizer.state[p] = {field: place_state(p, f.get_tensor(adam_key(name, field)))
                                           for field in fields[name]}
             if restore:
-                restore_rng({k[len("rng."):]: f.get_tensor(k) for k in f.keys() if k.startswith("rng.")})
+                restore_rng(saved_rng(f))
     except SafetensorError as e:
         raise FlmError(f"cannot read {path}: {e}") from None

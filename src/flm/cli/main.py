@@ -98,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_grow(args: argparse.Namespace) -> None:
-    from flm.train.grow import grow_checkpoint
+    from flm.offline_growth import grow_checkpoint
 
     path = grow_checkpoint(args.checkpoint, args.to, args.out, args.new_layers, args.ramp_steps, args.operator,
                            args.clone_noise)

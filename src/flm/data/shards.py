@@ -142,7 +142,8 @@ def _read_header(path: str | Path, magic_expected: bytes, what_file: str) -> Sha
     reserved = raw[_HEADER.size:]
     if any(reserved):
         at = _HEADER.size + next(i for i, b in enumerate(reserved) if b)
-        raise FlmError(f"bad {what_file} {path}: reserved header byte {at} is {raw[at]:#04x}, not zero (a damaged file)")
+        raise FlmError(f"bad {what_file} {path}: reserved header byte {at} is {raw[at]:#04x}, not zero "
+                       "(a damaged file)")
     codes = {_MASK_CODE: _MASK_DTYPE} if magic == MASK_MAGIC else _DTYPES
     if code not in codes:
         raise FlmError(f"bad {what_file} {path}: unknown dtype code {code} (expected {' or '.join(map(str, codes))})")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -30,14 +29,13 @@ from flm.data.tokenizer import (CL100K_PATTERN, EOT, LABELS, TIKTOKEN_FILE, TIKT
                                 load_tokenizer_dir)
 from flm.errors import FlmError
 from flm.model import FLM, xpos
-from flm.checkpoint import (RunLock, find_checkpoint, is_sharded, load_model, persistent_tensors, read_meta,
-                            save_checkpoint)
+from flm.checkpoint import CheckpointReader, RunLock, find_checkpoint, read_meta, save_checkpoint
 
 CODE_DIR = Path(__file__).parent / "hf_code"
 # The folder's code: ours for transformers, plus flm's own xPos module, copied byte for byte (one definition).
 CODE_FILES = {"configuration_flm.py": CODE_DIR / "configuration_flm.py", "modeling_flm.py": CODE_DIR / "modeling_flm.py",
               "xpos.py": Path(xpos.__file__)}
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # Hugging Face's name, whatever a checkpoint calls its own weights file
 INDEX_FILE = "model.safetensors.index.json"
 TRAINING_FILE = "flm_training.json"
 HEAD = "lm_head.weight"
@@ -127,10 +125,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_size: str =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        source = _single_file(ckpt, tmp)
-        write_weights(source, cfg, tmp, max_bytes, DTYPES[dtype])
-        if source.parent == tmp:
-            source.unlink()  # the gathered copy of a sharded checkpoint
+        write_weights(CheckpointReader(ckpt), cfg, tmp, max_bytes, DTYPES[dtype])
         write_tokenizer(tok, cfg, tmp)
         _write_json(tmp / "config.json", hf_config(cfg, tok.eot_id, dtype))
         _write_json(tmp / "generation_config.json", generation_config(cfg, tok))
@@ -158,37 +153,23 @@ def refuse_ramp(ckpt: Path, meta: dict[str, Any]) -> None:
                    f"not have. Train {total - done} more steps until the ramp ends, or export an earlier checkpoint")
 
 
-def _single_file(ckpt: Path, tmp: Path) -> Path:
-    """The checkpoint's weights as one safetensors file: a checkpoint written by several processes
-    (flm.parallel) is first gathered into `tmp` (whole, in this one process, as the export is)."""
-    if not is_sharded(ckpt):
-        return ckpt / WEIGHTS_FILE
-    model = FLM(model_config_from_dict(read_meta(ckpt)["model"]))
-    load_model(ckpt, persistent_tensors(model))
-    gathered = tmp / ".gathered.safetensors"
-    save_file({k: v.contiguous() for k, v in persistent_tensors(model).items()}, str(gathered))
-    return gathered
-
-
-def write_weights(source: Path, cfg: ModelConfig, out: Path, max_bytes: int, dtype: torch.dtype) -> None:
-    """Copy the weights under their Hugging Face names, one shard in memory at a time.
+def write_weights(reader: CheckpointReader, cfg: ModelConfig, out: Path, max_bytes: int, dtype: torch.dtype) -> None:
+    """Copy a checkpoint's weights (either format) under their Hugging Face names, one shard in memory at a time.
 
     Names and shapes are checked against the model `cfg` describes (built on the meta device: no memory).
     """
     expected = _expected_shapes(cfg)
-    with safe_open(str(source), framework="pt") as f:
-        found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        if found != expected:
-            wrong = sorted(set(found.items()) ^ set(expected.items()))
-            raise FlmError(f"{source} does not match its config: first difference {wrong[0]}")
-        names = list(expected)
-        sizes = [torch.Size(expected[n]).numel() * dtype.itemsize for n in names]
-        shards = plan_shards(names, sizes, max_bytes)
-        files = ([WEIGHTS_FILE] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        for file, shard in zip(files, shards):
-            tensors = {hf_name(n): f.get_tensor(n).to(dtype).contiguous() for n in shard}
-            save_file(tensors, str(out / file), metadata={"format": "pt"})
+    if reader.shapes != expected:
+        wrong = sorted(set(reader.shapes.items()) ^ set(expected.items()))
+        raise FlmError(f"{reader.path} does not match its config: first difference {wrong[0]}")
+    names = list(expected)
+    sizes = [torch.Size(expected[n]).numel() * dtype.itemsize for n in names]
+    shards = plan_shards(names, sizes, max_bytes)
+    files = ([WEIGHTS_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file, shard in zip(files, shards):
+        tensors = {hf_name(n): reader.weights[n].to(dtype).contiguous() for n in shard}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
     if len(shards) > 1:
         weight_map = {hf_name(n): file for file, shard in zip(files, shards) for n in shard}
         _write_json(out / INDEX_FILE, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})

@@ -1,5 +1,6 @@
 """Offline growth of a saved checkpoint (`flm grow`): the growth routine the trainer runs at a stage boundary
 (flm.growth.routine), applied to weights and Adam state on disk and written as a new checkpoint to resume from.
+It trains nothing, so it sits beside the packages it joins (checkpoint, growth, config), not in flm.train.
 
 It streams: each tensor is read from the checkpoint, grown and written into the new one before the next is
 read, so the memory it needs is about the largest tensor, not the model (docs/growth.md has the measurement).
@@ -10,22 +11,14 @@ names), and the run's random generators are carried over, so `flm grow` + resume
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
-from safetensors import SafetensorError
-
-from flm.checkpoint import RunLock, find_checkpoint, read_meta
-from flm.checkpoint.folders import publish, staging_dir, write_failure
-from flm.checkpoint.reader import CheckpointReader
-from flm.checkpoint.stream import StreamingSafetensors
-from flm.checkpoint.whole import MODEL_FILE, STATE_FILE
+from flm.checkpoint import (CheckpointReader, RunLock, WholeWriter, copy_extra_files, find_checkpoint, read_meta,
+                            save_streamed)
 from flm.config import PRESETS, StageConfig, config_from_dict, config_to_dict, model_config_from_dict
+from flm.config.shape import SHAPE_KEYS
 from flm.errors import FlmError
 from flm.growth import Ramp, check_growable, grow_tensors, layer_sources, ramp_length
-from flm.train.guard import GUARD_FILE
-
-SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_ff")
 
 
 def parse_shape(text: str) -> dict[str, int]:
@@ -77,31 +70,20 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
     new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "step", "layout")},
                 "config": config_to_dict(cfg), "model": config_to_dict(new_cfg), "stage": new_stage,
                 "ramp": Ramp(old_cfg, sources, ramp, operator=operator).to_dict() if ramp else None}
-    out_root = Path(out_run_dir) / "checkpoints"
-    lock = RunLock(Path(out_run_dir)).acquire()  # the output run folder has one writer, like any run
     reader = CheckpointReader(ckpt)
+
+    def write_tensors(out: WholeWriter) -> None:
+        for grown in grow_tensors(old_cfg, new_cfg, sources, reader.weights, reader.adam,
+                                  seed=cfg.train.seed, index=stage + 1, operator=operator, noise=noise):
+            out.weight(grown.name, grown.weight)
+            for field, value in (grown.adam or {}).items():
+                out.adam(grown.name, field, value)
+            del grown  # written: dropped before the next tensor is grown
+        out.rng(reader.rng())
+
+    lock = RunLock(Path(out_run_dir)).acquire()  # the output run folder has one writer, like any run
     try:
-        tmp = staging_dir(out_root, meta["step"])
-        writers = [StreamingSafetensors(tmp / MODEL_FILE), StreamingSafetensors(tmp / STATE_FILE)]
-        try:
-            for grown in grow_tensors(old_cfg, new_cfg, sources, reader.weights, reader.adam,
-                                      seed=cfg.train.seed, index=stage + 1, operator=operator, noise=noise):
-                writers[0].add(grown.name, grown.weight)
-                for field, value in (grown.adam or {}).items():
-                    writers[1].add(f"opt.{grown.name}.{field}", value)
-                del grown  # written: dropped before the next tensor is grown
-            for key, value in reader.rng().items():
-                writers[1].add(f"rng.{key}", value)
-            for writer in writers:
-                writer.close()
-            for f in ckpt.iterdir():
-                if f.name.startswith("tokenizer") or f.name == GUARD_FILE:
-                    shutil.copy2(f, tmp / f.name)
-            return publish(tmp, meta["step"], new_meta, keep_last=1 << 30)
-        except (OSError, SafetensorError) as e:
-            for writer in writers:
-                writer.discard()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise write_failure(out_root, meta["step"], e) from None
+        return save_streamed(Path(out_run_dir) / "checkpoints", meta["step"], write_tensors, new_meta,
+                             keep_last=1 << 30, write_extra=lambda folder: copy_extra_files(ckpt, folder))
     finally:
         lock.release()
