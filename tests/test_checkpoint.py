@@ -303,3 +303,27 @@ def test_a_full_disk_while_training_and_while_resuming_is_one_line_and_resume_is
     for name in ("model.safetensors", "train_state.safetensors"):
         a, b = load_file(str(straight / last / name)), load_file(str(run / last / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_full_disk_in_a_sharded_checkpoint_is_the_same_one_line(tmp_path):
+    """The sharded format's writer (every process of a torchrun job; here one, over gloo) fails alike: the extra
+    files' plain Exception is one line on every process, and the staging folder is gone."""
+    import torch.distributed as dist
+
+    model, opt = trained()
+    meta = {**{k: v for k, v in good_meta().items() if k not in ("format", "step")}, "layout": {"world_size": 1}}
+    root = tmp_path / "checkpoints"
+
+    def full(folder: Path) -> None:
+        raise Exception(NO_SPACE)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        good = save_checkpoint(root, 3, model, opt, meta, keep_last=5, distributed=True)
+        with pytest.raises(FlmError) as e:
+            save_checkpoint(root, 6, model, opt, meta, keep_last=5, write_extra=full, distributed=True)
+    finally:
+        dist.destroy_process_group()
+    assert str(e.value) == (f"could not write checkpoint step 6 in {root}: No space left on device; "
+                            f"the last good checkpoint is {good}")
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
