@@ -32,11 +32,12 @@ import torch
 
 from flm.config import ModelConfig, load_config
 from flm.errors import FlmError
-from flm.model import FLM
+from flm.model import build_model, generate
 from flm.parallel.pipeline import check_pipeline
 from flm.train.transforms import apply_activation_checkpointing
 from flm.parallel.tensor import check_tensor_parallel
 from flm.train import Trainer
+from flm.train.placement import OneProcess
 from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
 from flm_torchrun import flm_cli, torchrun
@@ -72,8 +73,8 @@ def one_thread():
 
 
 def train_one_process(config, run, tiny_data) -> Path:
-    with one_thread():
-        Trainer(load_config(config, settings(tiny_data, run)), log=lambda _: None).train()
+    with one_thread(), Trainer(load_config(config, settings(tiny_data, run)), log=lambda _: None) as trainer:
+        trainer.train()
     return run
 
 
@@ -196,6 +197,21 @@ def test_sharded_resume_with_dropout_is_bit_exact(tiny_data, tmp_path):
         assert torch.equal(weights_a[name], weights_b[name]), name
 
 
+def test_a_torchrun_job_samples_the_model_it_trained(tiny_data, tmp_path):
+    """`flm train` ends with a sample under torchrun as in one process: the main process samples the model gathered
+    from its tensor- and pipeline-parallel pieces, which is exactly the final checkpoint's model, so the text is what
+    one process samples from that checkpoint with the trainer's settings."""
+    run, tokens = tmp_path / "run", 16
+    proc = torchrun(4, *cli_args(tiny_data, run, "parallel.tp=2", "parallel.pp=2", f"train.sample_tokens={tokens}"))
+    shown = [line for line in proc.stdout.splitlines() if line.startswith("sample: ")]
+    prompt = load_config(None, settings(tiny_data, run)).train.sample_prompt
+    model, tok, _ = load_for_inference(run)
+    with one_thread():
+        out = generate(model, tok.encode(prompt), tokens, temperature=0.8, top_k=50, eot_id=tok.eot_id,
+                       generator=torch.Generator().manual_seed(0), vocab_limit=tok.vocab_size)
+    assert shown == [f"sample: {prompt + tok.decode([t for t in out if t != tok.eot_id])!r}"]
+
+
 def test_layout_that_does_not_match_the_processes_is_one_line(tiny_data, tmp_path):
     proc = torchrun(2, *cli_args(tiny_data, tmp_path / "run", "parallel.tp=4"), check=False)
     assert proc.returncode != 0
@@ -225,7 +241,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = FLM(cfg)
+        model = build_model(cfg)
         if checkpointing:
             apply_activation_checkpointing(model)
         calls = []
@@ -299,13 +315,12 @@ GROW_AT_BOUNDARY = """
 import sys
 
 from flm.config import load_config
-from flm.parallel.trainer import start_parallel
+from flm.launch import make_trainer
 
-trainer = start_parallel(load_config(sys.argv[1], sys.argv[2:]), prepare=lambda _: None, log=lambda _: None)
-trainer.train(until_step=3)
-trainer.grow()  # the growth into stage 2, then a checkpoint of the grown model before any step
-trainer.save()
-trainer.close()
+with make_trainer(load_config(sys.argv[1], sys.argv[2:]), prepare=lambda _: None, log=lambda _: None) as trainer:
+    trainer.train(until_step=3)
+    trainer.grow()  # the growth into stage 2, then a checkpoint of the grown model before any step
+    trainer.save()
 """
 
 def stages_changing_layout(growth: str, then: str = "") -> str:
@@ -351,14 +366,12 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
     from safetensors.torch import load_file
 
     from flm.checkpoint import load_model, persistent_tensors
-    from flm.model import FLM
 
     config = tmp_path / "stages.toml"
     config.write_text(PATHS_STAGES)
     single_cfg = load_config(config, settings(tiny_data, tmp_path / "single", "stages.0.tp=1", "stages.0.dp=1",
                                                "stages.1.tp=1"))
-    with one_thread():
-        trainer = Trainer(single_cfg, log=lambda _: None)
+    with one_thread(), Trainer(single_cfg, log=lambda _: None) as trainer:
         trainer.train(until_step=3)  # writes the boundary checkpoint (step 3, before growing)
         trainer.grow()
     single = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -366,7 +379,6 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
                    for group in trainer.optimizer.param_groups for k, p in zip(group["names"], group["params"])
                    if p in trainer.optimizer.state}
     old_cfg, new_cfg = trainer.stages[0].model, trainer.model.cfg
-    trainer.close()
 
     grown_dir = tmp_path / "grown"
     proc = flm_cli("grow", str(tmp_path / "single" / "checkpoints" / "step_00000003"), "--to",
@@ -383,7 +395,7 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
     script.write_text(GROW_AT_BOUNDARY)
     run = tmp_path / "parallel"
     torchrun(4, str(config), *settings(tiny_data, run), script=str(script))
-    parallel = FLM(new_cfg)
+    parallel = build_model(new_cfg)
     load_model(run / "checkpoints" / "step_00000003", persistent_tensors(parallel))
     fresh = 0
     for name, p in parallel.named_parameters():
@@ -399,10 +411,11 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
     straight_cfg = load_config(config, settings(tiny_data, straight, "stages.0.tp=1", "stages.0.dp=1",
                                                  "stages.1.tp=1"))
     with one_thread():
-        Trainer(straight_cfg, log=lambda _: None).train()
-        resumed = Trainer(resumed_cfg, log=lambda _: None)
-        assert resumed.resume("auto") and resumed.step == 3 and resumed.stage == 1
-        resumed.train()
+        with Trainer(straight_cfg, log=lambda _: None) as trainer:
+            trainer.train()
+        with Trainer(resumed_cfg, log=lambda _: None) as resumed:
+            assert resumed.resume("auto") and resumed.step == 3 and resumed.stage == 1
+            resumed.train()
     final = load_file(str(grown_dir / "checkpoints" / "step_00000006" / "model.safetensors"))
     want = load_file(str(straight / "checkpoints" / "step_00000006" / "model.safetensors"))
     assert all(torch.equal(final[k], want[k]) for k in want)
@@ -436,21 +449,21 @@ def test_growth_families_preserve_the_function_under_torchrun(tiny_data, tmp_pat
 
 def drop_second_rank(monkeypatch):
     """dp2 with rank 1's gradient lost: each micro-batch's gradient comes from its first half only."""
-    original = Trainer._forward_backward
+    original = OneProcess.forward_backward
 
-    def first_half(self, x, y, n, n_step):
+    def first_half(self, model, x, y, n, n_step):
         half = x.shape[0] // 2
-        return original(self, x[:half], y[:half], int((y[:half] != -100).sum()), n_step)
+        return original(self, model, x[:half], y[:half], int((y[:half] != -100).sum()), n_step)
 
-    monkeypatch.setattr(Trainer, "_forward_backward", first_half)
+    monkeypatch.setattr(OneProcess, "forward_backward", first_half)
 
 
 def leave_one_slice_ungrown(monkeypatch):
     """tp4 where one rank's slice of a grown tensor keeps zeros instead of fresh values: the first quarter of
     blocks.0.mlp.fc1's new rows (the function is still preserved at growth, only training shows it)."""
-    import flm.train.trainer as trainer_module
+    import flm.train.placement as placement_module
 
-    original = trainer_module.grow_training
+    original = placement_module.grow_training
 
     def grow(model, adam, new_cfg, *args, **kwargs):
         grown, ramp, state = original(model, adam, new_cfg, *args, **kwargs)
@@ -459,7 +472,7 @@ def leave_one_slice_ungrown(monkeypatch):
             grown.blocks[0].mlp.fc1.weight[old:old + (new - old) // 4] = 0
         return grown, ramp, state
 
-    monkeypatch.setattr(trainer_module, "grow_training", grow)
+    monkeypatch.setattr(placement_module, "grow_training", grow)
 
 
 @pytest.mark.parametrize("variant", ["dp-rank-gradient-dropped", "tp-slice-not-grown"])

@@ -21,7 +21,7 @@ from flm.checkpoint import list_checkpoints
 from flm.train import Trainer
 from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
-from flm.train.trainer import perplexity
+from flm.train.progress import perplexity
 from flm_torchrun import SRC, free_port
 
 
@@ -39,16 +39,22 @@ def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def poison_gradient_at(monkeypatch, step: int) -> None:
-    """Before optimizer step number `step`, one gradient entry becomes NaN (a bad batch, an overflow)."""
-    original = Trainer._clip_grad_norm
+def poison_gradient_at(monkeypatch, trainer: Trainer, step: int) -> None:
+    """Before `trainer`'s optimizer step number `step`, one gradient entry becomes NaN (a bad batch, an overflow)."""
+    original = trainer.placement.clip
 
-    def clip(self, max_norm):
-        if self.step + 1 == step:
-            next(self.model.parameters()).grad.view(-1)[0] = float("nan")
-        return original(self, max_norm)
+    def clip(model, max_norm):
+        if trainer.step + 1 == step:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        return original(model, max_norm)
 
-    monkeypatch.setattr(Trainer, "_clip_grad_norm", clip)
+    monkeypatch.setattr(trainer.placement, "clip", clip)
+
+
+def scale_step_loss(monkeypatch, trainer: Trainer, factor) -> None:
+    """`trainer`'s step loss, as the step guard sees it, times `factor(step)` (a spike, an overflow)."""
+    original = trainer.placement.step_loss
+    monkeypatch.setattr(trainer.placement, "step_loss", lambda loss: original(loss) * factor(trainer.step))
 
 
 def poison_weight_after(monkeypatch, step: int) -> None:
@@ -76,21 +82,22 @@ def all_finite(ckpt: Path) -> bool:
 def test_a_cancelled_step_changes_nothing_and_is_counted(tiny, tmp_path, monkeypatch):
     """A NaN gradient at step 4: that step leaves weights, Adam moments and step counts bit for bit as they were,
     the steps after it train again, and metrics.jsonl records the cancelled step."""
-    poison_gradient_at(monkeypatch, 4)
-    trainer = Trainer(tiny.config(tmp_path / "run", "train.on_bad_step='skip'"), log=quiet)
-    trainer.train(until_step=3)
-    before = state_of(trainer)
-    trainer.train_step()
-    assert bool(trainer.last_step_bad)
-    after = state_of(trainer)
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    trainer.train_step()
-    assert not bool(trainer.last_step_bad)
-    assert not torch.equal(before["w.embed.weight"], trainer.model.embed.weight)
-    trainer.close()
+    with Trainer(tiny.config(tmp_path / "run", "train.on_bad_step='skip'"), log=quiet) as trainer:
+        poison_gradient_at(monkeypatch, trainer, 4)
+        trainer.train(until_step=3)
+        before = state_of(trainer)
+        trainer.train_step()
+        assert bool(trainer.last_step_bad)
+        after = state_of(trainer)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        trainer.train_step()
+        assert not bool(trainer.last_step_bad)
+        assert not torch.equal(before["w.embed.weight"], trainer.model.embed.weight)
 
     run = tmp_path / "loop"
-    Trainer(tiny.config(run, "train.on_bad_step='skip'"), log=quiet).train()
+    with Trainer(tiny.config(run, "train.on_bad_step='skip'"), log=quiet) as trainer:
+        poison_gradient_at(monkeypatch, trainer, 4)
+        trainer.train()
     guard = [r for r in read_metrics(run) if r["kind"] == "guard"]
     assert guard == [{"kind": "guard", "step": 4, "bad_steps": 1, "nonfinite": 1, "first_bad_step": 4,
                       "policy": "skip"}]
@@ -100,16 +107,17 @@ def test_a_cancelled_step_changes_nothing_and_is_counted(tiny, tmp_path, monkeyp
 
 def test_a_normal_run_trips_no_guard(tiny, tmp_path):
     run = tmp_path / "run"
-    Trainer(tiny.config(run, "train.spike_window=3", "train.max_steps=24"), log=quiet).train()
+    with Trainer(tiny.config(run, "train.spike_window=3", "train.max_steps=24"), log=quiet) as trainer:
+        trainer.train()
     assert not [r for r in read_metrics(run) if r["kind"] in ("guard", "rollback")]
 
 
 def test_a_loss_spike_is_caught_at_its_step(tiny, tmp_path, monkeypatch):
     """The loss of step 8 reported 100x: above 3x the median of the window, so the step is cancelled."""
-    original = Trainer._step_loss
-    monkeypatch.setattr(Trainer, "_step_loss", lambda self, loss: original(self, loss) * (100 if self.step == 7 else 1))
     run = tmp_path / "run"
-    Trainer(tiny.config(run, "train.on_bad_step='skip'", "train.spike_window=4"), log=quiet).train()
+    with Trainer(tiny.config(run, "train.on_bad_step='skip'", "train.spike_window=4"), log=quiet) as trainer:
+        scale_step_loss(monkeypatch, trainer, lambda step: 100 if step == 7 else 1)
+        trainer.train()
     guard = [r for r in read_metrics(run) if r["kind"] == "guard"]
     assert [(g["step"], g["first_bad_step"], g["nonfinite"]) for g in guard] == [(8, 8, 0)]
 
@@ -119,7 +127,8 @@ def test_nan_in_a_weight_rolls_back_to_the_newest_finite_checkpoint(tiny, tmp_pa
     continues with the data after the bad batch, ends finite, and never writes a non-finite checkpoint."""
     poison_weight_after(monkeypatch, 7)
     run = tmp_path / "run"
-    summary = Trainer(tiny.config(run, "train.keep_last=2"), log=quiet).train()
+    with Trainer(tiny.config(run, "train.keep_last=2"), log=quiet) as trainer:
+        summary = trainer.train()
     assert summary["step"] == 12 and perplexity(summary["val_loss"]) != "nan"
     records = read_metrics(run)
     rollback = [r for r in records if r["kind"] == "rollback"]
@@ -150,13 +159,11 @@ def test_nan_in_a_weight_stops_with_status_3_and_keeps_the_last_good_checkpoint(
 def test_rollback_gives_up_after_max_rollbacks(tiny, tmp_path, monkeypatch):
     """A loss that is always bad (here: every step's loss reported as infinite from step 5 on) rolls back
     `max_rollbacks` times, then stops instead of looping forever."""
-    original = Trainer._step_loss
-    monkeypatch.setattr(Trainer, "_step_loss",
-                        lambda self, loss: original(self, loss) * (float("inf") if self.step >= 4 else 1))
     run = tmp_path / "run"
-    trainer = Trainer(tiny.config(run, "train.max_rollbacks=2"), log=quiet)
-    with pytest.raises(TrainingHalted, match="after 2 rollbacks"):
-        trainer.train()
+    with Trainer(tiny.config(run, "train.max_rollbacks=2"), log=quiet) as trainer:
+        scale_step_loss(monkeypatch, trainer, lambda step: float("inf") if step >= 4 else 1)
+        with pytest.raises(TrainingHalted, match="after 2 rollbacks"):
+            trainer.train()
     # Both rollbacks returned to step 3: the log keeps the surviving history, whose record counts them.
     assert [(r["step"], r["rollbacks"]) for r in read_metrics(run) if r["kind"] == "rollback"] == [(3, 2)]
 
@@ -278,16 +285,18 @@ def test_metrics_after_kills_and_resumes_equal_an_uninterrupted_run(tiny, tmp_pa
     (tmp_path / "stages.toml").write_text(STAGES)
     extra = ("train.ckpt_every=3", "model.dropout=0.1")
     straight = tmp_path / "straight"
-    Trainer(tiny.config(straight, *extra, path=tmp_path / "stages.toml"), log=quiet).train()
+    with Trainer(tiny.config(straight, *extra, path=tmp_path / "stages.toml"), log=quiet) as trainer:
+        trainer.train()
     run = tmp_path / "run"
-    Trainer(tiny.config(run, *extra, path=tmp_path / "stages.toml"), log=quiet).train(until_step=5)
+    with Trainer(tiny.config(run, *extra, path=tmp_path / "stages.toml"), log=quiet) as trainer:
+        trainer.train(until_step=5)
     shutil.rmtree(run / "checkpoints" / "step_00000005")  # killed before its step-5 checkpoint... and
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 6, "lo')  # ...while writing a record
     notes = []
-    trainer = Trainer(tiny.config(run, *extra, path=tmp_path / "stages.toml"), log=notes.append)
-    assert trainer.resume("auto") and trainer.step == 3
-    trainer.train()
+    with Trainer(tiny.config(run, *extra, path=tmp_path / "stages.toml"), log=notes.append) as trainer:
+        assert trainer.resume("auto") and trainer.step == 3
+        trainer.train()
     assert any("dropped a torn last line" in n for n in notes)
     assert comparable(read_metrics(run)) == comparable(read_metrics(straight))
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "growth"] == [3]

@@ -31,15 +31,15 @@ def quiet(*_):
 
 
 def test_resume_is_bit_exact(tiny_data, tmp_path):
-    straight = Trainer(make_cfg(tiny_data, tmp_path / "a"), log=quiet)
-    straight.train()
+    with Trainer(make_cfg(tiny_data, tmp_path / "a"), log=quiet) as straight:
+        straight.train()
     cfg_b = make_cfg(tiny_data, tmp_path / "b")
-    first = Trainer(cfg_b, log=quiet)
-    first.train(until_step=6)
+    with Trainer(cfg_b, log=quiet) as first:
+        first.train(until_step=6)
     del first
-    second = Trainer(cfg_b, log=quiet)
-    assert second.resume("auto") and second.step == 6
-    second.train()
+    with Trainer(cfg_b, log=quiet) as second:
+        assert second.resume("auto") and second.step == 6
+        second.train()
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), name
     for p_a, p_b in zip(straight.model.parameters(), second.model.parameters()):
@@ -51,59 +51,59 @@ def test_resume_is_bit_exact(tiny_data, tmp_path):
 
 
 def test_training_lowers_validation_loss(tiny_data, tmp_path):
-    trainer = Trainer(make_cfg(tiny_data, tmp_path, "train.max_steps=40", "train.eval_every=40",
-                               "model.dropout=0.0"), log=quiet)
-    before = trainer.evaluate()
-    after = trainer.train()["val_loss"]
+    with Trainer(make_cfg(tiny_data, tmp_path, "train.max_steps=40", "train.eval_every=40", "model.dropout=0.0"),
+                 log=quiet) as trainer:
+        before = trainer.evaluate()
+        after = trainer.train()["val_loss"]
     assert after < before - 1.0, (before, after)
 
 
 def test_crash_while_writing_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    trainer = Trainer(make_cfg(tiny_data, tmp_path), log=quiet)
-    trainer.train(until_step=6)
-    good = list_checkpoints(trainer.ckpt_root)
-    assert [p.name for p in good] == ["step_00000006"]
-    real_save = ckpt_mod.save_file
+    with Trainer(make_cfg(tiny_data, tmp_path), log=quiet) as trainer:
+        trainer.train(until_step=6)
+        good = list_checkpoints(trainer.ckpt_root)
+        assert [p.name for p in good] == ["step_00000006"]
+        real_save = ckpt_mod.save_file
 
-    def failing_save(tensors, path):
-        if path.endswith("train_state.safetensors"):
-            raise OSError("disk full")
-        real_save(tensors, path)
+        def failing_save(tensors, path):
+            if path.endswith("train_state.safetensors"):
+                raise OSError("disk full")
+            real_save(tensors, path)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", failing_save)
-    with pytest.raises(FlmError, match=f"could not write checkpoint step 12 .*disk full; the last good checkpoint "
-                                       f"is {good[0]}$"):
-        trainer.train()  # fails writing the step-12 checkpoint
-    monkeypatch.undo()
-    trainer.close()
+        monkeypatch.setattr(ckpt_mod, "save_file", failing_save)
+        with pytest.raises(FlmError, match=f"could not write checkpoint step 12 .*disk full; the last good "
+                                           f"checkpoint is {good[0]}$"):
+            trainer.train()  # fails writing the step-12 checkpoint
+        monkeypatch.undo()
     assert list_checkpoints(trainer.ckpt_root) == good
     assert not list(trainer.ckpt_root.glob(".step_*"))  # the partial checkpoint is gone
-    resumed = Trainer(make_cfg(tiny_data, tmp_path), log=quiet)
-    assert resumed.resume("auto") and resumed.step == 6
-    resumed.train()
+    with Trainer(make_cfg(tiny_data, tmp_path), log=quiet) as resumed:
+        assert resumed.resume("auto") and resumed.step == 6
+        resumed.train()
     assert [p.name for p in list_checkpoints(trainer.ckpt_root)] == ["step_00000006", "step_00000012"]
     assert not list(trainer.ckpt_root.glob(".step_*"))  # the crash's leftovers are cleaned
 
 
 def test_keep_last_prunes_oldest(tiny_data, tmp_path):
-    trainer = Trainer(make_cfg(tiny_data, tmp_path, "train.ckpt_every=2", "train.keep_last=2"), log=quiet)
-    trainer.train()
+    with Trainer(make_cfg(tiny_data, tmp_path, "train.ckpt_every=2", "train.keep_last=2"), log=quiet) as trainer:
+        trainer.train()
     assert [p.name for p in list_checkpoints(trainer.ckpt_root)] == ["step_00000010", "step_00000012"]
 
 
 def test_corrupt_or_mismatched_checkpoints_are_refused(tiny_data, tmp_path):
-    trainer = Trainer(make_cfg(tiny_data, tmp_path), log=quiet)
-    trainer.train(until_step=6)
+    with Trainer(make_cfg(tiny_data, tmp_path), log=quiet) as trainer:
+        trainer.train(until_step=6)
     path = list_checkpoints(trainer.ckpt_root)[-1]
-    other = Trainer(make_cfg(tiny_data, tmp_path, "model.d_model=128", "model.n_heads=4"), log=quiet)
-    with pytest.raises(FlmError, match="different model config"):
-        other.resume("auto")
+    with Trainer(make_cfg(tiny_data, tmp_path, "model.d_model=128", "model.n_heads=4"), log=quiet) as other:
+        with pytest.raises(FlmError, match="different model config"):
+            other.resume("auto")
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(FlmError, match="cannot read"):
-        Trainer(make_cfg(tiny_data, tmp_path), log=quiet).resume(str(broken))
+    with Trainer(make_cfg(tiny_data, tmp_path), log=quiet) as trainer:
+        with pytest.raises(FlmError, match="cannot read"):
+            trainer.resume(str(broken))
     meta = json.loads((broken / "meta.json").read_text())
     meta["format"] = 99
     (broken / "meta.json").write_text(json.dumps(meta))
@@ -112,8 +112,8 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(tiny_data, tmp_path):
 
 
 def test_checkpoint_is_self_contained_for_inference(tiny_data, tmp_path):
-    trainer = Trainer(make_cfg(tiny_data, tmp_path, "model.dropout=0.0"), log=quiet)
-    trainer.train(until_step=6)
+    with Trainer(make_cfg(tiny_data, tmp_path, "model.dropout=0.0"), log=quiet) as trainer:
+        trainer.train(until_step=6)
     moved = tmp_path / "elsewhere"
     shutil.copytree(list_checkpoints(trainer.ckpt_root)[-1], moved)
     model, tok, meta = load_for_inference(moved)

@@ -15,10 +15,12 @@ from flm.config.growth import NEW_LAYER_MODES, OPERATORS
 from flm.errors import FlmError
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+def config_args(p: argparse.ArgumentParser, config_help: str = "TOML config file (default: built-in defaults)",
+                example: str = "train.lr=1e-3") -> None:
+    """--config and --set, for every command that reads a config."""
+    p.add_argument("--config", "-c", help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set train.lr=1e-3 (repeatable)")
+                   help=f"override one config value, e.g. --set {example} (repeatable)")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -66,19 +68,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from flm.launch import make_trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = make_trainer(cfg, prepare=prepare)  # under torchrun, the first process prepares the data
-    say = trainer.log
-    if args.resume:
-        if not trainer.resume(args.resume):
-            say(f"no checkpoint in {trainer.ckpt_root}: starting from scratch")
-    say(trainer.describe())
-    summary = trainer.train(until_step=args.until_step)
-    if trainer.step >= trainer.max_steps and cfg.train.sample_tokens:
-        text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)
-        say(f"sample: {text!r}" if text is not None else f"sample: `flm generate {trainer.run_dir}`")
-    say(f"validation loss {summary['val_loss']:.4f} at step {summary['step']}; "
-        f"run folder {trainer.run_dir} (checkpoint {summary['checkpoint']}, metrics.jsonl, loss.png)")
-    trainer.close()
+    with make_trainer(cfg, prepare=prepare) as trainer:  # under torchrun, the first process prepares the data
+        say = trainer.log
+        if args.resume:
+            if not trainer.resume(args.resume):
+                say(f"no checkpoint in {trainer.ckpt_root}: starting from scratch")
+        say(trainer.describe())
+        summary = trainer.train(until_step=args.until_step)
+        if trainer.step >= trainer.max_steps and cfg.train.sample_tokens:
+            say(f"sample: {trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)!r}")
+        say(f"validation loss {summary['val_loss']:.4f} at step {summary['step']}; "
+            f"run folder {trainer.run_dir} (checkpoint {summary['checkpoint']}, metrics.jsonl, loss.png)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenise a corpus into binary shards")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--workers", type=_positive, metavar="N",
                    help="tokenising processes (default: data.workers, 0 there meaning one per CPU core)")
     p.add_argument("--force", action="store_true", help="prepare again even if the folder (or part) is prepared")
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train (prepares the data first if needed)")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--resume", metavar="auto|CHECKPOINT", help="continue from the newest checkpoint of the run, or a given one")
     p.add_argument("--until-step", type=int, metavar="N", help="stop after step N (the schedule still spans max_steps)")
     p.set_defaults(func=cmd_train)
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grow)
 
     p = sub.add_parser("info", help="parameter and FLOP counts of a config or preset")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--preset", help="a named shape, e.g. flm-101b")
     p.add_argument("--seq-len", type=int)
     p.set_defaults(func=cmd_info)
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_eval(sub)
     register_export(sub)
-    register_mup(sub)
+    register_mup(sub, config_args)
     register_plan(sub)
     return parser
 

@@ -4,35 +4,37 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="TOML config: [model], [data], [train] and [mup] (e.g. configs/mup_proxy.toml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set 'mup.widths=[64,128]' (repeatable)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: mup.out_dir)")
+def register(subparsers: argparse._SubParsersAction, config_args: Callable[..., None]) -> None:
+    """The μP commands; `config_args` adds flm's --config and --set (flm.cli.main's, passed in: flm.cli imports
+    this package, not the other way round)."""
 
+    def tool_args(p: argparse.ArgumentParser) -> None:
+        config_args(p, "TOML config: [model], [data], [train] and [mup] (e.g. configs/mup_proxy.toml)",
+                    "'mup.widths=[64,128]'")
+        p.add_argument("--out", metavar="DIR", help="output folder (default: mup.out_dir)")
 
-def register(subparsers: argparse._SubParsersAction) -> None:
     mup = subparsers.add_parser("mup", help="μP tools (coordinate check)")
     tools = mup.add_subparsers(dest="mup_command", required=True)
     p = tools.add_parser("coord-check", help="activation scale per layer vs width, under μP and SP",
                          description="Train each of mup.widths for mup.coord_steps steps under μP and under standard "
                                      "parametrization; plot and tabulate each layer's mean |activation| against width.")
-    _config_args(p)
+    tool_args(p)
     p.set_defaults(func=lambda args: _run(args, "coord"))
 
     p = subparsers.add_parser("sweep", help="search lr, init std and output_mult on a narrow proxy",
                               description="Grid or random search over mup.lrs x mup.init_stds x mup.output_mults at "
                                           "each of mup.sweep_widths, under each of mup.parametrizations.")
-    _config_args(p)
+    tool_args(p)
     p.set_defaults(func=lambda args: _run(args, "sweep"))
 
     p = subparsers.add_parser("predict", help="fit L(N) = a·N^b + c on a ladder of widths and predict wider models",
                               description="Train each width of mup.ladder with the config's hyperparameters, fit on all "
                                           "but the mup.holdout widest, report the held-out error; with [[stages]], "
                                           "also predict and measure the growth run's final loss.")
-    _config_args(p)
+    tool_args(p)
     p.set_defaults(func=lambda args: _run(args, "predict"))
 
 

@@ -69,12 +69,12 @@ def coord_check(cfg: Config, log: Callable[[str], None] = print) -> dict[str, An
             run = shapes[p, width]
             # Constant LR from the first step: warmup would hide the updates being measured.
             run.train = dataclasses.replace(run.train, max_steps=m.coord_steps, warmup_steps=0, min_lr=tc.lr)
-            trainer = Trainer(run, log=quiet, guard=False)
-            x, _ = next(iter_eval_batches(trainer.data.val_shards, tc.batch_size, tc.seq_len, 1))
-            history = [activation_scales(trainer.model, x)]
-            for _ in range(m.coord_steps):
-                trainer.train_step()
-                history.append(activation_scales(trainer.model, x))
+            with Trainer(run, log=quiet, guard=False) as trainer:
+                x, _ = next(iter_eval_batches(trainer.data.val_shards, tc.batch_size, tc.seq_len, 1))
+                history = [activation_scales(trainer.model, x)]
+                for _ in range(m.coord_steps):
+                    trainer.train_step()
+                    history.append(activation_scales(trainer.model, x))
             scales[p][width] = history
             log(f"{NAMES[p]} width {width}: logits {history[-1]['logits']:.3g}, "
                 f"last block {history[-1][f'block{run.model.n_layers - 1}.out']:.3g}")

@@ -109,7 +109,8 @@ def staged_comparison(cfg: Config, stages: list[Stage], fit_rows: list[dict], by
     tokens, flops = tokens_and_flops_at(final.end, stages, tc.batch_size, tc.seq_len)
     run = dataclasses.replace(cfg, train=dataclasses.replace(tc, run_dir=str(Path(cfg.mup.out_dir) / "staged")))
     log(f"training the growth schedule ({len(stages)} stages, {final.end} steps) in {run.train.run_dir}")
-    measured = Trainer(run, log=quiet).train()["val_loss"]
+    with Trainer(run, log=quiet) as trainer:
+        measured = trainer.train()["val_loss"]
     n = non_embedding_params(final.model)
     pred_n, pred_c = float(by_params(n)), float(by_flops(flops))
     return {"stages": [f"{s.model.n_layers}x{s.model.d_model}" for s in stages], "steps": final.end,

@@ -59,14 +59,14 @@ class RunResult:
 def train_and_evaluate(cfg: Config) -> RunResult:
     """Train a single-stage config for train.max_steps steps (stopping early if the loss is not finite)."""
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, log=quiet, guard=False)  # a diverging rate must show: no step is cancelled
-    tail = max(1, trainer.max_steps // 10)
-    losses = []
-    while trainer.step < trainer.max_steps:
-        loss, _ = trainer.train_step()
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            return RunResult(math.inf, math.inf, trainer.step, time.perf_counter() - t0)
-    val = trainer.evaluate()
+    with Trainer(cfg, log=quiet, guard=False) as trainer:  # a diverging rate must show: no step is cancelled
+        tail = max(1, trainer.max_steps // 10)
+        losses = []
+        while trainer.step < trainer.max_steps:
+            loss, _ = trainer.train_step()
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                return RunResult(math.inf, math.inf, trainer.step, time.perf_counter() - t0)
+        val = trainer.evaluate()
     return RunResult(val if math.isfinite(val) else math.inf, sum(losses[-tail:]) / tail, trainer.step,
                      time.perf_counter() - t0)

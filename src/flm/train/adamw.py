@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as functional_adam
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _piece(t: torch.Tensor) -> torch.Tensor:
     """This process's piece of a sharded tensor (the update is elementwise, so pieces are updated alone)."""
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -115,8 +115,8 @@ class AdamW(torch.optim.Optimizer):
         c = new_counts.double()
         bc1_of = (1 - beta1 ** c).to(p.dtype)  # per class
         bc2_sqrt_of = (1 - beta2 ** c).sqrt().to(p.dtype)
-        param, grad = _local(p), _local(p.grad)
-        m, v, age = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(state["age"]).long()
+        param, grad = _piece(p), _piece(p.grad)
+        m, v, age = _piece(state["exp_avg"]), _piece(state["exp_avg_sq"]), _piece(state["age"]).long()
         if skip is not None:
             grad = torch.where(skip, 0.0, grad)  # a NaN gradient must not reach m and v
         new_m = m.lerp(grad, 1 - beta1)
@@ -128,7 +128,7 @@ class AdamW(torch.optim.Optimizer):
         counts.copy_(new_counts)
         bound = self._bound(p, state) + 1.0  # still an upper bound: a count grows by at most one per step
         if bound >= unsettled_below(beta1, beta2) and _settled(counts, beta1, beta2):
-            state["step"] = scalar_step(float(counts.max()), _local(p).device)
+            state["step"] = scalar_step(float(counts.max()), _piece(p).device)
             del state["age"]
             del self._count_bounds[id(p)]
         else:
@@ -143,4 +143,4 @@ def _classes(per_entry: torch.Tensor) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import distribute_tensor
 
         age = distribute_tensor(age, per_entry.device_mesh, per_entry.placements, src_data_rank=None)
-    return {"step": counts.float().to(_local(per_entry).device), "age": age.to(torch.uint8)}
+    return {"step": counts.float().to(_piece(per_entry).device), "age": age.to(torch.uint8)}
