@@ -186,14 +186,12 @@ def run_one(arm: str, horizon: float, lr: float, seed: int, setup: dict) -> dict
     run_dir = Path(cfg.train.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, log=lambda *_: None)
     diverged = False
-    try:
-        trainer.train()
-    except TrainingHalted:  # a non-finite loss: this rate is too high
-        diverged = True
-    finally:
-        trainer.close()
+    with Trainer(cfg, log=lambda *_: None) as trainer:
+        try:
+            trainer.train()
+        except TrainingHalted:  # a non-finite loss: this rate is too high
+            diverged = True
     wall = time.perf_counter() - t0
     records = read_metrics(run_dir)
     curve = [(r["flops"], r["val_loss"]) for r in records if r["kind"] == "eval" and r["val_loss"] is not None]
@@ -356,17 +354,16 @@ def measure(setup: dict, steps: int = 20) -> dict[str, dict[str, float]]:
         cfg, _ = build_config("scratch", 1.0, 1e-3, SEEDS[0], {**setup, "out": str(Path(setup["out"]) / "measure")})
         for k, v in changes.items():
             setattr(cfg.model, k, v)
-        trainer = Trainer(cfg, log=lambda *_: None)
-        for _ in range(3):
-            trainer.train_step()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-        step_s = (time.perf_counter() - t0) / steps
-        t0 = time.perf_counter()
-        trainer.evaluate()
-        out[name] = {"step_s": step_s, "eval_s": time.perf_counter() - t0}
-        trainer.close()
+        with Trainer(cfg, log=lambda *_: None) as trainer:
+            for _ in range(3):
+                trainer.train_step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+            step_s = (time.perf_counter() - t0) / steps
+            t0 = time.perf_counter()
+            trainer.evaluate()
+            out[name] = {"step_s": step_s, "eval_s": time.perf_counter() - t0}
     shutil.rmtree(Path(setup["out"]) / "measure", ignore_errors=True)
     return out
 
