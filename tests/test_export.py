@@ -27,7 +27,7 @@ from flm.data.tokenizer import EOT, Tokenizer, load_tokenizer, train_bpe
 from flm.errors import FlmError
 from flm.export import export_hf, import_hf, parse_size
 from flm.export.cli import register
-from flm.export.hf import CONFIG_KEYS, byte_to_unicode
+from flm.export.hf import CONFIG_KEYS, byte_to_unicode, hf_config, model_config_from_hf
 from flm.model import FLM, generate, readout_multiplier
 from flm.inference import load_for_inference
 from flm.train import Trainer
@@ -184,7 +184,14 @@ def test_auto_tokenizer_encodes_like_ours(exported, tok):
 
 def test_config_maps_every_model_field():
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert fields == set(CONFIG_KEYS) | {"d_ff"}
+    assert fields == set(CONFIG_KEYS) | {"d_ff", "arch"}  # the architecture is config.json's model_type
+
+
+def test_arch_is_the_model_type():
+    cfg = ModelConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=2, head_dim=16)
+    hf = hf_config(cfg, eot_id=0, dtype="fp32")
+    assert hf["model_type"] == cfg.arch == "flm"
+    assert model_config_from_hf(hf).arch == "flm"
 
 
 def test_import_round_trip_is_exact(exported, tok, tmp_path):

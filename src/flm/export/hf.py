@@ -28,7 +28,7 @@ from flm.config import Config, ModelConfig, TrainConfig, config_from_dict, confi
 from flm.data.tokenizer import (CL100K_PATTERN, EOT, LABELS, TIKTOKEN_FILE, TIKTOKEN_META, Tokenizer, read_ranks,
                                 load_tokenizer_dir)
 from flm.errors import FlmError
-from flm.model import FLM, xpos
+from flm.model import FLM, build_model, xpos
 from flm.checkpoint import CheckpointReader, RunLock, find_checkpoint, read_meta, save_checkpoint
 
 CODE_DIR = Path(__file__).parent / "hf_code"
@@ -42,7 +42,8 @@ HEAD = "lm_head.weight"
 PREFIX = "model."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# flm ModelConfig field -> config.json key (d_ff is written as intermediate_size = ffn_dim, resolved).
+# flm ModelConfig field -> config.json key (d_ff is written as intermediate_size = ffn_dim, resolved; the
+# architecture, `arch`, is config.json's model_type).
 CONFIG_KEYS = {
     "vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
     "n_heads": "num_attention_heads", "head_dim": "head_dim", "max_seq_len": "max_position_embeddings",
@@ -70,6 +71,8 @@ def flm_name(name: str) -> str:
 
 def hf_config(cfg: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
     """config.json for `cfg`: the shape under Hugging Face names, auto_map to the bundled code, special ids."""
+    if cfg.arch != "flm":
+        raise FlmError(f"model.arch {cfg.arch!r} has no trust_remote_code export; only 'flm' does")
     out: dict[str, Any] = {
         "architectures": ["FLMForCausalLM"], "model_type": "flm",
         "auto_map": {"AutoConfig": "configuration_flm.FLMConfig", "AutoModel": "modeling_flm.FLMModel",
@@ -177,7 +180,7 @@ def write_weights(reader: CheckpointReader, cfg: ModelConfig, out: Path, max_byt
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = FLM(cfg)
+        model = build_model(cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         del shapes[HEAD]  # one tensor, saved as the embedding
@@ -294,7 +297,7 @@ def import_hf(source: str | Path, out_run_dir: str | Path) -> Path:
     tok = load_tokenizer_dir(src)
     if tok.vocab_size > cfg.vocab_size:
         raise FlmError(f"{src}: the tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
-    model = FLM(cfg)
+    model = build_model(cfg)
     load_hf_weights(src, model)
     config_from_dict(meta["config"])  # a run config that resume will accept
     step = meta.pop("step", 0)
@@ -335,7 +338,7 @@ def load_hf_export(src: str | Path) -> tuple[FLM, Tokenizer]:
     """An exported FLM folder as flm's own model and tokenizer, in memory: nothing in the folder is executed
     (its modeling code is ignored; config.json, the safetensors weights and tokenizer.json are only read)."""
     src = Path(src)
-    model = FLM(model_config_from_hf(_read_json(src / "config.json")))
+    model = build_model(model_config_from_hf(_read_json(src / "config.json")))
     load_hf_weights(src, model)
     tok = load_tokenizer_dir(src)
     if tok.vocab_size > model.cfg.vocab_size:
