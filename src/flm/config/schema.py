@@ -150,6 +150,12 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 100  # also the first stage's, unless it sets its own
+    # The LR's shape after warmup (docs/growth.md): "cosine" from lr to min_lr over the whole run, or "wsd"
+    # (warmup-stable-decay): lr held until the last decay_fraction of the run's steps, then down to min_lr in
+    # decay_shape "linear", "cosine" or "1-sqrt". Either way the LR is a pure function of the step.
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -191,6 +197,10 @@ class TrainConfig:
                                    f"learning rate), got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, lr], got {self.min_lr}")
         _require(0 <= self.warmup_steps <= self.max_steps, f"train.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        _require(self.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(0 < self.decay_fraction <= 1, f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        _require(self.decay_shape in DECAY_SHAPES,
+                 f"train.decay_shape must be one of {DECAY_SHAPES}, got {self.decay_shape!r}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _require(self.adam_eps > 0, f"train.adam_eps must be positive, got {self.adam_eps}")
@@ -206,6 +216,12 @@ class TrainConfig:
 
 
 _ON_BAD_STEP = ("skip", "rollback", "stop")
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+# How a grown stage's LR starts: on the run's schedule, re-warmed to it over the stage's warmup_steps, or back at
+# the peak (train.lr, or the stage's own lr). None: "rewarm" when warmup_steps > 0, else "continue"; a stage
+# with its own lr starts there.
+LR_AT_GROWTH = ("continue", "rewarm", "peak")
 
 
 @dataclass
@@ -223,6 +239,7 @@ class StageConfig:
     tokens: int = 0  # training tokens in this stage
     lr: float | None = None  # peak LR at the stage start (None: train.lr in stage 1, inherited after)
     warmup_steps: int = 0  # (re-)warmup at the stage start
+    lr_at_growth: str | None = None  # "continue", "rewarm" or "peak" (LR_AT_GROWTH); not for the first stage
     # How the growth into this stage is done (docs/growth.md): "msg" (masks ramped in), "zero" (new residual
     # writers start at zero), "clone" (HyperCloning: widths by whole factors, copied layers), "stack" (copied
     # layers, depth only).
@@ -243,6 +260,13 @@ class StageConfig:
         _require(self.tokens > 0, f"{where}.tokens must be positive, got {self.tokens}")
         _require(self.lr is None or 0 < self.lr <= 1, f"{where}.lr must be in (0, 1], got {self.lr}")
         _require(self.warmup_steps >= 0 and self.ramp_steps >= 0, f"{where}.warmup_steps and ramp_steps must be >= 0")
+        mode = self.lr_at_growth
+        _require(mode is None or mode in LR_AT_GROWTH, f"{where}.lr_at_growth must be one of {LR_AT_GROWTH}, got {mode!r}")
+        _require(mode != "continue" or self.warmup_steps == 0,
+                 f"{where}.lr_at_growth = 'continue' takes no warmup_steps (that is 'rewarm')")
+        _require(mode != "rewarm" or self.warmup_steps > 0, f"{where}.lr_at_growth = 'rewarm' needs warmup_steps > 0")
+        _require(mode not in ("continue", "rewarm") or self.lr is None,
+                 f"{where}.lr sets the stage's own start LR: use lr_at_growth = 'peak' with it, or drop it")
         _require(self.new_layers in NEW_LAYER_MODES,
                  f"{where}.new_layers must be one of {NEW_LAYER_MODES}, got {self.new_layers!r}")
         _require(self.operator in OPERATORS, f"{where}.operator must be one of {OPERATORS}, got {self.operator!r}")
@@ -326,6 +350,8 @@ class Config:
         self.parallel.validate()
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
+        _require(not self.stages or self.stages[0].lr_at_growth is None,
+                 "stages[0].lr_at_growth: the first stage is not a growth (its LR starts with train.warmup_steps)")
         shapes = self.stage_models()
         for i, shape in enumerate(shapes):
             try:
