@@ -291,3 +291,62 @@ def test_json_report_lands_in_new_folders_and_a_failed_write_is_one_line(tmp_pat
     (tmp_path / "file").write_text("")
     with pytest.raises(FlmError, match=r"^cannot write .*plan\.json: "):
         run_cli([str(FLM101B), "--json", str(tmp_path / "file" / "plan.json")])
+
+
+BOUND_STAGES = """
+[model]
+vocab_size = 1024
+n_layers = 2
+d_model = 64
+n_heads = 2
+head_dim = 32
+[plan]
+flops_formula = "6nd"
+{target}
+[[stages]]
+tokens = 300
+[[stages]]
+n_layers = 4
+tokens = 100
+"""
+
+
+def _bound_plan(tmp_path, target=""):
+    path = tmp_path / "bound.toml"
+    path.write_text(BOUND_STAGES.format(target=target))
+    return load_config(path, ["train.seq_len=32", "model.max_seq_len=64"])
+
+
+def test_saving_bound_by_hand(tmp_path):
+    """One growth, 2 -> 4 layers after 300 of 400 tokens: f = 3/4; with 6·N·D, r = N_2 / N_4. Parameters by hand
+    (d 64, FFN 256, vocab 1024, biases, untied head): a block has 4·64·64 + 4·64 (attention with biases)
+    + 2·64·256 + 256 + 64 (FFN) + 4·64 (two LayerNorms) = 49,984; embeddings, head and the final LayerNorm
+    2·1024·64 + 128 = 131,200. The bound 1 / (1 - f(1 - r)) is the FLOPs ratio at equal tokens."""
+    block, rest = 4 * 64 * 64 + 4 * 64 + 2 * 64 * 256 + 256 + 64 + 4 * 64, 2 * 1024 * 64 + 2 * 64
+    r_hand = (rest + 2 * block) / (rest + 4 * block)
+    result = plan_costs(_bound_plan(tmp_path))
+    assert [s.params for s in result.stages] == [rest + 2 * block, rest + 4 * block]
+    [(f, r)] = result.growths
+    assert f == pytest.approx(0.75, rel=1e-12) and r == pytest.approx(r_hand, rel=1e-12)
+    assert result.saving_bound == pytest.approx(1 / (1 - 0.75 * (1 - r_hand)), rel=1e-12)
+
+
+def test_plan_warns_below_the_target_or_1_5x(tmp_path):
+    from flm.plan.report import format_plan
+
+    text = format_plan(plan_costs(_bound_plan(tmp_path)))  # bound ~1.27x, no target: below 1.5x
+    bound = plan_costs(_bound_plan(tmp_path)).saving_bound
+    assert f"growth 1 (after stage1): f = 0.75, r = " in text
+    assert f"warning: this schedule can save at most {bound:.2f}x by the bound (below 1.5x)" in text
+    assert "an upper bound" in text
+    text = format_plan(plan_costs(_bound_plan(tmp_path, "target_saving = 2.0")))
+    assert f"below plan.target_saving = 2x" in text
+    text = format_plan(plan_costs(_bound_plan(tmp_path, "target_saving = 1.1")))
+    assert "warning" not in text
+
+
+def test_paper_schedule_bound(paper):
+    """FLM-101B's schedule: its bound by 6·N·D is the ratio of the 'from scratch' FLOPs to the schedule's."""
+    r = plan_costs(paper)
+    assert r.saving_bound == pytest.approx(r.scratch.flops / r.total_flops, rel=1e-12)
+    assert [round(f, 3) for f, _ in r.growths] == [round(245.37 / 311.55, 3), round(285.01 / 311.55, 3)]

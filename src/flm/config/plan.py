@@ -30,6 +30,9 @@ class PlanConfig:
     memory_margin: float = 0.1  # fraction of GPU memory kept free (CUDA context, NCCL, fragmentation)
     # Schedule search and growth (see flm.plan.search).
     growth_factor: float = 2.0  # parameter ratio per growth event
+    # The saving the user's schedule should reach against training from scratch (FLOPs to equal loss); `flm plan`
+    # warns when the schedule's bound 1 / sum(f_i r_i) cannot reach it (None: it warns below 1.5x).
+    target_saving: float | None = None
     growth_overhead_hours: float = 0.0  # cluster downtime per growth event (0: grown inside the run)
     tokens_per_param_cap: float = 20.0  # a non-final stage stops once cumulative tokens reach this x its params
     stage_token_fraction: float = 0.08  # least share of all tokens every stage trains (FLM-101B's least: 8.5%)
@@ -47,6 +50,8 @@ class PlanConfig:
         _require(self.recompute in RECOMPUTE_MODES,
                  f"plan.recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
         _require(0 <= self.memory_margin < 1, f"plan.memory_margin must be in [0, 1), got {self.memory_margin}")
+        _require(self.target_saving is None or self.target_saving > 1,
+                 f"plan.target_saving must be > 1 (a saving factor), got {self.target_saving}")
         _require(self.growth_factor > 1, f"plan.growth_factor must be > 1, got {self.growth_factor}")
         _require(self.growth_overhead_hours >= 0,
                  f"plan.growth_overhead_hours must be >= 0, got {self.growth_overhead_hours}")

@@ -107,6 +107,7 @@ class PlanResult(ScheduleTotals):
     stages: list[StageCost]
     growth_days: float  # cluster downtime for the growth events
     scratch: StageCost
+    target_saving: float | None = None  # plan.target_saving
 
     @property
     def total_flops(self) -> float:
@@ -123,6 +124,25 @@ class PlanResult(ScheduleTotals):
     @property
     def saving(self) -> float:
         return 1.0 - self.total_days / self.scratch.days
+
+    @property
+    def growths(self) -> list[tuple[float, float]]:
+        """(f, r) of each growth: the share of all tokens trained before it, and the FLOPs per token of the model
+        it grows from relative to the final model's (by the plan's formula, LM head included)."""
+        total, final = self.total_tokens, self.stages[-1].flops / self.stages[-1].tokens
+        out, seen = [], 0.0
+        for before in self.stages[:-1]:
+            seen += before.tokens
+            out.append((seen / total, before.flops / before.tokens / final))
+        return out
+
+    @property
+    def saving_bound(self) -> float:
+        """The most compute the schedule can save against the final model trained from scratch: the FLOPs ratio at
+        equal tokens, 1 / sum_i(token share_i x FLOPs-per-token ratio_i) (1 / (1 - f(1 - r)) for one growth).
+        Reached only if the grown model matches scratch's loss after the same tokens (docs/growth.md)."""
+        final = self.stages[-1].flops / self.stages[-1].tokens
+        return final * self.total_tokens / self.total_flops
 
 
 def training_days(flops: float, n_gpus: int, tflops_per_gpu: float, goodput: float) -> float:
@@ -186,4 +206,5 @@ def plan_costs(cfg: Config) -> PlanResult:
     scratch = stage_cost("from scratch", stages[-1][1], sum(c.tokens for c in costs), tflops[-1], plan, seq_len)
     return PlanResult(gpu=gpu, n_gpus=plan.n_gpus, price_per_gpu_hour=plan.price_per_gpu_hour,
                       flops_formula=plan.flops_formula, goodput=plan.goodput, seq_len=seq_len, stages=costs,
-                      growth_days=(len(costs) - 1) * plan.growth_overhead_hours / 24.0, scratch=scratch)
+                      growth_days=(len(costs) - 1) * plan.growth_overhead_hours / 24.0, scratch=scratch,
+                      target_saving=plan.target_saving)

@@ -71,8 +71,36 @@ def format_plan(r: PlanResult) -> str:
         f"({r.n_gpus} x TFLOP/s per GPU x goodput {r.goodput:g}) / 86400",
         f"ZF recompute: {FORMULA_NAMES['recompute']} (what the GPUs execute if every layer is recomputed)",
         f"from scratch: the final shape on all {_count(r.total_tokens)} tokens at the last stage's throughput",
-        f"growth saves {r.saving:.1%} of the time: {r.speedup:.2f}x faster than from scratch",
+        f"at equal tokens growth takes {r.saving:.1%} less time ({r.speedup:.2f}x): an upper bound, reached only if "
+        "the grown model matches scratch's loss after the same tokens",
+        *format_bound(r),
     ])
+
+
+# What growth recipes reached against their own bounds (docs/results/growth_horizon.md: 4 x 64, 20 tokens per
+# parameter, 2 seeds, CPU, 2026-11-30): (recipe, measured saving to scratch's final loss, bound of its schedule).
+MEASURED = [("gradual stacking L/4 -> L/2 -> L", 1.68, 1.76), ("MSG width growth, 3 stages", 1.11, 2.31)]
+DEFAULT_BOUND_WARNING = 1.5
+
+
+def format_bound(r: PlanResult) -> list[str]:
+    """Each growth's f and r, the schedule's saving bound, and a warning when it cannot reach the target."""
+    if not r.growths:
+        return []
+    lines = ["growth " + ", ".join(f"{i + 1} (after {a.name}): f = {f:.2f}, r = {q:.2f}"
+                                   for i, ((f, q), a) in enumerate(zip(r.growths, r.stages)))
+             + f"; saving bound {r.saving_bound:.2f}x less compute than from scratch (FLOPs at equal tokens; "
+             "1 / (1 - f(1 - r)) for one growth)",
+             "measured against their bounds (docs/results/growth_horizon.md, 20 tokens/param): "
+             + "; ".join(f"{name} {got:.2f}x of {bound:.2f}x" for name, got, bound in MEASURED)]
+    target = r.target_saving
+    if target is not None and r.saving_bound < target:
+        lines.append(f"warning: this schedule can save at most {r.saving_bound:.2f}x by the bound, below "
+                     f"plan.target_saving = {target:g}x: grow later or from a smaller model")
+    elif target is None and r.saving_bound < DEFAULT_BOUND_WARNING:
+        lines.append(f"warning: this schedule can save at most {r.saving_bound:.2f}x by the bound (below "
+                     f"{DEFAULT_BOUND_WARNING}x): grow later or from a smaller model")
+    return lines
 
 
 def format_memory(rows: list[tuple[str, Layout, MemoryEstimate]], gpu: GPU, n_gpus: int) -> str:
@@ -128,7 +156,8 @@ def plan_to_dict(r: PlanResult) -> dict[str, Any]:
             "seq_len": r.seq_len, "stages": [_stage_dict(s) for s in r.stages], "growth_days": r.growth_days,
             "total": {"tokens": r.total_tokens, "flops": r.total_flops, "recompute_flops": r.total_recompute_flops,
                       "days": r.total_days, "gpu_hours": r.total_gpu_hours, "cost": r.total_cost},
-            "from_scratch": _stage_dict(r.scratch), "saving": r.saving, "speedup": r.speedup}
+            "from_scratch": _stage_dict(r.scratch), "saving": r.saving, "speedup": r.speedup,
+            "growths": [{"f": f, "r": q} for f, q in r.growths], "saving_bound": r.saving_bound}
 
 
 def memory_to_dict(rows: list[tuple[str, Layout, MemoryEstimate]]) -> list[dict[str, Any]]:
