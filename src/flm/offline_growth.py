@@ -36,7 +36,8 @@ def parse_shape(text: str) -> dict[str, int]:
 
 
 def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new_layers: str = "stack",
-                    ramp_steps: int | None = None, operator: str | None = None, noise: float | None = None) -> Path:
+                    ramp_steps: int | None = None, operator: str | None = None, noise: float | None = None,
+                    copy_noise: float | None = None) -> Path:
     """Grow a checkpoint (weights and Adam state) and save it under `out_run_dir/checkpoints/`.
 
     When the checkpoint's run config has a next stage of exactly this shape, the grown checkpoint continues that
@@ -64,6 +65,7 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
     ramp = planned.ramp_steps if ramp_steps is None else ramp_steps
     operator = planned.operator if operator is None else operator
     noise = planned.clone_noise if noise is None else noise
+    copy_noise = planned.copy_noise if copy_noise is None else copy_noise
     check_growable(old_cfg, new_cfg, operator, new_layers)
     ramp = ramp_length(operator, old_cfg, new_cfg, ramp)
     sources = layer_sources(old_cfg.n_layers, new_cfg.n_layers, new_layers)
@@ -74,7 +76,8 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
 
     def write_tensors(out: WholeWriter) -> None:
         for grown in grow_tensors(old_cfg, new_cfg, sources, reader.weights, reader.adam,
-                                  seed=cfg.train.seed, index=stage + 1, operator=operator, noise=noise):
+                                  seed=cfg.train.seed, index=stage + 1, operator=operator, noise=noise,
+                                  copy_noise=copy_noise):
             out.weight(grown.name, grown.weight)
             for field, value in (grown.adam or {}).items():
                 out.adam(grown.name, field, value)

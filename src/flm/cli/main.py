@@ -101,7 +101,7 @@ def cmd_grow(args: argparse.Namespace) -> None:
     from flm.offline_growth import grow_checkpoint
 
     path = grow_checkpoint(args.checkpoint, args.to, args.out, args.new_layers, args.ramp_steps, args.operator,
-                           args.clone_noise)
+                           args.clone_noise, args.copy_noise)
     print(f"grown checkpoint written to {path}; continue training with "
           f"`flm train -c CONFIG --set train.run_dir={args.out} --set model.<key>=<value> ... --resume auto`")
 
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "that shape, else msg")
     p.add_argument("--clone-noise", type=float, default=None,
                    help="clone: relative std of the symmetry-breaking noise; default as --operator, else 0.3")
+    p.add_argument("--copy-noise", type=float, default=None,
+                   help="copied layers: relative std of noise on their weight matrices; default as the next stage, "
+                        "else 0")
     p.add_argument("--ramp-steps", type=int, default=None,
                    help="K: steps for the masks to reach 1 (0: no ramp); default: the next stage's of the run's "
                         "config when it has that shape, else 100")

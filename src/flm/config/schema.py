@@ -247,6 +247,10 @@ class StageConfig:
     ramp_steps: int = 100  # K: masks ramp 0 -> 1 over this many steps ("msg"; "zero" when d_model grows)
     new_layers: str = "stack"  # depth growth: "stack" copies top layers, "insert" interleaves copies, "random"
     clone_noise: float = 0.3  # "clone": std of the zero-sum noise on cloned input weights, relative to their RMS
+    # Copied layers (new_layers "stack" or "insert"): Gaussian noise on their weight matrices, std relative to each
+    # matrix's RMS, to break the symmetry with their source (G_stack: ~0.2 slightly better). Exact families stay
+    # exact: their new layers are gated (msg) or write zero (zero).
+    copy_noise: float = 0.0
     batch_size: int | None = None  # sequences per optimizer step (None: train.batch_size * grad_accum)
     # Parallel layout while training this stage (None: [parallel]'s); dp counts all data-parallel ranks.
     tp: int | None = None
@@ -271,6 +275,7 @@ class StageConfig:
                  f"{where}.new_layers must be one of {NEW_LAYER_MODES}, got {self.new_layers!r}")
         _require(self.operator in OPERATORS, f"{where}.operator must be one of {OPERATORS}, got {self.operator!r}")
         _require(self.clone_noise >= 0, f"{where}.clone_noise must be >= 0, got {self.clone_noise}")
+        _require(self.copy_noise >= 0, f"{where}.copy_noise must be >= 0, got {self.copy_noise}")
         for name in ("tp", "pp", "dp"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"{where}.{name} must be positive, got {value}")

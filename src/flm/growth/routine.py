@@ -23,6 +23,7 @@ from flm.config.growth import ramp_length
 from flm.errors import FlmError
 from flm.growth.families import behaviour
 from flm.growth.families.base import TensorGrowth
+from flm.growth.fresh import perturbed_copy
 from flm.growth.masks import Ramp, apply_masks
 from flm.growth.operators import LayerSource, check_growable, layer_sources, source_name
 from flm.model import FLM, build_model
@@ -46,9 +47,11 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 
 def grow_tensors(old_cfg: ModelConfig, new_cfg: ModelConfig, sources: list[LayerSource],
                  weights: Mapping[str, torch.Tensor], adam: Mapping[str, Mapping[str, torch.Tensor]] | None,
-                 seed: int, index: int, operator: str = "msg", noise: float = 0.0) -> Iterator[Grown]:
+                 seed: int, index: int, operator: str = "msg", noise: float = 0.0,
+                 copy_noise: float = 0.0) -> Iterator[Grown]:
     """The grown model's parameters in initialisation order, each with its Adam state, grown by family
-    `operator` (`noise`: the `clone` family's symmetry-breaking noise, flm.growth.families.clone).
+    `operator` (`noise`: the `clone` family's symmetry-breaking noise, flm.growth.families.clone; `copy_noise`:
+    noise on the weight matrices of copied layers, flm.growth.fresh.perturbed_copy).
 
     `weights` and `adam` give the old model's whole tensors by name when asked (they may gather them from
     shards or read them from disk), so only one is ever needed at a time. Layers new in the grown model copy
@@ -63,19 +66,21 @@ def grow_tensors(old_cfg: ModelConfig, new_cfg: ModelConfig, sources: list[Layer
         if src is not None and src not in weights:
             raise FlmError(f"cannot grow {name}: the old model has no {src}")
         old = weights[src].detach().cpu() if src is not None else None
-        weight = family.weight(TensorGrowth(name, old, shapes[name], old_cfg, new_cfg, in_new_layer, seed, index,
+        copied = old if old is None or not in_new_layer else perturbed_copy(old, copy_noise, seed, index, name)
+        weight = family.weight(TensorGrowth(name, copied, shapes[name], old_cfg, new_cfg, in_new_layer, seed, index,
                                             noise))
         state = None
         if adam is not None and old is not None and not in_new_layer and src in adam:
             state = family.adam_state(name, {k: v.detach().cpu() for k, v in adam[src].items()}, shapes[name],
                                       old_cfg, new_cfg)
         yield Grown(name, weight, state)
-        del old, weight, state  # before the next tensor is read: one tensor's worth in memory
+        del old, copied, weight, state  # before the next tensor is read: one tensor's worth in memory
 
 
 def grow_training(model: FLM, adam: Mapping[str, Mapping[str, torch.Tensor]] | None, new_cfg: ModelConfig,
                   new_layers: str = "stack", ramp_steps: int = 100, seed: int = 0, index: int = 1,
-                  operator: str = "msg", noise: float = 0.0) -> tuple[FLM, Ramp, dict[str, dict[str, torch.Tensor]]]:
+                  operator: str = "msg", noise: float = 0.0, copy_noise: float = 0.0
+                  ) -> tuple[FLM, Ramp, dict[str, dict[str, torch.Tensor]]]:
     """One process: (the grown model on `model`'s device with its masks at c = 0, the ramp, the grown Adam state
     by parameter name). Memory: the old and the new model, and one tensor more on the host. The ramp lasts
     `ramp_length` steps of `ramp_steps` (0 for families without masks: the ramp is then done already)."""
@@ -91,7 +96,7 @@ def grow_training(model: FLM, adam: Mapping[str, Mapping[str, torch.Tensor]] | N
     params, states = dict(grown.named_parameters()), {}
     with torch.no_grad():
         for t in grow_tensors(model.cfg, new_cfg, sources, dict(model.named_parameters()), adam, seed, index,
-                              operator, noise):
+                              operator, noise, copy_noise):
             params[t.name].copy_(t.weight)
             if t.adam is not None:
                 states[t.name] = {k: v.to(device) for k, v in t.adam.items()}
@@ -101,7 +106,9 @@ def grow_training(model: FLM, adam: Mapping[str, Mapping[str, torch.Tensor]] | N
 
 
 def grow_model(model: FLM, new_cfg: ModelConfig, new_layers: str = "stack", ramp_steps: int = 100, seed: int = 0,
-               index: int = 1, operator: str = "msg", noise: float = 0.0) -> tuple[FLM, Ramp]:
+               index: int = 1, operator: str = "msg", noise: float = 0.0, copy_noise: float = 0.0
+               ) -> tuple[FLM, Ramp]:
     """The weights alone (`grow_training` without an optimizer): the grown model and its ramp, masks at c = 0."""
-    grown, ramp, _ = grow_training(model, None, new_cfg, new_layers, ramp_steps, seed, index, operator, noise)
+    grown, ramp, _ = grow_training(model, None, new_cfg, new_layers, ramp_steps, seed, index, operator, noise,
+                                   copy_noise)
     return grown, ramp

@@ -71,12 +71,14 @@ class OldModel:
 
 @torch.no_grad()
 def grow_sharded(old: OldModel, new: FLM, sources: list[LayerSource], cfg: TrainConfig, seed: int,
-                 index: int, operator: str = "msg", noise: float = 0.0) -> torch.optim.Optimizer:
+                 index: int, operator: str = "msg", noise: float = 0.0,
+                 copy_noise: float = 0.0) -> torch.optim.Optimizer:
     """Fill the sharded, empty `new` with the grown weights (family `operator`); returns its optimizer holding the
     grown Adam state. Collective: every process runs it alike."""
     params = dict(new.named_parameters())
     states = {}
-    for grown in grow_tensors(old.cfg, new.cfg, sources, old.weights, old.adam, seed, index, operator, noise):
+    for grown in grow_tensors(old.cfg, new.cfg, sources, old.weights, old.adam, seed, index, operator, noise,
+                                copy_noise):
         if grown.name not in params:  # a pipeline stage keeps its own blocks
             continue
         write_pieces(params, [(grown.name, grown.weight)])

@@ -158,7 +158,7 @@ class Torchrun:
         sources = layer_sources(old_cfg.n_layers, nxt.model.n_layers, nxt.new_layers)
         grown = self._shell(nxt.model)
         grown_optimizer = grow_sharded(old, grown, sources, tc, seed=tc.seed, index=nxt.index,
-                                       operator=nxt.operator, noise=nxt.clone_noise)
+                                       operator=nxt.operator, noise=nxt.clone_noise, copy_noise=nxt.copy_noise)
         del old
         grown, grown_optimizer = self._placed(grown, grown_optimizer)
         ramp = Ramp(old_cfg, sources, nxt.ramp_steps, operator=nxt.operator)

@@ -184,7 +184,7 @@ class OneProcess:
         tc = self.cfg.train
         grown, ramp, state = grow_training(model, adam_state_by_name(optimizer), nxt.model, nxt.new_layers,
                                            nxt.ramp_steps, seed=tc.seed, index=nxt.index, operator=nxt.operator,
-                                           noise=nxt.clone_noise)
+                                           noise=nxt.clone_noise, copy_noise=nxt.copy_noise)
         grown = self._transformed(grown)
         return grown, build_optimizer(grown, tc, state), ramp
 

@@ -72,6 +72,7 @@ class Stage:
     new_layers: str
     operator: str  # the growth family of the growth into this stage
     clone_noise: float
+    copy_noise: float  # noise on copied layers' weight matrices, relative to their RMS
 
     @property
     def end(self) -> int:
@@ -84,7 +85,7 @@ def plan_stages(cfg: Config, model: ModelConfig) -> list[Stage]:
     if not cfg.stages:
         decay = run_decay(cfg, tc.max_steps)
         return [Stage(0, model, 0, tc.max_steps, tc.grad_accum, tc.lr, tc.min_lr, tc.warmup_steps, tc.lr, decay, 0,
-                      "stack", "msg", 0.0)]
+                      "stack", "msg", 0.0, 0.0)]
     shapes = [dataclasses.replace(m, vocab_size=model.vocab_size) for m in cfg.stage_models()]
     for i in range(1, len(shapes)):  # refuse an impossible growth now, not hours into the run
         try:
@@ -120,7 +121,7 @@ def plan_stages(cfg: Config, model: ModelConfig) -> list[Stage]:
             lr_start, lr_end = (peak if at_peak else cosine(start)), cosine(start + steps)
         warmup = stage.warmup_steps if i else (stage.warmup_steps or tc.warmup_steps)
         out.append(Stage(i, shape, start, steps, accum, lr_start, lr_end, warmup, peak, decay, ramps[i],
-                         stage.new_layers, stage.operator, stage.clone_noise))
+                         stage.new_layers, stage.operator, stage.clone_noise, stage.copy_noise))
         start += steps
     return out
 
