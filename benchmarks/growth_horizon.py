@@ -129,30 +129,74 @@ def installed_sources(path: Path) -> tuple[int, int]:
     return written, skipped
 
 
+def corpus_of(corpus: str | None, out: Path) -> tuple[str, str]:
+    """The corpus to prepare and how the report names it: `corpus`, or (None) the installed packages' Python
+    sources written to OUT/python_sources.jsonl."""
+    if corpus is not None:
+        return corpus, f"`{corpus}`"
+    out.mkdir(parents=True, exist_ok=True)
+    written, skipped = installed_sources(out / "python_sources.jsonl")
+    corpus = str(out / "python_sources.jsonl")
+    note = (f"the Python sources of the installed packages: {written:,} UTF-8 `.py` files under "
+            f"`{sysconfig.get_paths()['purelib']}`, one JSONL record each (`{corpus}`, written by the "
+            "benchmark" + (f"; {skipped} file(s) not UTF-8 left out" if skipped else "") + ")")
+    print(f"corpus: {note}")
+    return corpus, note
+
+
+def prepare_data(corpus: str, data_dir: Path, preset: Preset, small: bool, jobs: int):
+    """`flm prepare` of the corpus into `data_dir` with the preset's BPE vocabulary (kept when already there);
+    `small`: the first 5 MB of the corpus only (the pipeline, not the measurement)."""
+    from flm.config import load_config
+    from flm.data import prepare
+
+    data_cfg = load_config(None, [f"data.corpus='{corpus}'", f"data.dir='{data_dir}'",
+                                  f"data.vocab_size={preset.vocab}", f"data.bpe_sample_chars={preset.bpe_sample_chars}",
+                                  "data.val_fraction=0.005", "data.shard_tokens=50000000"]).data
+    if small:
+        data_cfg.max_chars, data_cfg.bpe_sample_chars = 5_000_000, 2_000_000
+    return prepare(data_cfg, log=print, workers=jobs)
+
+
 # ---- one run (in a worker process) ------------------------------------------------------------------------------
+def run_overrides(setup: dict, run_dir: Path, lr: float, seed: int, shape) -> list[str]:
+    """The `--set` overrides every run shares: data, run folder, seed, peak rate (min_lr a tenth), batch, quiet
+    logging, the stop-on-non-finite policy, μP with the final width as base width, and the first stage's shape."""
+    p = setup["preset"]
+    return [f"data.dir='{setup['data_dir']}'", f"train.run_dir='{run_dir}'", f"train.seed={seed}",
+            f"train.lr={lr}", f"train.min_lr={lr / 10}", f"train.batch_size={p.batch}",
+            f"train.seq_len={p.seq_len}", f"train.device='{p.device}'",
+            f"train.eval_batches={setup['eval_batches']}", "train.ckpt_every=1000000000", "train.keep_last=1",
+            "train.progress=false", "train.tensorboard=false", "train.sample_tokens=0",
+            # a non-finite loss stops the run (its rate is too high); no spike test: the loss of a growth that
+            # does not preserve the function jumps, and that is part of what is measured
+            "train.on_bad_step='stop'", "train.spike_factor=0", f"model.max_seq_len={p.seq_len}", "model.mup=true",
+            f"model.base_width={setup['final']['d_model']}", f"model.vocab_size={setup['final_model'].vocab_size}",
+            *[f"model.{k}={getattr(shape, k)}" for k in ("n_layers", "d_model", "n_heads", "head_dim", "d_ff")]]
+
+
+def horizon_steps(horizon: float, setup: dict) -> int:
+    """Scratch's steps at `horizon` tokens per non-embedding parameter of the final model (at least 2); its
+    training FLOPs are every arm's budget."""
+    from flm.model import non_embedding_params
+
+    p = setup["preset"]
+    return max(2, round(horizon * non_embedding_params(setup["final_model"]) / (p.batch * p.seq_len)))
+
+
 def build_config(arm: str, horizon: float, lr: float, seed: int, setup: dict):
     """The run's Config and its steps per stage."""
     from flm.config import StageConfig, load_config
-    from flm.model import flops_per_token, non_embedding_params
+    from flm.model import flops_per_token
 
     p = setup["preset"]
     final = setup["final_model"]
     tps = p.batch * p.seq_len
-    scratch_steps = max(2, round(horizon * non_embedding_params(final) / tps))
+    scratch_steps = horizon_steps(horizon, setup)
     budget = scratch_steps * tps * flops_per_token(final, p.seq_len)
     run_dir = Path(setup["out"]) / "runs" / f"h{horizon:g}_{arm}_lr{lr:.4g}_s{seed}"
     shape = final if arm == "scratch" else dataclasses.replace(final, **shape_names(setup, arm)[0][1])
-    overrides = [f"data.dir='{setup['data_dir']}'", f"train.run_dir='{run_dir}'", f"train.seed={seed}",
-                 f"train.lr={lr}", f"train.min_lr={lr / 10}", f"train.batch_size={p.batch}",
-                 f"train.seq_len={p.seq_len}", f"train.device='{p.device}'",
-                 f"train.eval_batches={setup['eval_batches']}", "train.ckpt_every=1000000000", "train.keep_last=1",
-                 "train.progress=false", "train.tensorboard=false", "train.sample_tokens=0",
-                 # a non-finite loss stops the run (its rate is too high); no spike test: the loss of a growth that
-                 # does not preserve the function jumps, and that is part of what is measured
-                 "train.on_bad_step='stop'", "train.spike_factor=0", f"model.max_seq_len={p.seq_len}", "model.mup=true",
-                 f"model.base_width={setup['final']['d_model']}", f"model.vocab_size={final.vocab_size}",
-                 *[f"model.{k}={getattr(shape, k)}" for k in ("n_layers", "d_model", "n_heads", "head_dim", "d_ff")]]
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, run_overrides(setup, run_dir, lr, seed, shape))
     if arm == "scratch":
         steps = [scratch_steps]
         cfg.train.max_steps, cfg.train.warmup_steps = scratch_steps, max(1, round(WARMUP_FRAC * scratch_steps))
@@ -175,14 +219,23 @@ def build_config(arm: str, horizon: float, lr: float, seed: int, setup: dict):
 
 def run_one(arm: str, horizon: float, lr: float, seed: int, setup: dict) -> dict:
     """Train one arm at one rate and seed; its validation curve (FLOPs, loss), final loss, steps and wall time."""
+    cfg, steps = build_config(arm, horizon, lr, seed, setup)
+    r = train_run(cfg, setup["threads"])
+    return {"arm": arm, "horizon": horizon, "lr": lr, "seed": seed, "final_val_loss": r["final_val_loss"],
+            "diverged": r["diverged"], "curve": r["curve"], "steps": steps,
+            "tokens": sum(steps) * cfg.train.tokens_per_step, "wall_s": r["wall_s"], "growths": r["growths"]}
+
+
+def train_run(cfg, threads: int) -> dict:
+    """Train `cfg` from scratch in its run folder on `threads` threads: its validation curve (FLOPs, loss), final
+    loss (inf when a non-finite loss stopped it: diverged), growth records and wall time; checkpoints deleted."""
     import torch
 
     from flm.errors import TrainingHalted
     from flm.train import Trainer
     from flm.train.metrics import read_metrics
 
-    torch.set_num_threads(setup["threads"])
-    cfg, steps = build_config(arm, horizon, lr, seed, setup)
+    torch.set_num_threads(threads)
     run_dir = Path(cfg.train.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -199,9 +252,7 @@ def run_one(arm: str, horizon: float, lr: float, seed: int, setup: dict) -> dict
                for r in records if r["kind"] == "growth"]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the metrics are the result; keep the disk free
     final = curve[-1][1] if curve and not diverged else math.inf
-    return {"arm": arm, "horizon": horizon, "lr": lr, "seed": seed, "final_val_loss": final, "diverged": diverged,
-            "curve": curve, "steps": steps, "tokens": sum(steps) * cfg.train.tokens_per_step, "wall_s": wall,
-            "growths": growths}
+    return {"final_val_loss": final, "diverged": diverged, "curve": curve, "wall_s": wall, "growths": growths}
 
 
 # ---- the sweep -------------------------------------------------------------------------------------------------
@@ -227,11 +278,13 @@ class Sweeps:
         return {k[2]: r["final_val_loss"] for k, r in self.results.items()
                 if k[0] == arm and k[1] == horizon and k[3] == self.seeds[0]}
 
-    def after(self, key: tuple, pending: set[tuple]) -> list[tuple]:
-        """The runs to start once run `key` has finished."""
-        arm, horizon, _, seed = key
-        if seed != self.seeds[0] or any(k[:2] == (arm, horizon) and k[3] == seed for k in pending):
-            return []
+    def start(self) -> list[tuple]:
+        """The runs to start with."""
+        return [k for arm in self.arms for k in self.first_grid(arm, self.horizons[0])]
+
+    def bracket(self, arm: str, horizon: float) -> list[tuple]:
+        """Once the first seed's grid of (arm, horizon) has finished: the run that widens it when its best rate is
+        at an edge (at most MAX_WIDENINGS times), else [] with the best rate recorded in self.best."""
         finals = self.finals(arm, horizon)
         lrs = sorted(finals)
         finite = [lr for lr in lrs if math.isfinite(finals[lr])]
@@ -243,6 +296,17 @@ class Sweeps:
                 self.widened[(arm, horizon)] = n + 1
                 return [(arm, horizon, new, self.seeds[0])]
         self.best[(arm, horizon)] = best
+        return []
+
+    def after(self, key: tuple, pending: set[tuple]) -> list[tuple]:
+        """The runs to start once run `key` has finished."""
+        arm, horizon, _, seed = key
+        if seed != self.seeds[0] or any(k[:2] == (arm, horizon) and k[3] == seed for k in pending):
+            return []
+        wider = self.bracket(arm, horizon)
+        if wider:
+            return wider
+        best = self.best[(arm, horizon)]
         self.centers[arm] = best
         nxt = [(arm, horizon, best, s) for s in self.seeds[1:]]
         later = [h for h in self.horizons if horizon < h <= self.last.get(arm, math.inf)]
@@ -253,14 +317,16 @@ def round_lr(lr: float) -> float:
     return float(f"{lr:.4g}")
 
 
-def run_all(sweeps: Sweeps, setup: dict, cache: Path, jobs: int) -> None:
-    """Run every sweep to its end on `jobs` worker processes, reusing results already in `cache`."""
+def run_all(sweeps: Sweeps, setup: dict, cache: Path, jobs: int, run=None) -> None:
+    """Run every sweep to its end on `jobs` worker processes, reusing results already in `cache`; `run(*key,
+    setup)` (a module-level function, default run_one) trains one run and returns its result record."""
     done = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
             r = json.loads(line)
             done[(r["arm"], r["horizon"], r["lr"], r["seed"])] = r
-    ready = [k for arm in sweeps.arms for k in sweeps.first_grid(arm, sweeps.horizons[0])]
+    run = run or run_one
+    ready = sweeps.start()
     pending: dict[cf.Future, tuple] = {}
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, cache.open("a") as log:
@@ -271,7 +337,7 @@ def run_all(sweeps: Sweeps, setup: dict, cache: Path, jobs: int) -> None:
                     sweeps.results[key] = done[key]
                     ready += sweeps.after(key, set(pending.values()) | set(ready))
                 else:
-                    pending[pool.submit(run_one, *key, setup)] = key
+                    pending[pool.submit(run, *key, setup)] = key
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for future in finished:
                 key = pending.pop(future)
@@ -341,14 +407,16 @@ def summarize(sweeps: Sweeps, setup: dict) -> dict:
 
 
 # ---- sizing ----------------------------------------------------------------------------------------------------
-def measure(setup: dict, steps: int = 20) -> dict[str, dict[str, float]]:
-    """Seconds per optimizer step and per evaluation of every shape the arms train, measured on this machine."""
+def measure(setup: dict, steps: int = 20, shapes: dict[str, dict] | None = None) -> dict[str, dict[str, float]]:
+    """Seconds per optimizer step and per evaluation of every shape the arms train (or of `shapes`, name -> shape
+    changes to the final model), measured on this machine."""
     import torch
 
     from flm.train import Trainer
 
     torch.set_num_threads(setup["threads"])
-    shapes = dict(pair for arm in setup["arms"] for pair in shape_names(setup, arm))
+    if shapes is None:
+        shapes = dict(pair for arm in setup["arms"] for pair in shape_names(setup, arm))
     out = {}
     for name, changes in shapes.items():
         cfg, _ = build_config("scratch", 1.0, 1e-3, SEEDS[0], {**setup, "out": str(Path(setup["out"]) / "measure")})
@@ -541,31 +609,17 @@ def main() -> None:
     grid = 1 if args.smoke else args.grid
     jobs = args.jobs or preset.jobs
     out = Path(args.out or ("runs/growth_horizon_smoke" if args.smoke else f"runs/growth_horizon_{args.preset}"))
-    corpus, corpus_note = args.corpus, f"`{args.corpus}`"
-    if corpus is None:
-        out.mkdir(parents=True, exist_ok=True)
-        written, skipped = installed_sources(out / "python_sources.jsonl")
-        corpus = str(out / "python_sources.jsonl")
-        corpus_note = (f"the Python sources of the installed packages: {written:,} UTF-8 `.py` files under "
-                       f"`{sysconfig.get_paths()['purelib']}`, one JSONL record each (`{corpus}`, written by the "
-                       "benchmark" + (f"; {skipped} file(s) not UTF-8 left out" if skipped else "") + ")")
-        print(f"corpus: {corpus_note}")
+    corpus, corpus_note = corpus_of(args.corpus, out)
     report_path = Path(args.report) if args.report else (out / "growth_horizon.md" if args.smoke
                                                          else Path("docs/results/growth_horizon.md"))
 
-    from flm.config import ModelConfig, load_config
-    from flm.data import prepare
+    from flm.config import ModelConfig
     from flm.files import write_json_report
 
     load_before = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     t_start = time.perf_counter()
     data_dir = out / "data"
-    data_cfg = load_config(None, [f"data.corpus='{corpus}'", f"data.dir='{data_dir}'",
-                                  f"data.vocab_size={preset.vocab}", f"data.bpe_sample_chars={preset.bpe_sample_chars}",
-                                  "data.val_fraction=0.005", "data.shard_tokens=50000000"]).data
-    if args.smoke:  # the first 5 MB of the corpus: the pipeline, not the measurement
-        data_cfg.max_chars, data_cfg.bpe_sample_chars = 5_000_000, 2_000_000
-    data = prepare(data_cfg, log=print, workers=jobs)
+    data = prepare_data(corpus, data_dir, preset, args.smoke, jobs)
     vocab = 128 * math.ceil(data.vocab_size / 128)
     setup = {"preset": preset, "final": preset.final, "final_model": ModelConfig(**preset.final, vocab_size=vocab,
                                                                                  max_seq_len=preset.seq_len),
