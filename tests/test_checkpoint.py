@@ -268,7 +268,7 @@ def test_a_checkpoint_rewritten_from_another_keeps_every_extra_file(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_a_full_disk_while_training_and_while_resuming_is_one_line_and_resume_is_exact_after(tiny, tmp_path, flm,
+def test_a_full_disk_while_training_and_while_resuming_is_one_line_and_resume_is_exact_after(tiny, tmp_path, cli,
                                                                                             monkeypatch):
     """The tokenizer file of a checkpoint is written by the tokenizers library, which reports a full disk as a
     plain Exception. Training, and a resume while the disk is still full, end with exit status 2 and one line
@@ -277,8 +277,8 @@ def test_a_full_disk_while_training_and_while_resuming_is_one_line_and_resume_is
     from flm.data.tokenizer import Tokenizer
 
     run, straight = tmp_path / "run", tmp_path / "straight"
-    assert flm("train", *tiny.args(straight)).status == 0
-    assert flm("train", *tiny.args(run), "--until-step", "3").status == 0
+    assert cli("train", *tiny.args(straight)).status == 0
+    assert cli("train", *tiny.args(run), "--until-step", "3").status == 0
     good = run / "checkpoints" / "step_00000003"
     before = files_of(good)
     real_save = Tokenizer.save
@@ -289,7 +289,7 @@ def test_a_full_disk_while_training_and_while_resuming_is_one_line_and_resume_is
 
     monkeypatch.setattr(Tokenizer, "save", no_space)
     for attempt in ("training", "resuming while the disk is still full"):
-        result = flm("train", *tiny.args(run), "--resume", "auto")
+        result = cli("train", *tiny.args(run), "--resume", "auto")
         assert result.status == 2, attempt
         assert result.err.strip().splitlines() == [
             f"error: could not write checkpoint step 6 in {run / 'checkpoints'}: No space left on device; "
@@ -297,7 +297,7 @@ def test_a_full_disk_while_training_and_while_resuming_is_one_line_and_resume_is
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"], attempt
         assert files_of(good) == before, attempt
     monkeypatch.undo()
-    result = flm("train", *tiny.args(run), "--resume", "auto")
+    result = cli("train", *tiny.args(run), "--resume", "auto")
     assert result.status == 0 and "resumed from" in result.out
     last = "checkpoints/step_00000012"
     for name in ("model.safetensors", "train_state.safetensors"):

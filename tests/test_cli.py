@@ -3,15 +3,6 @@
 import json
 
 import pytest
-from flm_torchrun import flm_cli
-
-
-def flm(*args, check=True):
-    """`flm ARGS` in a fresh process (the real command line, exit status included)."""
-    proc = flm_cli(*map(str, args))
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -45,45 +36,48 @@ sample_tokens = 8
     return root, config
 
 
-def test_prepare_train_resume_generate(run):
+def test_prepare_train_resume_generate(run, cli_process):
+    """In fresh processes: the real command line, exit status included."""
     root, config = run
-    out = flm("prepare", "-c", str(config)).stdout
+    out = cli_process("prepare", "-c", str(config), check=True).stdout
     assert "prepared" in out and (root / "data" / "meta.json").exists()
-    first = flm("train", "-c", str(config), "--until-step", "4").stdout
+    first = cli_process("train", "-c", str(config), "--until-step", "4", check=True).stdout
     assert "validation loss" in first
-    second = flm("train", "-c", str(config), "--resume", "auto").stdout
+    second = cli_process("train", "-c", str(config), "--resume", "auto", check=True).stdout
     assert "resumed from" in second and "step_00000004" in second
     assert "sample: 'In the beginning" in second
     assert (root / "run" / "loss.png").exists() and (root / "run" / "tensorboard").is_dir()
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8]  # log_every 10: at stop and end
-    done = flm("train", "-c", str(config), "--resume", "auto").stdout  # a finished run: nothing to do, still reports
+    # A finished run: nothing to do, still reports.
+    done = cli_process("train", "-c", str(config), "--resume", "auto", check=True).stdout
     assert "resumed from" in done and "validation loss" in done
-    text = flm("generate", str(root / "run"), "-p", "In the beginning", "-n", "10", "-t", "0").stdout
-    again = flm("generate", str(root / "run"), "-p", "In the beginning", "-n", "10", "-t", "0").stdout
+    text = cli_process("generate", root / "run", "-p", "In the beginning", "-n", "10", "-t", "0", check=True).stdout
+    again = cli_process("generate", root / "run", "-p", "In the beginning", "-n", "10", "-t", "0", check=True).stdout
     assert text.startswith("In the beginning") and text == again
 
 
-def test_info_counts_the_paper_shape():
-    info = json.loads(flm("info", "--preset", "flm-101b").stdout)
+def test_info_counts_the_paper_shape(cli_process):
+    info = json.loads(cli_process("info", "--preset", "flm-101b", check=True).stdout)
     assert info["parameters"] == 102_729_175_040
     assert info["n_layers"] == 80 and info["d_model"] == 10240
 
 
-def test_user_mistakes_are_one_line_errors(run):
+def test_user_mistakes_are_one_line_errors(run, cli_process):
     root, config = run
     for args in (["generate", str(root / "nothing-here")],
                  ["train", "-c", str(config), "--set", "train.lr=-1"],
                  ["train", "-c", str(config), "--resume", str(root)],
                  ["info", "--preset", "nope"]):
-        proc = flm(*args, check=False)
+        proc = cli_process(*args)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
 
 
-def test_progress_is_lines_in_a_log_file(tiny, tmp_path):
+def test_progress_is_lines_in_a_log_file(tiny, tmp_path, cli_process):
     """Written to a file (CI, nohup, Slurm), progress is one line every log_every steps, never a bar redrawn with
     carriage returns."""
-    proc = flm("train", *tiny.args(tmp_path / "run", "train.progress=true", "train.max_steps=8", "train.log_every=4"))
+    proc = cli_process("train", *tiny.args(tmp_path / "run", "train.progress=true", "train.max_steps=8",
+                                           "train.log_every=4"), check=True)
     out = proc.stdout + proc.stderr
     assert "\r" not in out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("step ") and " lr " in line] == \

@@ -8,7 +8,6 @@ import torch
 
 from flm import mup
 from flm.config import ModelConfig, StageConfig, load_config
-from flm.data import prepare
 from flm.growth import grow_training
 from flm.model import FLM
 from flm.train import Trainer
@@ -118,31 +117,24 @@ def test_mup_growth_is_exact_and_switches_to_the_new_width_lrs(name, zero_query)
     assert {g["lr_mult"] for g in gopt.param_groups} == {1.0, old_cfg.base_width / new_cfg.d_model}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mupdata")
-    cfg = load_config(None, [f"data.dir='{root}'", "data.corpus=kjv", "data.max_chars=60000",
-                             "data.vocab_size=300", "data.val_fraction=0.05"])
-    prepare(cfg.data, log=lambda *_: None)
-    return root
+CORPUS = ("data.corpus=kjv", "data.max_chars=60000", "data.vocab_size=300", "data.val_fraction=0.05")
 
 
-def test_staged_mup_run_grows_exactly_and_trains_at_each_widths_lr(data_dir, tmp_path):
-    cfg = load_config(None, [
-        f"data.dir='{data_dir}'", "data.corpus=kjv", "data.max_chars=60000", "data.vocab_size=300",
-        "data.val_fraction=0.05", f"train.run_dir='{tmp_path}'", "model.n_layers=2", "model.d_model=32",
-        "model.n_heads=2", "model.head_dim=16", "model.max_seq_len=32", "model.mup=true", "model.base_width=32",
-        "model.zero_query=true", "train.batch_size=4", "train.seq_len=32", "train.eval_every=1000",
-        "train.eval_batches=1", "train.ckpt_every=1000", "train.progress=false", "train.tensorboard=false",
-        "train.sample_tokens=0", "train.lr=1e-2", "train.min_lr=1e-3"])
+def test_staged_mup_run_grows_exactly_and_trains_at_each_widths_lr(tiny_on, tmp_path):
+    cfg = tiny_on(*CORPUS).config(
+        tmp_path, "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.head_dim=16",
+        "model.max_seq_len=32", "model.mup=true", "model.base_width=32", "model.zero_query=true",
+        "train.batch_size=4", "train.seq_len=32", "train.eval_every=1000", "train.eval_batches=1",
+        "train.ckpt_every=1000", "train.lr=1e-2", "train.min_lr=1e-3",
+        "train.max_steps=1000", "train.warmup_steps=100")  # train's default schedule, as before stages are set
     cfg.stages = [StageConfig(tokens=6 * 128), StageConfig(d_model=64, n_heads=4, tokens=6 * 128, ramp_steps=3)]
     cfg.validate()
-    trainer = Trainer(cfg, log=lambda *_: None)
-    trainer.train(until_step=6)
-    record = trainer.grow()
-    assert record["loss_after"] == pytest.approx(record["loss_before"], rel=1e-6)  # width growth: observed equal
-    trainer.train_step()
-    lr = lr_at(trainer.step - 1, trainer.stages)
-    hidden = [g for g in trainer.optimizer.param_groups if mup.is_hidden_matrix(g["names"][0])]
-    assert len(hidden) == 1 and hidden[0]["lr"] == pytest.approx(lr * 32 / 64)
-    assert all(g["lr"] == pytest.approx(lr) for g in trainer.optimizer.param_groups if g not in hidden)
+    with Trainer(cfg, log=lambda *_: None) as trainer:
+        trainer.train(until_step=6)
+        record = trainer.grow()
+        assert record["loss_after"] == pytest.approx(record["loss_before"], rel=1e-6)  # width growth: observed equal
+        trainer.train_step()
+        lr = lr_at(trainer.step - 1, trainer.stages)
+        hidden = [g for g in trainer.optimizer.param_groups if mup.is_hidden_matrix(g["names"][0])]
+        assert len(hidden) == 1 and hidden[0]["lr"] == pytest.approx(lr * 32 / 64)
+        assert all(g["lr"] == pytest.approx(lr) for g in trainer.optimizer.param_groups if g not in hidden)

@@ -6,32 +6,25 @@ import numpy as np
 import pytest
 import torch
 
-from flm.cli.main import main
 from flm.config import load_config
-from flm.data import prepare
 from flm.mup.coord import coord_check
 from flm.mup.predict import fit_power_law
 from flm.mup.sweep import sweep_points
 
-TINY = ["data.corpus=kjv", "data.max_chars=60000", "data.vocab_size=300", "data.val_fraction=0.05",
-        "model.n_layers=2", "model.head_dim=16", "model.max_seq_len=32", "model.base_width=32",
-        "train.batch_size=4", "train.seq_len=32", "train.eval_batches=2", "train.progress=false",
-        "train.tensorboard=false", "train.sample_tokens=0"]
+CORPUS = ("data.corpus=kjv", "data.max_chars=60000", "data.vocab_size=300", "data.val_fraction=0.05")
+# The tools' runs: the tiny run (2 layers, batches of 4 x 32) at head dim 16, so that every width from 16 up is a
+# whole number of heads, 32 positions and base width 32. The tools set the width (and heads) of each run themselves.
+TOOLS = ("model.head_dim=16", "model.max_seq_len=32", "model.base_width=32")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tooldata")
-    prepare(load_config(None, [f"data.dir='{root}'", *TINY]).data, log=lambda *_: None)
-    return root
+@pytest.fixture
+def tools(tiny_on):
+    """The small run's builder on CORPUS."""
+    return tiny_on(*CORPUS)
 
 
-def tiny(data_dir, *extra):
-    return [f"data.dir='{data_dir}'", *TINY, *extra]
-
-
-def test_coord_check_mup_is_flat_and_sp_grows_with_width(data_dir):
-    cfg = load_config(None, tiny(data_dir, "mup.widths=[32,64,128]", "mup.coord_steps=3", "train.lr=1e-2"))
+def test_coord_check_mup_is_flat_and_sp_grows_with_width(tools, tmp_path):
+    cfg = tools.config(tmp_path / "run", *TOOLS, "mup.widths=[32,64,128]", "mup.coord_steps=3", "train.lr=1e-2")
     result = coord_check(cfg, log=lambda *_: None)
     mup, sp = result["slopes"]["mup"], result["slopes"]["sp"]
     hidden = [k for k in mup if k.startswith("block")]
@@ -57,7 +50,7 @@ def test_sweep_points_grid_and_random():
     assert max(p["lr"] for p in points) / min(p["lr"] for p in points) > 30  # log-uniform, not clustered
 
 
-def test_sweep_finds_the_same_best_lr_at_two_widths_under_mup_and_not_under_sp(tiny_data, flm, tmp_path):
+def test_sweep_finds_the_same_best_lr_at_two_widths_under_mup_and_not_under_sp(tiny, cli, tmp_path):
     """`flm sweep` at widths 32 (the base width) and 128, LRs 3.7e-3, 1.1e-2, 3.3e-2, 40 steps of 8 x 32 tokens on
     the tiny corpus: under μP the best LR is the same grid point at both widths; under standard parametrization
     the wider model's best LR is a smaller one (its hidden matrices take the full LR).
@@ -72,16 +65,13 @@ def test_sweep_finds_the_same_best_lr_at_two_widths_under_mup_and_not_under_sp(t
     Catches: the hidden matrices' LR multiplier 1/width_mult not applied (μP's optimum at width 128 then loses
     its margin), width_mult applied under SP too (SP then transfers). Not caught in 40 steps: the readout
     multiplier or the init scaling left out alone (the best LR stays put; the coordinate check measures those)."""
-    sets = [f"data.dir='{tiny_data}'", "data.corpus=kjv", "data.max_chars=150000", "data.vocab_size=512",
-            "data.val_fraction=0.05", f"train.run_dir='{tmp_path / 'unused'}'", "model.n_layers=2",
-            "model.head_dim=16", "model.max_seq_len=32", "model.base_width=32", "train.batch_size=8",
-            "train.seq_len=32", "train.max_steps=40", "train.warmup_steps=4", "train.eval_batches=4",
-            "train.progress=false", "train.tensorboard=false", "train.sample_tokens=0", "mup.sweep_widths=[32,128]",
-            "mup.lrs=[3.7e-3,1.1e-2,3.3e-2]", "mup.parametrizations=['mup','sp']"]
+    args = tiny.args(tmp_path / "unused", *TOOLS, "train.batch_size=8", "train.max_steps=40",
+                     "train.warmup_steps=4", "train.eval_batches=4", "mup.sweep_widths=[32,128]",
+                     "mup.lrs=[3.7e-3,1.1e-2,3.3e-2]", "mup.parametrizations=['mup','sp']")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and immune to other processes' load
     try:
-        assert flm("sweep", *sum((["--set", s] for s in sets), []), "--out", tmp_path / "sweep").status == 0
+        assert cli("sweep", *args, "--out", tmp_path / "sweep").status == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -113,12 +103,13 @@ def test_power_law_fit_recovers_known_parameters_and_needs_three_points():
         fit_power_law([1.0, 2.0], [3.0, 2.0])
 
 
-def test_sweep_cli_writes_table_json_png_and_reports_the_best_point(data_dir, tmp_path, capsys):
+def test_sweep_cli_writes_table_json_png_and_reports_the_best_point(tools, cli, tmp_path):
     out = tmp_path / "sweep"
-    args = ["sweep", *sum((["--set", s] for s in tiny(data_dir, "train.max_steps=3", "train.warmup_steps=1",
-                                                      "mup.sweep_widths=[32,64]", "mup.lrs=[1e-3,3e-2]",
-                                                      "mup.parametrizations=['mup','sp']")), []), "--out", str(out)]
-    assert main(args) == 0
+    result = cli("sweep", *tools.args(tmp_path / "run", *TOOLS, "train.max_steps=3", "train.warmup_steps=1",
+                                      "mup.sweep_widths=[32,64]", "mup.lrs=[1e-3,3e-2]",
+                                      "mup.parametrizations=['mup','sp']"), "--out", out)
+    assert result.status == 0
+    printed = result.out
     result = json.loads((out / "sweep.json").read_text())
     assert len(result["runs"]) == 8
     for key, best in result["best"].items():
@@ -127,17 +118,17 @@ def test_sweep_cli_writes_table_json_png_and_reports_the_best_point(data_dir, tm
         assert best["val_loss"] == min(r["val_loss"] for r in same)
     assert set(result["transfer"]) == {"mup", "sp"} and "grid_steps" in result["transfer"]["mup"]
     assert "| μP | 32 |" in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 10_000
-    assert f"--set train.lr={result['best']['mup@32']['lr']:g}" in capsys.readouterr().out
+    assert f"--set train.lr={result['best']['mup@32']['lr']:g}" in printed
 
 
-def test_predict_cli_fits_the_ladder_and_predicts_a_growth_run(data_dir, tmp_path):
+def test_predict_cli_fits_the_ladder_and_predicts_a_growth_run(tools, cli, tmp_path):
     out = tmp_path / "predict"
     config = tmp_path / "staged.toml"
     config.write_text("[model]\nd_model = 32\nn_heads = 2\nmup = true\n"
                       "[[stages]]\ntokens = 512\n[[stages]]\nd_model = 64\nn_heads = 4\ntokens = 512\nramp_steps = 2\n")
-    sets = tiny(data_dir, "mup.ladder=[16,32,48,64]", "mup.holdout=1", "mup.extrapolate=[128]", "train.warmup_steps=1",
-                f"train.run_dir='{tmp_path / 'unused'}'")
-    assert main(["predict", "-c", str(config), *sum((["--set", s] for s in sets), []), "--out", str(out)]) == 0
+    args = tools.args(tmp_path / "unused", *TOOLS, "model.d_model=32", "mup.ladder=[16,32,48,64]", "mup.holdout=1",
+                      "mup.extrapolate=[128]", "train.warmup_steps=1")
+    assert cli("predict", "-c", config, *args, "--out", out).status == 0
     result = json.loads((out / "predict.json").read_text())
     ladder = result["ladder"]
     assert [r["width"] for r in ladder] == [16, 32, 48, 64] and [r["in_fit"] for r in ladder] == [True] * 3 + [False]
@@ -155,8 +146,7 @@ def test_predict_cli_fits_the_ladder_and_predicts_a_growth_run(data_dir, tmp_pat
     (["sweep", "--set", "mup.search=grd"], "mup.search must be one of"),
     (["predict", "--set", "mup.ladder=[32,64,128]"], "needs at least 3 widths left"),
 ])
-def test_tool_errors_are_one_line(data_dir, tmp_path, capsys, args, message):
-    sets = sum((["--set", s] for s in tiny(data_dir)), [])
-    assert main([*args, *sets, "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+def test_tool_errors_are_one_line(tools, cli, tmp_path, args, message):
+    result = cli(*args, *tools.args(tmp_path / "run", *TOOLS), "--out", tmp_path)
+    assert result.status == 2
+    assert message in result.err and result.err.count("\n") == 1

@@ -40,30 +40,28 @@ from flm.train import Trainer
 from flm.train.placement import OneProcess
 from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
-from flm_torchrun import flm_cli, torchrun
 
 STEPS = 4
 LR = 3e-3  # train.lr below: the size of one Adam step
 LOSS_RTOL, LOGITS_RTOL, STEP_RMS, GRAD_NORM_RTOL = 1e-5, 1e-4, 0.02, 1e-4
 
 
-def settings(tiny_data, run_dir, *extra):
-    return [f"data.dir='{tiny_data}'", "data.corpus=kjv", "data.max_chars=150000", "data.vocab_size=512",
-            "data.val_fraction=0.05", f"train.run_dir='{run_dir}'",
-            "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.head_dim=32", "model.max_seq_len=64",
-            "train.batch_size=4", "train.grad_accum=2", "train.seq_len=32", f"train.max_steps={STEPS}",
-            "train.warmup_steps=2", f"train.lr={LR}", f"train.eval_every={STEPS}", "train.eval_batches=2",
-            "train.ckpt_every=2", "train.keep_last=5", "train.log_every=1", "train.progress=false",
-            "train.tensorboard=false", "train.sample_tokens=0", *extra]
+# The tiny run (conftest) with two micro-batches per step, STEPS steps, a checkpoint every 2 steps.
+PARALLEL = ("train.grad_accum=2", f"train.max_steps={STEPS}", f"train.lr={LR}", f"train.eval_every={STEPS}",
+            "train.ckpt_every=2", "train.keep_last=5")
 
 
-def cli_args(tiny_data, run_dir, *extra):
-    return ["train", *(a for s in settings(tiny_data, run_dir, *extra) for a in ("--set", s))]
+def settings(tiny, run_dir, *extra):
+    return tiny.settings(run_dir, *PARALLEL, *extra)
+
+
+def cli_args(tiny, run_dir, *extra):
+    return ["train", *tiny.args(run_dir, *PARALLEL, *extra)]
 
 
 @contextlib.contextmanager
 def one_thread():
-    """Run the one-process reference with one thread, as each torchrun rank runs (flm_torchrun)."""
+    """Run the one-process reference with one thread, as each torchrun rank runs (conftest's `torchrun`)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -72,16 +70,16 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def train_one_process(config, run, tiny_data) -> Path:
-    with one_thread(), Trainer(load_config(config, settings(tiny_data, run)), log=lambda _: None) as trainer:
+def train_one_process(config, run, tiny) -> Path:
+    with one_thread(), Trainer(load_config(config, settings(tiny, run)), log=lambda _: None) as trainer:
         trainer.train()
     return run
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
+def reference(tiny, tmp_path_factory):
     """One process, same global batch: 4 sequences x 2 micro-batches per step."""
-    return train_one_process(None, tmp_path_factory.mktemp("ref") / "run", tiny_data)
+    return train_one_process(None, tmp_path_factory.mktemp("ref") / "run", tiny)
 
 
 def train_losses(run):
@@ -129,23 +127,23 @@ def assert_same_run(run, reference, steps=STEPS):
     (2, ["parallel.pp=2", "parallel.pp_schedule='1f1b'"]),
     (8, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule='gpipe'"]),
 ], ids=["dp2", "tp2-sp-ac", "dp2xtp2", "hsdp2x2", "pp2-1f1b", "dp2xtp2xpp2-gpipe"])
-def test_layout_matches_one_process(tiny_data, reference, tmp_path, nproc, layout):
+def test_layout_matches_one_process(tiny, reference, tmp_path, nproc, layout, torchrun):
     run = tmp_path / "run"
-    torchrun(nproc, *cli_args(tiny_data, run, *layout))
+    torchrun(nproc, *cli_args(tiny, run, *layout))
     assert_same_run(run, reference)
 
 
-def test_resume_on_the_same_and_other_layouts_and_one_process(tiny_data, reference, tmp_path):
+def test_resume_on_the_same_and_other_layouts_and_one_process(tiny, reference, tmp_path, torchrun, cli_process):
     """Saved at dp2 x tp2 after 2 steps; resumed at dp2 x tp2, at dp4 (4 ranks, other slices of each batch)
     and in one process without torchrun; and one process's checkpoint resumed at dp2 x tp2: all continue on
     the same samples and end where one process ends."""
     first = tmp_path / "first"
-    torchrun(4, *cli_args(tiny_data, first, "parallel.dp=2", "parallel.tp=2"), "--until-step", "2")
+    torchrun(4, *cli_args(tiny, first, "parallel.dp=2", "parallel.tp=2"), "--until-step", "2")
     for name, layout in (("same", ["parallel.dp=2", "parallel.tp=2"]), ("dp4", ["parallel.dp=4"]), ("single", [])):
         run = tmp_path / name
         shutil.copytree(first, run)
-        args = [*cli_args(tiny_data, run, *layout), "--resume", "auto"]
-        proc = torchrun(4, *args) if layout else flm_cli(*args)
+        args = [*cli_args(tiny, run, *layout), "--resume", "auto"]
+        proc = torchrun(4, *args) if layout else cli_process(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "resumed from" in proc.stdout and "step 2" in proc.stdout
         assert_same_run(run, reference)
@@ -153,7 +151,7 @@ def test_resume_on_the_same_and_other_layouts_and_one_process(tiny_data, referen
     run = tmp_path / "from_single"
     shutil.copytree(reference, run)
     shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")
-    proc = torchrun(4, *cli_args(tiny_data, run, "parallel.dp=2", "parallel.tp=2"), "--resume", "auto")
+    proc = torchrun(4, *cli_args(tiny, run, "parallel.dp=2", "parallel.tp=2"), "--resume", "auto")
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
     assert_same_run(run, reference)
     # The sharded checkpoint also exports to a Hugging Face folder with the same logits.
@@ -170,7 +168,7 @@ def test_resume_on_the_same_and_other_layouts_and_one_process(tiny_data, referen
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
 
 
-def test_sharded_resume_with_dropout_is_bit_exact(tiny_data, tmp_path):
+def test_sharded_resume_with_dropout_is_bit_exact(tiny, tmp_path, torchrun):
     """dp2 with dropout 0.1 (each rank draws its own masks): 4 steps straight, and the same run resumed by a new
     torchrun from its sharded step-2 checkpoint (what `--until-step 2` writes) for steps 3 and 4. Every rank must
     restore its own RNG state, the data position and the sharded Adam state: the final sharded checkpoints hold
@@ -179,10 +177,10 @@ def test_sharded_resume_with_dropout_is_bit_exact(tiny_data, tmp_path):
     start from the same seed and draw alike, so whose saved state a dp rank restores cannot show here.)"""
     layout = ["parallel.dp=2", "model.dropout=0.1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(2, *cli_args(tiny_data, straight, *layout))
+    torchrun(2, *cli_args(tiny, straight, *layout))
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
-    proc = torchrun(2, *cli_args(tiny_data, resumed, *layout), "--resume", "auto")
+    proc = torchrun(2, *cli_args(tiny, resumed, *layout), "--resume", "auto")
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
     records = {run: [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run) if r["kind"] == "train"]
                for run in (straight, resumed)}
@@ -197,14 +195,14 @@ def test_sharded_resume_with_dropout_is_bit_exact(tiny_data, tmp_path):
         assert torch.equal(weights_a[name], weights_b[name]), name
 
 
-def test_a_torchrun_job_samples_the_model_it_trained(tiny_data, tmp_path):
+def test_a_torchrun_job_samples_the_model_it_trained(tiny, tmp_path, torchrun):
     """`flm train` ends with a sample under torchrun as in one process: the main process samples the model gathered
     from its tensor- and pipeline-parallel pieces, which is exactly the final checkpoint's model, so the text is what
     one process samples from that checkpoint with the trainer's settings."""
     run, tokens = tmp_path / "run", 16
-    proc = torchrun(4, *cli_args(tiny_data, run, "parallel.tp=2", "parallel.pp=2", f"train.sample_tokens={tokens}"))
+    proc = torchrun(4, *cli_args(tiny, run, "parallel.tp=2", "parallel.pp=2", f"train.sample_tokens={tokens}"))
     shown = [line for line in proc.stdout.splitlines() if line.startswith("sample: ")]
-    prompt = load_config(None, settings(tiny_data, run)).train.sample_prompt
+    prompt = load_config(None, settings(tiny, run)).train.sample_prompt
     model, tok, _ = load_for_inference(run)
     with one_thread():
         out = generate(model, tok.encode(prompt), tokens, temperature=0.8, top_k=50, eot_id=tok.eot_id,
@@ -212,13 +210,13 @@ def test_a_torchrun_job_samples_the_model_it_trained(tiny_data, tmp_path):
     assert shown == [f"sample: {prompt + tok.decode([t for t in out if t != tok.eot_id])!r}"]
 
 
-def test_layout_that_does_not_match_the_processes_is_one_line(tiny_data, tmp_path):
-    proc = torchrun(2, *cli_args(tiny_data, tmp_path / "run", "parallel.tp=4"), check=False)
+def test_layout_that_does_not_match_the_processes_is_one_line(tiny, tmp_path, torchrun, cli_process):
+    proc = torchrun(2, *cli_args(tiny, tmp_path / "run", "parallel.tp=4"), check=False)
     assert proc.returncode != 0
     line = "error: [parallel]: layout dp1 x tp4 x pp1 needs 4 processes, but torchrun started 2"
     assert proc.stderr.count(line) == 2  # one line from each process (then torchrun's own report)
     assert "FlmError" not in proc.stderr
-    proc = flm_cli(*cli_args(tiny_data, tmp_path / "run", "parallel.dp=2"))
+    proc = cli_process(*cli_args(tiny, tmp_path / "run", "parallel.dp=2"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: [parallel] asks for 2 processes (dp2 x tp1 x pp1): launch with "
@@ -285,20 +283,20 @@ def growth_config(path: Path, *layouts: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def growth_reference(tiny_data, tmp_path_factory):
+def growth_reference(tiny, tmp_path_factory):
     """The three-stage schedule of the growth test, in one process."""
     root = tmp_path_factory.mktemp("growth-ref")
-    return train_one_process(growth_config(root / "single.toml"), root / "run", tiny_data)
+    return train_one_process(growth_config(root / "single.toml"), root / "run", tiny)
 
 
-def test_growth_inside_a_run_reshards_and_matches_one_process(tiny_data, growth_reference, tmp_path):
+def test_growth_inside_a_run_reshards_and_matches_one_process(tiny, growth_reference, tmp_path, torchrun):
     """Three stages on 4 processes, the layout changing at each growth as FLM-101B's did: dp2 x tp2, then
     tp2 x pp2, then tp4. Growth (depth, width, heads, FFN) happens inside the run, one tensor at a time:
     the probe loss is unchanged by each growth, and every step and the final weights match the same
     schedule in one process (new entries get exactly the fresh values single-process growth gives them)."""
     config = growth_config(tmp_path / "parallel.toml", "tp = 2\ndp = 2", "tp = 2\npp = 2\ndp = 1", "tp = 4\ndp = 1")
     run = tmp_path / "parallel"
-    torchrun(4, "train", "-c", str(config), *(a for s in settings(tiny_data, run) for a in ("--set", s)))
+    torchrun(4, "train", "-c", str(config), *tiny.args(run, *PARALLEL))
     growth = {name: [r for r in read_metrics(r_) if r["kind"] == "growth"]
               for name, r_ in (("parallel", run), ("single", growth_reference))}
     assert [r["step"] for r in growth["parallel"]] == [3, 6]
@@ -358,7 +356,7 @@ def fresh_region(name: str, old_cfg, new_cfg, shape) -> torch.Tensor:
     return ~grow_tensor(name, old, torch.zeros(shape), old_cfg, new_cfg, readout_power=0).bool()
 
 
-def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_path):
+def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny, tmp_path, torchrun, cli_process):
     """The one growth routine: one process, four torchrun processes (dp2 x tp2 growing into tp4) and `flm grow`
     on the boundary checkpoint give the new entries (wider tensors, more heads and FFN units, a fresh layer)
     exactly the same values; `flm grow` also the same old ones and Adam state as the trainer, and resuming from
@@ -369,7 +367,7 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
 
     config = tmp_path / "stages.toml"
     config.write_text(PATHS_STAGES)
-    single_cfg = load_config(config, settings(tiny_data, tmp_path / "single", "stages.0.tp=1", "stages.0.dp=1",
+    single_cfg = load_config(config, settings(tiny, tmp_path / "single", "stages.0.tp=1", "stages.0.dp=1",
                                                "stages.1.tp=1"))
     with one_thread(), Trainer(single_cfg, log=lambda _: None) as trainer:
         trainer.train(until_step=3)  # writes the boundary checkpoint (step 3, before growing)
@@ -381,7 +379,7 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
     old_cfg, new_cfg = trainer.stages[0].model, trainer.model.cfg
 
     grown_dir = tmp_path / "grown"
-    proc = flm_cli("grow", str(tmp_path / "single" / "checkpoints" / "step_00000003"), "--to",
+    proc = cli_process("grow", str(tmp_path / "single" / "checkpoints" / "step_00000003"), "--to",
                    "n_layers=3,d_model=128,n_heads=4", "--new-layers", "random", "--out", str(grown_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = grown_dir / "checkpoints" / "step_00000003"
@@ -394,7 +392,7 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
     script = tmp_path / "grow_at_boundary.py"
     script.write_text(GROW_AT_BOUNDARY)
     run = tmp_path / "parallel"
-    torchrun(4, str(config), *settings(tiny_data, run), script=str(script))
+    torchrun(4, str(config), *settings(tiny, run), script=str(script))
     parallel = build_model(new_cfg)
     load_model(run / "checkpoints" / "step_00000003", persistent_tensors(parallel))
     fresh = 0
@@ -406,9 +404,9 @@ def test_growth_gives_the_same_new_entries_in_every_entry_point(tiny_data, tmp_p
 
     # flm grow + resume continues exactly as the uninterrupted one-process run.
     straight = tmp_path / "straight"
-    resumed_cfg = load_config(config, settings(tiny_data, grown_dir, "stages.0.tp=1", "stages.0.dp=1",
+    resumed_cfg = load_config(config, settings(tiny, grown_dir, "stages.0.tp=1", "stages.0.dp=1",
                                                 "stages.1.tp=1"))
-    straight_cfg = load_config(config, settings(tiny_data, straight, "stages.0.tp=1", "stages.0.dp=1",
+    straight_cfg = load_config(config, settings(tiny, straight, "stages.0.tp=1", "stages.0.dp=1",
                                                  "stages.1.tp=1"))
     with one_thread():
         with Trainer(straight_cfg, log=lambda _: None) as trainer:
@@ -431,7 +429,7 @@ dp = 2
 """)
 
 
-def test_growth_families_preserve_the_function_under_torchrun(tiny_data, tmp_path):
+def test_growth_families_preserve_the_function_under_torchrun(tiny, tmp_path, torchrun):
     """The families run in the sharded growth too (flm.parallel.grow calls the one routine): four processes grow
     by `zero` (width, heads, a layer; dp2 x tp2 into tp4, its LayerNorm statistics ramping on every rank) and then by
     `clone` (heads and FFN x2; tp4 into dp2 x tp2), and the validation-batch loss is the same right before and right
@@ -440,7 +438,7 @@ def test_growth_families_preserve_the_function_under_torchrun(tiny_data, tmp_pat
     config = tmp_path / "stages.toml"
     config.write_text(FAMILY_STAGES)
     run = tmp_path / "families"
-    torchrun(4, "train", "-c", str(config), *(a for s in settings(tiny_data, run) for a in ("--set", s)))
+    torchrun(4, "train", "-c", str(config), *tiny.args(run, *PARALLEL))
     growths = [r for r in read_metrics(run) if r["kind"] == "growth"]
     assert [g["operator"] for g in growths] == ["zero", "clone"]
     for g in growths:
@@ -476,29 +474,29 @@ def leave_one_slice_ungrown(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["dp-rank-gradient-dropped", "tp-slice-not-grown"])
-def test_the_bounds_catch_broken_runs(variant, tiny_data, reference, growth_reference, tmp_path, monkeypatch):
+def test_the_bounds_catch_broken_runs(variant, tiny, reference, growth_reference, tmp_path, monkeypatch):
     """Each of the three bounds above fails on a realistic bug, simulated in one process."""
     if variant == "dp-rank-gradient-dropped":
         drop_second_rank(monkeypatch)
-        run, want = train_one_process(None, tmp_path / "run", tiny_data), reference
+        run, want = train_one_process(None, tmp_path / "run", tiny), reference
     else:
         leave_one_slice_ungrown(monkeypatch)
-        run = train_one_process(growth_config(tmp_path / "g.toml"), tmp_path / "run", tiny_data)
+        run = train_one_process(growth_config(tmp_path / "g.toml"), tmp_path / "run", tiny)
         want = growth_reference
     found = mismatch(run, want)
     assert all(found[k] > 3 * BOUNDS[k] for k in BOUNDS), found
 
 
-def test_plan_reports_memory_per_gpu_for_the_parallel_layout(tmp_path, capsys):
-    from flm.cli.main import main
+def test_plan_reports_memory_per_gpu_for_the_parallel_layout(tmp_path, cli):
     from flm.plan.hardware import get_gpu
     from flm.plan.memory import GIB, Layout, estimate_memory
 
     config = tmp_path / "run.toml"
     config.write_text('[model]\npreset = "flm-1b"\nvocab_size = 50304\n[train]\nseq_len = 2048\n'
                       '[plan]\ngpu = "H100-SXM"\nn_gpus = 16\n[parallel]\ntp = 2\npp = 2\ndp = 4\n')
-    assert main(["plan", str(config), "--memory"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model ") and "TP" in line)
+    result = cli("plan", config, "--memory")
+    assert result.status == 0
+    row = next(line for line in result.out.splitlines() if line.startswith("model ") and "TP" in line)
     cfg = load_config(config)
     want = estimate_memory(cfg.model, 2048, Layout(tp=2, pp=2, dp=4), get_gpu("H100-SXM"), cfg.plan.memory_margin)
     assert row.split()[1:5] == ["TP2", "PP2", "DP4", "16"]

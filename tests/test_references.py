@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from flm.config import ModelConfig, load_config
-from flm.config.schema import DataConfig, SourceConfig
-from flm.data import load_prepared, prepare
+from flm.data import load_prepared
 from flm.data.loader import IGNORE
 from flm.growth import apply_masks, grow_training
 from flm.model import FLM
@@ -129,15 +128,10 @@ def test_staged_lr_schedule_equals_the_documented_formulas_by_hand(tiny, tmp_pat
 # --- one optimizer step against plain autograd, torch's clipping and torch.optim.AdamW ---------------------
 
 
-@pytest.fixture(scope="module")
-def mixed_data(tmp_path_factory):
-    """Text and the bundled teacher propositions (loss on the label token only), 3 : 1: the micro-batches of a
-    step hold different numbers of loss tokens."""
-    cfg = DataConfig(corpus="kjv", max_chars=60_000, dir=str(tmp_path_factory.mktemp("mixed") / "prepared"),
-                     vocab_size=V, val_fraction=0.05,
-                     sources=[SourceConfig(kind="text", weight=3), SourceConfig(kind="teacher", path="bundled")])
-    prepare(cfg, log=quiet)
-    return cfg
+# Text and the bundled teacher propositions (loss on the label token only), 3 : 1: the micro-batches of a step hold
+# different numbers of loss tokens.
+MIXED = ("data.corpus=kjv", "data.max_chars=60000", f"data.vocab_size={V}", "data.val_fraction=0.05",
+         "data.sources=[{kind='text', weight=3}, {kind='teacher', path='bundled'}]")
 
 
 BATCH, ACCUM, SEQ, STEPS, WARMUP, CLIP, WD, BETAS, EPS = 2, 3, 32, 10, 2, 0.5, 0.1, (0.9, 0.95), 1e-8
@@ -166,7 +160,7 @@ def used_share(got, want, bound):
     return ((got - want).abs() / bound).max().item()
 
 
-def test_train_step_equals_autograd_clip_and_torch_adamw(mixed_data, tmp_path):
+def test_train_step_equals_autograd_clip_and_torch_adamw(tiny_on, tmp_path):
     """Four `Trainer.train_step`s, each against a reference step from the same weights: the gradient of the mean
     loss over ALL the step's loss tokens (3 micro-batches with different numbers of them) by plain autograd on a
     copy of the model, clipped by `torch.nn.utils.clip_grad_norm_` (the norm is above train.grad_clip, so clipping
@@ -193,53 +187,52 @@ def test_train_step_equals_autograd_clip_and_torch_adamw(mixed_data, tmp_path):
     - loss: relative 1e-6, float32 rounding of a mean over ~160 token losses (flm adds the micro-batch means
       weighted by their counts; here one sum over all tokens in double precision);
     - gradient norm: relative 1e-6, float32 rounding of a sum of ~10^5 squares (computed here in double)."""
-    cfg = load_config(None, [
-        f"train.run_dir='{tmp_path}'", "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.head_dim=16",
+    cfg = tiny_on(*MIXED).config(
+        tmp_path, "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.head_dim=16",
         "model.max_seq_len=32", f"train.seq_len={SEQ}", f"train.batch_size={BATCH}", f"train.grad_accum={ACCUM}",
         f"train.max_steps={STEPS}", f"train.warmup_steps={WARMUP}", "train.lr=3e-3", "train.min_lr=3e-4",
         f"train.grad_clip={CLIP}", f"train.weight_decay={WD}", f"train.beta1={BETAS[0]}", f"train.beta2={BETAS[1]}",
-        f"train.adam_eps={EPS}", "train.progress=false", "train.tensorboard=false"])
-    cfg.data = mixed_data
-    trainer = Trainer(cfg, log=quiet)
-    loader = load_prepared(mixed_data.dir).train_loader(BATCH, SEQ, seed=cfg.train.seed)  # the same batches
-    ref = copy.deepcopy(trainer.model)
-    named = list(ref.named_parameters())
-    decay = [p for _, p in named if p.dim() >= 2]
-    assert {n for n, p in named if p.dim() < 2} >= {"blocks.0.ln1.weight", "blocks.0.attn.qkv.bias", "ln_f.weight"}
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD},
-                             {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=1.0, betas=BETAS, eps=EPS, foreach=True)
-    uneven = False
-    for step in range(4):
-        batches = [loader.next_batch() for _ in range(ACCUM)]
-        counts = [int((y != IGNORE).sum()) for _, y in batches]
-        uneven |= len(set(counts)) > 1
-        total = sum(counts)
-        loss_sum = 0.0
-        for (x, y), n in zip(batches, counts):
-            logits = ref(x)[0].flatten(0, 1)
-            mean = F.cross_entropy(logits, y.flatten(), ignore_index=IGNORE)  # over this micro-batch's n targets
-            (mean * (n / total)).backward()  # the step's objective: the mean over all its loss tokens
-            loss_sum += F.cross_entropy(logits.double(), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
-        norm = math.sqrt(sum(p.grad.double().pow(2).sum().item() for _, p in named))
-        assert norm > CLIP  # clipping acts on this step
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
-        for group in opt.param_groups:
-            group["lr"] = hand_lr(step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        f"train.adam_eps={EPS}")
+    with Trainer(cfg, log=quiet) as trainer:
+        loader = load_prepared(cfg.data.dir).train_loader(BATCH, SEQ, seed=cfg.train.seed)  # the same batches
+        ref = copy.deepcopy(trainer.model)
+        named = list(ref.named_parameters())
+        decay = [p for _, p in named if p.dim() >= 2]
+        assert {n for n, p in named if p.dim() < 2} >= {"blocks.0.ln1.weight", "blocks.0.attn.qkv.bias", "ln_f.weight"}
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD},
+                                 {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
+                                lr=1.0, betas=BETAS, eps=EPS, foreach=True)
+        uneven = False
+        for step in range(4):
+            batches = [loader.next_batch() for _ in range(ACCUM)]
+            counts = [int((y != IGNORE).sum()) for _, y in batches]
+            uneven |= len(set(counts)) > 1
+            total = sum(counts)
+            loss_sum = 0.0
+            for (x, y), n in zip(batches, counts):
+                logits = ref(x)[0].flatten(0, 1)
+                mean = F.cross_entropy(logits, y.flatten(), ignore_index=IGNORE)  # over this micro-batch's n targets
+                (mean * (n / total)).backward()  # the step's objective: the mean over all its loss tokens
+                loss_sum += F.cross_entropy(logits.double(), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+            norm = math.sqrt(sum(p.grad.double().pow(2).sum().item() for _, p in named))
+            assert norm > CLIP  # clipping acts on this step
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+            for group in opt.param_groups:
+                group["lr"] = hand_lr(step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-        before = [p.detach().clone() for p in trainer.model.parameters()]
-        loss, grad_norm = trainer.train_step()
-        assert loss.item() == pytest.approx(loss_sum / total, rel=1e-6), step
-        assert grad_norm.item() == pytest.approx(norm, rel=1e-6), step
-        for (name, want), got, was in zip(named, trainer.model.parameters(), before):
-            share = used_share(got.detach(), want.detach(), adam_rounding(was, want.detach(), hand_lr(step)))
-            assert share <= 1, (step, name, share)
-        with torch.no_grad():  # the next step starts from the same weights (Adam moments stay the reference's)
-            for (_, want), got in zip(named, trainer.model.parameters()):
-                want.copy_(got)
-    assert uneven  # the data did exercise the weighting by loss tokens
+            before = [p.detach().clone() for p in trainer.model.parameters()]
+            loss, grad_norm = trainer.train_step()
+            assert loss.item() == pytest.approx(loss_sum / total, rel=1e-6), step
+            assert grad_norm.item() == pytest.approx(norm, rel=1e-6), step
+            for (name, want), got, was in zip(named, trainer.model.parameters(), before):
+                share = used_share(got.detach(), want.detach(), adam_rounding(was, want.detach(), hand_lr(step)))
+                assert share <= 1, (step, name, share)
+            with torch.no_grad():  # the next step starts from the same weights (Adam moments stay the reference's)
+                for (_, want), got in zip(named, trainer.model.parameters()):
+                    want.copy_(got)
+        assert uneven  # the data did exercise the weighting by loss tokens
 
 
 # --- tokens and FLOPs in metrics.jsonl ----------------------------------------------------------------------
@@ -258,7 +251,7 @@ def flops_per_token(n_layers, d_model, n_heads, head_dim, ffn, seq_len):
     return 6 * matmul_weights + 12 * n_layers * a * seq_len
 
 
-def test_metrics_tokens_and_flops_equal_the_config_arithmetic(tiny, flm, tmp_path):
+def test_metrics_tokens_and_flops_equal_the_config_arithmetic(tiny, cli, tmp_path):
     """`tokens` and `flops` of every train and eval record after N steps equal arithmetic from the config:
     tokens = steps x batch_size x grad_accum x seq_len, FLOPs = tokens x (6 N_matmul + 12 L a s) summed stage by
     stage with each stage's own shape and batch. A plain run through the CLI with grad_accum 3 (and attention
@@ -271,7 +264,7 @@ def test_metrics_tokens_and_flops_equal_the_config_arithmetic(tiny, flm, tmp_pat
     Exact: the numbers are integers below 2^53 in both flm and here, held as Python floats."""
     plain = tmp_path / "plain"
     # Three heads of 32: the attention width (96) differs from d_model (64), so the two cannot be confused.
-    assert flm("train", *tiny.args(plain, "model.n_heads=3", "train.grad_accum=3", "train.max_steps=3",
+    assert cli("train", *tiny.args(plain, "model.n_heads=3", "train.grad_accum=3", "train.max_steps=3",
                                    "train.eval_every=2")).status == 0
     per_token = flops_per_token(2, 64, 3, 32, 4 * 64, 32)
     assert per_token == 6 * (2 * (64 * 288 + 96 * 64 + 2 * 64 * 256) + 64 * 512) + 12 * 2 * 96 * 32 == 958_464
@@ -283,11 +276,9 @@ def test_metrics_tokens_and_flops_equal_the_config_arithmetic(tiny, flm, tmp_pat
     assert [(r["step"], r["flops"]) for r in records(plain, "eval")] == [(2, 2 * 384 * per_token),
                                                                         (3, 3 * 384 * per_token)]
 
-    cfg = staged_config(tiny, tmp_path)
-    trainer = Trainer(cfg, log=quiet)
-    assert trainer.model.cfg.vocab_size == V
-    trainer.train()
-    trainer.close()
+    with Trainer(staged_config(tiny, tmp_path), log=quiet) as trainer:
+        assert trainer.model.cfg.vocab_size == V
+        trainer.train()
     stage_tokens = [4 * 32, 8 * 32, 4 * 32]  # tokens per step: stage 2 reads 8 sequences a step
     stage_flops = [flops_per_token(2, 64, 2, 32, 256, 32), flops_per_token(3, 96, 3, 32, 384, 32),
                    flops_per_token(3, 96, 3, 32, 512, 32)]
@@ -433,15 +424,15 @@ def test_mup_width_growth_scales_the_head_and_its_moments_by_hand():
     assert diff <= 1e-6, diff
 
 
-def test_flm_grow_then_resume_continues_with_the_old_moments(tiny, flm, tmp_path):
+def test_flm_grow_then_resume_continues_with_the_old_moments(tiny, cli, tmp_path):
     """`flm grow` of a trained checkpoint (width 64 -> 96, FFN 256 -> 384, 2 -> 3 layers, heads fixed) writes Adam
     moments equal to the original checkpoint's in each tensor's leading block and zero elsewhere, step counts of 4
     there and 0 on new entries, no state for the new layer; and `flm train --resume` of the grown run loads exactly
     those. Both are read from train_state.safetensors with safetensors, compared with torch.equal (a copy).
     Catches: moments or step counts dropped or misplaced by offline growth or by the resume of a grown run."""
     small, big = tmp_path / "small", tmp_path / "big"
-    assert flm("train", *tiny.args(small, "train.max_steps=4", "train.ckpt_every=4")).status == 0
-    grown = flm("grow", small, "--to", "d_model=96,n_layers=3", "--out", big, "--ramp-steps", "3")
+    assert cli("train", *tiny.args(small, "train.max_steps=4", "train.ckpt_every=4")).status == 0
+    grown = cli("grow", small, "--to", "d_model=96,n_layers=3", "--out", big, "--ramp-steps", "3")
     assert grown.status == 0, grown.err
     before = load_file(str(small / "checkpoints" / "step_00000004" / "train_state.safetensors"))
     after = load_file(str(big / "checkpoints" / "step_00000004" / "train_state.safetensors"))
@@ -468,16 +459,15 @@ def test_flm_grow_then_resume_continues_with_the_old_moments(tiny, flm, tmp_path
             assert age.dtype == torch.uint8 and torch.equal(step[age.long()], want), name
 
     assert grew == len(names) - 2  # all but the two QKV biases grew
-    trainer = Trainer(tiny.config(big, "model.d_model=96", "model.n_layers=3", "train.max_steps=7"), log=quiet)
-    assert trainer.resume("auto") and trainer.step == 4 and trainer.ramp.c == 0
-    loaded = adam_state_by_name(trainer.optimizer)
-    assert sorted(loaded) == names
-    for name in names:
-        assert sorted(loaded[name]) == sorted(k.rsplit(".", 1)[1] for k in after if k.startswith(f"opt.{name}."))
-        for field in loaded[name]:
-            assert torch.equal(loaded[name][field], after[f"opt.{name}.{field}"]), (name, field)
-    trainer.train()
-    trainer.close()
+    with Trainer(tiny.config(big, "model.d_model=96", "model.n_layers=3", "train.max_steps=7"), log=quiet) as trainer:
+        assert trainer.resume("auto") and trainer.step == 4 and trainer.ramp.c == 0
+        loaded = adam_state_by_name(trainer.optimizer)
+        assert sorted(loaded) == names
+        for name in names:
+            assert sorted(loaded[name]) == sorted(k.rsplit(".", 1)[1] for k in after if k.startswith(f"opt.{name}."))
+            for field in loaded[name]:
+                assert torch.equal(loaded[name][field], after[f"opt.{name}.{field}"]), (name, field)
+        trainer.train()
     assert trainer.step == 7 and trainer.ramp is None  # 3 more steps: the ramp of 3 is done
 
 

@@ -9,7 +9,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from flm.train import Trainer
 from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
 from flm.train.progress import perplexity
-from flm_torchrun import SRC, free_port
 
 
 def quiet(*_):
@@ -143,10 +141,10 @@ def test_nan_in_a_weight_rolls_back_to_the_newest_finite_checkpoint(tiny, tmp_pa
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_in_a_weight_stops_with_status_3_and_keeps_the_last_good_checkpoint(policy, tiny, tmp_path,
-                                                                                  monkeypatch, flm):
+                                                                                  monkeypatch, cli):
     poison_weight_after(monkeypatch, 7)
     run = tmp_path / "run"
-    result = flm("train", *tiny.args(run, f"train.on_bad_step='{policy}'", "train.keep_last=1",
+    result = cli("train", *tiny.args(run, f"train.on_bad_step='{policy}'", "train.keep_last=1",
                                      "train.max_bad_steps=2"))
     assert result.status == 3
     lines = result.err.strip().splitlines()
@@ -172,8 +170,8 @@ def test_rollback_gives_up_after_max_rollbacks(tiny, tmp_path, monkeypatch):
                                             ("nan", "train.lr must be a finite number"),
                                             ("10", "train.lr must be in (0, 1]"),
                                             ("-inf", "train.lr must be a finite number")])
-def test_non_finite_or_absurd_settings_are_one_line(value, message, tiny, tmp_path, flm):
-    result = flm("train", *tiny.args(tmp_path / "run", f"train.lr={value}"))
+def test_non_finite_or_absurd_settings_are_one_line(value, message, tiny, tmp_path, cli):
+    result = cli("train", *tiny.args(tmp_path / "run", f"train.lr={value}"))
     assert result.status == 2 and result.err.count("\n") == 1 and message in result.err
 
 
@@ -182,13 +180,6 @@ def test_printing_a_diverged_loss_does_not_overflow():
 
 
 # ---- one writer per run folder ---------------------------------------------------------------------------
-def flm_process(*args: str, **popen) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "flm.cli.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **popen)
-
-
 def wait_for(condition, timeout: float = 120, what: str = "") -> None:
     end = time.monotonic() + timeout
     while not condition():
@@ -197,16 +188,16 @@ def wait_for(condition, timeout: float = 120, what: str = "") -> None:
         time.sleep(0.2)
 
 
-def test_a_second_writer_is_refused_and_kill_9_never_blocks_resume(tiny, tmp_path):
+def test_a_second_writer_is_refused_and_kill_9_never_blocks_resume(tiny, tmp_path, cli_process):
     run = tmp_path / "run"
-    first = flm_process("train", *tiny.args(run, "train.max_steps=100000", "train.ckpt_every=2"))
+    first = cli_process.start("train", *tiny.args(run, "train.max_steps=100000", "train.ckpt_every=2"))
     try:
         lock = run / ".flm.lock"
         wait_for(lambda: lock.is_file() and f"pid {first.pid} " in lock.read_text(), what="the first run's lock")
         wait_for(lambda: list_checkpoints(run / "checkpoints"), what="a first checkpoint")
         staging = run / "checkpoints" / ".step_99999999.tmp"  # as if the first run were writing it now
         staging.mkdir()
-        second = flm_process("train", *tiny.args(run))
+        second = cli_process.start("train", *tiny.args(run))
         _, err = second.communicate(timeout=120)
         assert second.returncode == 2
         assert err.strip().splitlines() == [
@@ -216,7 +207,7 @@ def test_a_second_writer_is_refused_and_kill_9_never_blocks_resume(tiny, tmp_pat
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate()
-    resumed = flm_process("train", *tiny.args(run, "train.max_steps=100000", "train.ckpt_every=2"),
+    resumed = cli_process.start("train", *tiny.args(run, "train.max_steps=100000", "train.ckpt_every=2"),
                           "--resume", "auto", "--until-step", str(int(list_checkpoints(run / "checkpoints")[-1]
                                                                           .name[5:]) + 2))
     out, err = resumed.communicate(timeout=300)
@@ -238,28 +229,28 @@ def test_a_second_writer_is_refused_and_kill_9_never_blocks_resume(tiny, tmp_pat
     (lambda m: m.update(model={"d_model": "wide"}), "'model' is not a valid model config"),
     (lambda m: m.update(ramp={"old": {}, "sources": "x", "ramp_steps": 4, "steps_done": 1}), "'ramp.sources'"),
 ])
-def test_damaged_checkpoint_metadata_is_one_line_naming_the_file_and_key(change, message, tiny, tmp_path, flm):
+def test_damaged_checkpoint_metadata_is_one_line_naming_the_file_and_key(change, message, tiny, tmp_path, cli):
     run = tmp_path / "run"
-    assert flm("train", *tiny.args(run, "train.max_steps=6")).status == 0
+    assert cli("train", *tiny.args(run, "train.max_steps=6")).status == 0
     meta_file = list_checkpoints(run / "checkpoints")[-1] / "meta.json"
     meta = json.loads(meta_file.read_text())
     change(meta)
     meta_file.write_text(json.dumps(meta))
-    result = flm("train", *tiny.args(run), "--resume", "auto")
+    result = cli("train", *tiny.args(run), "--resume", "auto")
     assert result.status == 2
     assert result.err.strip().splitlines() == [result.err.strip()] and result.err.startswith(f"error: {meta_file}: ")
     assert message in result.err
 
 
-def test_inference_reads_only_what_it_needs_and_checks_it(tiny, tmp_path, flm):
+def test_inference_reads_only_what_it_needs_and_checks_it(tiny, tmp_path, cli):
     run = tmp_path / "run"
-    assert flm("train", *tiny.args(run, "train.max_steps=3")).status == 0
+    assert cli("train", *tiny.args(run, "train.max_steps=3")).status == 0
     meta_file = list_checkpoints(run / "checkpoints")[-1] / "meta.json"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("data", "stage", "config")}))
-    assert flm("generate", run, "-n", "4").status == 0  # inference needs no data position
+    assert cli("generate", run, "-n", "4").status == 0  # inference needs no data position
     meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "ramp"}))
-    result = flm("generate", run, "-n", "4")
+    result = cli("generate", run, "-n", "4")
     assert result.status == 2 and "key 'ramp' is missing" in result.err
 
 
@@ -303,7 +294,7 @@ def test_metrics_after_kills_and_resumes_equal_an_uninterrupted_run(tiny, tmp_pa
 
 
 # ---- full disk -------------------------------------------------------------------------------------------
-def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_survives(tiny, tmp_path, flm):
+def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_survives(tiny, tmp_path, cli, cli_process):
     """A real write error: the process may write no file over 2 MB (RLIMIT_FSIZE; SIGXFSZ ignored, so writes
     fail with EFBIG as on a full disk). Stage 1's checkpoint files fit, the grown model's do not."""
     (tmp_path / "stages.toml").write_text(STAGES)
@@ -313,7 +304,7 @@ def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_survives(tiny, tmp
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
 
-    proc = flm_process("train", "-c", str(tmp_path / "stages.toml"), *tiny.args(run, "train.ckpt_every=3"),
+    proc = cli_process.start("train", "-c", str(tmp_path / "stages.toml"), *tiny.args(run, "train.ckpt_every=3"),
                        preexec_fn=limit_file_size)
     _, err = proc.communicate(timeout=300)
     good = run / "checkpoints" / "step_00000003"
@@ -323,14 +314,14 @@ def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_survives(tiny, tmp
         f"the last good checkpoint is {good}"]
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000003"]
     assert not list((run / "checkpoints").glob(".step_*"))
-    result = flm("train", "-c", tmp_path / "stages.toml", *tiny.args(run, "train.ckpt_every=3"), "--resume", "auto")
+    result = cli("train", "-c", tmp_path / "stages.toml", *tiny.args(run, "train.ckpt_every=3"), "--resume", "auto")
     assert result.status == 0 and "resumed from" in result.out
 
 
 # ---- a frozen rank ---------------------------------------------------------------------------------------
-def ranks_of(torchrun: subprocess.Popen) -> dict[int, int]:
-    """{rank: pid} of torchrun's worker processes."""
-    children = Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()
+def ranks_of(job: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of a torchrun job's worker processes."""
+    children = Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
     out = {}
     for pid in map(int, children):
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -340,16 +331,12 @@ def ranks_of(torchrun: subprocess.Popen) -> dict[int, int]:
     return out
 
 
-def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tiny, tmp_path):
+def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tiny, tmp_path, torchrun):
     """SIGSTOP on one of two gloo ranks: the other rank's next collective times out after parallel.timeout_s
     and it exits with one line and status 3; torchrun then removes the frozen rank (after its own grace time)."""
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "flm.cli.main", "train",
-           *tiny.args(run, "parallel.dp=2", "parallel.timeout_s=5", "train.max_steps=100000", "train.ckpt_every=5",
-                      "train.eval_every=100000")]
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    job = torchrun.start(2, "train", *tiny.args(run, "parallel.dp=2", "parallel.timeout_s=5", "train.max_steps=100000",
+                                                "train.ckpt_every=5", "train.eval_every=100000"))
     try:
         wait_for(lambda: list_checkpoints(run / "checkpoints"), what="a first checkpoint")
         frozen = ranks_of(job)[1]
@@ -370,7 +357,7 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tiny, tmp_path
 PAYLOAD = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
 
 
-def test_a_folder_s_own_code_runs_only_with_trust_remote_code(tmp_path, flm):
+def test_a_folder_s_own_code_runs_only_with_trust_remote_code(tmp_path, cli):
     folder, marker = tmp_path / "stranger", tmp_path / "payload-ran"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({
@@ -378,34 +365,34 @@ def test_a_folder_s_own_code_runs_only_with_trust_remote_code(tmp_path, flm):
                                                "AutoModelForCausalLM": "modeling_x.XModel"}}))
     for name in ("configuration_x.py", "modeling_x.py"):
         (folder / name).write_text(PAYLOAD.format(marker=str(marker)))
-    result = flm("eval", "iq", "--model", folder, "--tasks", "head_tail", "--items", "2", "--device", "cpu")
+    result = cli("eval", "iq", "--model", folder, "--tasks", "head_tail", "--items", "2", "--device", "cpu")
     assert result.status == 2 and result.err.count("\n") == 1 and "--trust-remote-code" in result.err
     assert not marker.exists()
 
 
-def test_an_flm_export_is_read_with_flms_own_code(tiny, tmp_path, flm):
+def test_an_flm_export_is_read_with_flms_own_code(tiny, tmp_path, cli):
     """A folder `flm export hf` wrote, with a payload planted in its modeling code: `flm eval iq` reads it with
     flm's model (no flag needed, nothing of the folder runs) and scores exactly what the checkpoint scores."""
     run, out, marker = tmp_path / "run", tmp_path / "hf", tmp_path / "payload-ran"
-    assert flm("train", *tiny.args(run, "train.max_steps=3")).status == 0
-    assert flm("export", "hf", run, out).status == 0
+    assert cli("train", *tiny.args(run, "train.max_steps=3")).status == 0
+    assert cli("export", "hf", run, out).status == 0
     with open(out / "modeling_flm.py", "a") as f:
         f.write(PAYLOAD.format(marker=str(marker)))
     args = ("--tasks", "head_tail,superglue_iq_rte", "--items", "3", "--device", "cpu")
-    from_export = flm("eval", "iq", "--model", out, *args, "--json", tmp_path / "a.json")
-    from_checkpoint = flm("eval", "iq", "--model", run, *args, "--json", tmp_path / "b.json")
+    from_export = cli("eval", "iq", "--model", out, *args, "--json", tmp_path / "a.json")
+    from_checkpoint = cli("eval", "iq", "--model", run, *args, "--json", tmp_path / "b.json")
     assert from_export.status == from_checkpoint.status == 0 and not marker.exists()
     reports = [json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json")]
     assert reports[0]["items"] == reports[1]["items"] and reports[0]["abilities"] == reports[1]["abilities"]
 
 
 # ---- mid-ramp checkpoints --------------------------------------------------------------------------------
-def test_inference_on_a_grown_checkpoint_equals_the_original_model(tiny, tmp_path, flm):
+def test_inference_on_a_grown_checkpoint_equals_the_original_model(tiny, tmp_path, cli):
     """`flm grow` writes a checkpoint at c = 0 of its ramp; inference applies its masks, so the grown model
     computes the original function (width, heads, FFN and depth growth at once)."""
     run, grown = tmp_path / "run", tmp_path / "grown"
-    assert flm("train", *tiny.args(run, "train.max_steps=6")).status == 0
-    assert flm("grow", run, "--to", "d_model=96,n_heads=3,n_layers=3", "--out", grown, "--ramp-steps", "10").status == 0
+    assert cli("train", *tiny.args(run, "train.max_steps=6")).status == 0
+    assert cli("grow", run, "--to", "d_model=96,n_heads=3,n_layers=3", "--out", grown, "--ramp-steps", "10").status == 0
     before, _, _ = load_for_inference(run)
     after, _, meta = load_for_inference(grown)
     assert meta["ramp"]["steps_done"] == 0 and after.cfg.d_model == 96
@@ -413,5 +400,5 @@ def test_inference_on_a_grown_checkpoint_equals_the_original_model(tiny, tmp_pat
     with torch.no_grad():
         a, b = before(tokens)[0], after(tokens)[0]
     assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
-    texts = [flm("generate", path, "-p", "And God said", "-n", "24", "-t", "0").out for path in (run, grown)]
+    texts = [cli("generate", path, "-p", "And God said", "-n", "24", "-t", "0").out for path in (run, grown)]
     assert texts[0] == texts[1] and len(texts[0]) > len("And God said")
