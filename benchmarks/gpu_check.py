@@ -4,7 +4,7 @@ It runs from the source tree (PYTHONPATH=src) with the machine's own Python and 
 from a package index. The parts run in order, each in processes of its own under its own time limit, so one that
 hangs cannot eat the window, and each reports pass, fail or skipped and the next one goes on:
 
-1. tests      pytest -m cuda: tests/test_cuda.py and the CUDA test of tests/test_growth.py;
+1. tests      pytest -m cuda: tests/test_cuda.py and the CUDA tests of tests/test_growth.py and tests/test_adamw.py;
 2. prepare    `flm prepare -c benchmarks/gpu_growth.toml`: flm's own source as the corpus of parts 3 and 4;
 3. throughput benchmarks/gpu_throughput.py: a ~1B FLM against HF GPT-2 of the same shape, MFU, a profile;
 4. growth     `flm train -c benchmarks/gpu_growth.toml`: two stages, loss before/after growth, tokens/s per stage.
@@ -286,7 +286,8 @@ def main() -> int:
             else:
                 xml = out / "cuda_tests.xml"
                 part = judge_tests(attempt(name, [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-                                                  f"--junitxml={xml}", "tests/test_cuda.py", "tests/test_growth.py"],
+                                                  f"--junitxml={xml}", "tests/test_cuda.py", "tests/test_growth.py",
+                                                  "tests/test_adamw.py"],
                                            {**env, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}), read_junit(xml))
         elif name == "prepare":
             part = attempt(name, [*flm_cli, "prepare", "-c", str(GROWTH_CONFIG),

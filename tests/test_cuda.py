@@ -1,6 +1,7 @@
-"""What only a GPU runs: bf16 autocast, the flash attention kernel, torch.compile, growth, resume, the KV cache, the
-fused AdamW kernel, a step that never waits for the device, and NCCL under torchrun. Each is checked against a
-reference computed another way. Skipped without CUDA; `make gpu-check` runs them first (docs/results/gpu.md).
+"""What only a GPU runs: bf16 autocast, the flash attention kernel, torch.compile, growth, resume, the KV cache, a
+step that never waits for the device, and NCCL under torchrun (the fused AdamW kernel on CUDA: test_adamw.py). Each
+is checked against a reference computed another way. Skipped without CUDA; `make gpu-check` runs them first
+(docs/results/gpu.md).
 
 The data is flm's own source code (a glob over src/flm), so nothing here needs a corpus package or the network.
 """
@@ -20,22 +21,20 @@ from torch.profiler import ProfilerActivity, profile
 
 import flm
 from flm.checkpoint import is_sharded, list_checkpoints, step_of
-from flm.config import ModelConfig, load_config
-from flm.data import prepare
+from flm.config import ModelConfig
 from flm.growth import grow_model
 from flm.inference import load_for_inference
 from flm.model import FLM, KVCache, generate
 from flm.train import Trainer
-from flm.train.adamw import AdamW
 from flm.train.transforms import compile_blocks
-from flm_torchrun import torchrun
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = torch.device("cuda")
 CODE = Path(flm.__file__).parent  # the corpus: flm's own .py files
-DATA = [f"data.corpus='{CODE}/**/*.py'", "data.tokenizer='bpe'", "data.vocab_size=512", "data.max_chars=300000",
-        "data.val_fraction=0.05", "data.workers=1"]
+CORPUS = (f"data.corpus='{CODE}/**/*.py'", "data.tokenizer='bpe'", "data.vocab_size=512", "data.max_chars=300000",
+          "data.val_fraction=0.05", "data.workers=1")
+ON_CUDA = ("train.device='cuda'", "train.ckpt_every=6")  # the tiny run (conftest) on the GPU
 SMALL = ModelConfig(n_layers=2, d_model=64, n_heads=2, head_dim=32, vocab_size=512, max_seq_len=64)
 
 
@@ -43,49 +42,39 @@ def quiet(*_):
     pass
 
 
-@pytest.fixture(scope="module")
-def code_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda-data") / "prepared"
-    prepare(load_config(None, [f"data.dir='{root}'", *DATA]).data, log=quiet)
-    return root
+@pytest.fixture
+def code_run(tiny_on):
+    """The small run's builder on flm's own source code (2 layers x 64, batches of 4 x 32 tokens)."""
+    return tiny_on(*CORPUS)
 
 
-def settings(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A small run on CUDA (2 layers x 64, batches of 4 x 32 tokens) writing into `run_dir`."""
-    return [f"data.dir='{data}'", *DATA, f"train.run_dir='{run_dir}'", "train.device='cuda'",
-            "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.head_dim=32", "model.max_seq_len=64",
-            "train.batch_size=4", "train.seq_len=32", "train.max_steps=12", "train.warmup_steps=2", "train.lr=3e-3",
-            "train.min_lr=3e-4", "train.eval_every=6", "train.eval_batches=2", "train.ckpt_every=6",
-            "train.log_every=1", "train.progress=false", "train.tensorboard=false", "train.sample_tokens=0", *extra]
-
-
-def staged_config(data: Path, run_dir: Path, *extra: str):
+def staged_config(code_run, run_dir: Path, *extra: str):
     """Two stages: 3 steps of 2 x 64, then growth in depth, width and heads with a 6-step ramp."""
     path = run_dir.parent / f"{run_dir.name}.toml"
     path.write_text("[[stages]]\ntokens = 384\n\n[[stages]]\nn_layers = 3\nd_model = 96\nn_heads = 3\n"
                     "tokens = 1024\nramp_steps = 6\n")
-    return load_config(path, settings(data, run_dir, *extra))
+    return code_run.config(run_dir, *ON_CUDA, *extra, path=path)
 
 
 def tokens(n: int, length: int, vocab: int = 512, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed)).to(CUDA)
 
 
-def test_bf16_training_computes_the_fp32_loss_and_lowers_it(code_data, tmp_path):
+def test_bf16_training_computes_the_fp32_loss_and_lowers_it(code_run, tmp_path):
     """bf16 autocast computes the fp32 function to bf16 precision, and 40 steps of it lower the validation loss (by
     0.8 nats on the CPU)."""
-    trainer = Trainer(load_config(None, settings(code_data, tmp_path, "train.dtype='bf16'", "train.max_steps=40")),
-                      log=quiet)
-    x, y = tokens(4, 32), tokens(4, 32, seed=1)
-    with torch.no_grad():
-        fp32 = trainer.model(x, y)[1].item()
-        with trainer.autocast:
-            logits, bf16 = trainer.model(x, y)
-    assert logits.dtype == torch.bfloat16 and abs(bf16.item() - fp32) <= 1e-2 * fp32, (bf16.item(), fp32)
-    before = trainer.evaluate()
-    for _ in range(40):
-        trainer.train_step()
-    after = trainer.evaluate()
+    cfg = code_run.config(tmp_path, *ON_CUDA, "train.dtype='bf16'", "train.max_steps=40")
+    with Trainer(cfg, log=quiet) as trainer:
+        x, y = tokens(4, 32), tokens(4, 32, seed=1)
+        with torch.no_grad():
+            fp32 = trainer.model(x, y)[1].item()
+            with trainer.autocast:
+                logits, bf16 = trainer.model(x, y)
+        assert logits.dtype == torch.bfloat16 and abs(bf16.item() - fp32) <= 1e-2 * fp32, (bf16.item(), fp32)
+        before = trainer.evaluate()
+        for _ in range(40):
+            trainer.train_step()
+        after = trainer.evaluate()
     assert after < before - 0.5, (before, after)
 
 
@@ -169,20 +158,19 @@ def deterministic():
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def test_save_and_resume_on_cuda_is_bit_exact(code_data, tmp_path):
+def test_save_and_resume_on_cuda_is_bit_exact(code_run, tmp_path):
     """6 steps, a checkpoint, a new process's worth of trainer resuming, 6 more steps: bit for bit the 12
     uninterrupted steps (bf16, dropout drawing from the CUDA generator)."""
-    extra = ("train.dtype='bf16'", "model.dropout=0.1")
+    extra = (*ON_CUDA, "train.dtype='bf16'", "model.dropout=0.1")
     with deterministic():
-        straight = Trainer(load_config(None, settings(code_data, tmp_path / "a", *extra)), log=quiet)
-        straight.train()
-        cfg = load_config(None, settings(code_data, tmp_path / "b", *extra))
-        first = Trainer(cfg, log=quiet)
-        first.train(until_step=6)
-        first.close()
-        second = Trainer(cfg, log=quiet)
-        assert second.resume("auto") and second.step == 6
-        second.train()
+        with Trainer(code_run.config(tmp_path / "a", *extra), log=quiet) as straight:
+            straight.train()
+        cfg = code_run.config(tmp_path / "b", *extra)
+        with Trainer(cfg, log=quiet) as first:
+            first.train(until_step=6)
+        with Trainer(cfg, log=quiet) as second:
+            assert second.resume("auto") and second.step == 6
+            second.train()
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), second.model.state_dict().items()):
         assert a.device.type == "cuda" and torch.equal(a, b), name
     for p_a, p_b in zip(straight.model.parameters(), second.model.parameters()):
@@ -204,30 +192,6 @@ def test_kv_cache_decoding_on_cuda_equals_full_recomputation():
     assert generate(model, prompt, 40) == generate(model, prompt, 40, use_cache=False)
 
 
-def test_fused_adamw_on_cuda_equals_torch_adamw_and_a_cancelled_step_changes_nothing():
-    """flm's AdamW runs torch's fused CUDA kernel: five steps equal torch.optim.AdamW's single-tensor loop to
-    float32 rounding; a step cancelled on the device (NaN gradients) leaves weights, moments and counts bit for bit."""
-    torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(33, 17, device=CUDA)), torch.nn.Parameter(torch.randn(17, device=CUDA))]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    opt, ref_opt = AdamW(ours, **kw), torch.optim.AdamW(ref, foreach=False, **kw)
-    for _ in range(5):
-        for p, q in zip(ours, ref):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step(skip=torch.zeros((), dtype=torch.bool, device=CUDA))
-        ref_opt.step()
-    for p, q in zip(ours, ref):
-        assert torch.allclose(p, q, atol=1e-6, rtol=1e-6)
-    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in ours]
-    for p in ours:
-        p.grad = torch.full_like(p, float("nan"))
-    opt.step(skip=torch.ones((), dtype=torch.bool, device=CUDA))
-    for p, (weight, state) in zip(ours, before):
-        assert torch.equal(p, weight) and all(torch.equal(opt.state[p][k], v) for k, v in state.items())
-
-
 @contextlib.contextmanager
 def sync_is_an_error():
     """Any CUDA call that makes the host wait for the device raises (torch.cuda.set_sync_debug_mode)."""
@@ -238,29 +202,28 @@ def sync_is_an_error():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_a_training_step_never_waits_for_the_gpu(code_data, tmp_path):
+def test_a_training_step_never_waits_for_the_gpu(code_run, tmp_path):
     """Steps with the step guard armed (its window full), and steps in a growth ramp (masks set every step, grown
     tensors' Adam counts per age class), launch their work without one host-device synchronisation. Growing itself,
     and the first step after it (one read of every grown tensor's counts), may wait."""
-    trainer = Trainer(staged_config(code_data, tmp_path / "run", "train.spike_window=2"), log=quiet)
-    trainer.train_step()  # creates the Adam state
-    with sync_is_an_error():
-        trainer.train_step()
-        trainer.train_step()
-    assert trainer.step == trainer.stages[0].end
-    trainer.grow()
-    trainer.train_step()
-    with sync_is_an_error():
-        for _ in range(3):
+    with Trainer(staged_config(code_run, tmp_path / "run", "train.spike_window=2"), log=quiet) as trainer:
+        trainer.train_step()  # creates the Adam state
+        with sync_is_an_error():
             trainer.train_step()
-    assert trainer.ramp is not None and any("age" in s for s in trainer.optimizer.state.values())
+            trainer.train_step()
+        assert trainer.step == trainer.stages[0].end
+        trainer.grow()
+        trainer.train_step()
+        with sync_is_an_error():
+            for _ in range(3):
+                trainer.train_step()
+        assert trainer.ramp is not None and any("age" in s for s in trainer.optimizer.state.values())
 
 
-def test_the_parallel_trainer_runs_and_checkpoints_under_torchrun_with_nccl(code_data, tmp_path):
+def test_the_parallel_trainer_runs_and_checkpoints_under_torchrun_with_nccl(code_run, tmp_path, torchrun):
     """`torchrun --nproc-per-node 1` trains on the GPU through NCCL and writes sharded checkpoints that load back."""
     run = tmp_path / "run"
-    args = [a for s in settings(code_data, run, "train.max_steps=6", "train.ckpt_every=3") for a in ("--set", s)]
-    proc = torchrun(1, "train", *args)
+    proc = torchrun(1, "train", *code_run.args(run, *ON_CUDA, "train.max_steps=6", "train.ckpt_every=3"))
     assert "steps on cuda (bf16 autocast)" in proc.stdout and "parallel: 1 processes" in proc.stdout, proc.stdout
     found = list_checkpoints(run / "checkpoints")
     assert [step_of(p) for p in found] == [3, 6] and all(is_sharded(p) for p in found)

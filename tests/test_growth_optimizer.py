@@ -1,6 +1,7 @@
 """Adam state through repeated growth, by hand: which age class every entry is in, the counts per class, and the
-limit of classes a byte can hold. One growth is covered in test_growth_training.py and test_references.py; the
-bugs that only a second growth shows (the first growth's classes lost or rescaled) are caught here."""
+limit of classes a byte can hold. One growth is covered in test_growth_training.py and test_training_arithmetic.py;
+the bugs that only a second growth shows (the first growth's classes lost or rescaled) are caught here. How AdamW
+reads the classes (and turns an older checkpoint's per-entry counts into them): test_adamw.py."""
 
 import dataclasses
 
@@ -82,28 +83,3 @@ def test_clone_tiles_the_age_bytes_unscaled_and_divides_the_moments():
     out2 = clone_adam_state("blocks.0.mlp.fc2.weight", fc2, torch.Size((8, 64)), BASE, wide)
     assert torch.equal(out2["exp_avg"], torch.cat([fc2["exp_avg"]] * 2, 1))
     assert torch.equal(out2["exp_avg_sq"], torch.cat([fc2["exp_avg_sq"]] * 2, 1))
-
-
-def test_per_entry_counts_of_an_older_checkpoint_become_classes_plain_and_sharded():
-    """Checkpoints from before age classes stored one float count per entry; AdamW turns them into the sorted
-    distinct counts and one byte per entry. A sharded state (DTensor, here a one-process mesh) gets the same
-    classes, its age sharded as the counts were."""
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
-
-    from flm.train.adamw import _classes
-
-    per_entry = torch.tensor([[5.0, 0.0], [5.0, 5.0], [0.0, 2.0], [2.0, 0.0]])
-    expected_age = torch.tensor([[2, 0], [2, 2], [0, 1], [1, 0]], dtype=torch.uint8)
-    plain = _classes(per_entry)
-    assert torch.equal(plain["step"], torch.tensor([0.0, 2.0, 5.0])) and plain["step"].dtype == torch.float32
-    assert plain["age"].dtype == torch.uint8 and torch.equal(plain["age"], expected_age)
-
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
-        sharded = _classes(distribute_tensor(per_entry, mesh, [Shard(0)]))
-        assert torch.equal(sharded["step"], torch.tensor([0.0, 2.0, 5.0]))
-        assert sharded["age"].placements == (Shard(0),) and sharded["age"].device_mesh == mesh
-        assert sharded["age"].dtype == torch.uint8 and torch.equal(sharded["age"].full_tensor(), expected_age)
-    finally:
-        torch.distributed.destroy_process_group()
