@@ -270,39 +270,11 @@ def test_clone_refuses_the_width_of_a_tied_model(tmp_path):
     load_config(path)  # zero: the head's new columns read zeros, whatever they are
 
 
-def staged_config(data_dir, run_dir, stages):
-    """A tiny run (2 x 32) on the shared corpus with the given [[stages]] TOML."""
+def staged_config(tiny, run_dir, stages=""):
+    """The tiny run (conftest) at 2 layers x 32, its first stage 768 tokens, then the given [[stages]] TOML."""
     path = run_dir.parent / f"{run_dir.name}.toml"
-    path.write_text(textwrap.dedent(f"""
-        [model]
-        n_layers = 2
-        d_model = 32
-        n_heads = 2
-        head_dim = 16
-        max_seq_len = 64
-        [data]
-        dir = "{data_dir}"
-        corpus = "kjv"
-        max_chars = 150000
-        vocab_size = 512
-        val_fraction = 0.05
-        [train]
-        run_dir = "{run_dir}"
-        batch_size = 4
-        seq_len = 32
-        warmup_steps = 2
-        log_every = 1
-        eval_every = 5
-        eval_batches = 2
-        ckpt_every = 3
-        keep_last = 10
-        progress = false
-        tensorboard = false
-        sample_tokens = 0
-        [[stages]]
-        tokens = 768
-        """) + textwrap.dedent(stages))
-    return load_config(path)
+    path.write_text("[[stages]]\ntokens = 768\n" + textwrap.dedent(stages))
+    return tiny.config(run_dir, "model.d_model=32", "model.head_dim=16", "train.eval_every=5", path=path)
 
 
 FAMILY_STAGES = """
@@ -324,7 +296,7 @@ tokens = 512
 """
 
 
-def test_trainer_grows_by_each_stage_family_and_resumes_mid_ramp(tiny_data, tmp_path):
+def test_trainer_grows_by_each_stage_family_and_resumes_mid_ramp(tiny, tmp_path):
     """One run through zero (width: a 4-step statistics ramp), clone (heads x2, FFN x2: no ramp) and stack (a copied
     layer): the trainer logs each growth's family, the exact ones keep the validation loss, stack moves it; and a
     run stopped in the middle of the zero family's ramp resumes bit for bit (the ramp's family is checkpointed)."""
@@ -332,35 +304,37 @@ def test_trainer_grows_by_each_stage_family_and_resumes_mid_ramp(tiny_data, tmp_
     from flm.train.metrics import read_metrics
 
     quiet = lambda *_: None
-    a = Trainer(staged_config(tiny_data, tmp_path / "a", FAMILY_STAGES), log=quiet)
-    assert [(s.operator, s.ramp_steps) for s in a.stages] == [("msg", 0), ("zero", 4), ("clone", 0), ("stack", 0)]
-    a.train()
+    with Trainer(staged_config(tiny, tmp_path / "a", FAMILY_STAGES), log=quiet) as a:
+        assert [(s.operator, s.ramp_steps) for s in a.stages] == [("msg", 0), ("zero", 4), ("clone", 0), ("stack", 0)]
+        a.train()
     growths = [r for r in read_metrics(tmp_path / "a") if r["kind"] == "growth"]
     assert [g["operator"] for g in growths] == ["zero", "clone", "stack"]
     for g in growths[:2]:
         assert g["loss_after"] == pytest.approx(g["loss_before"], rel=1e-6)
     assert abs(growths[2]["loss_after"] - growths[2]["loss_before"]) > 1e-3
-    b_cfg = staged_config(tiny_data, tmp_path / "b", FAMILY_STAGES)
-    first = Trainer(b_cfg, log=quiet)
-    first.train(until_step=8)  # stage 2 from step 6: the statistics ramp at c = 2/4
-    assert first.ramp.operator == "zero" and first.model.norm_mask is not None
-    second = Trainer(b_cfg, log=quiet)
-    assert second.resume("auto") and second.step == 8 and second.ramp.c == 0.5 and second.model.norm_mask is not None
-    second.train()
+    b_cfg = staged_config(tiny, tmp_path / "b", FAMILY_STAGES)
+    with Trainer(b_cfg, log=quiet) as first:
+        first.train(until_step=8)  # stage 2 from step 6: the statistics ramp at c = 2/4
+        assert first.ramp.operator == "zero" and first.model.norm_mask is not None
+    with Trainer(b_cfg, log=quiet) as second:
+        assert second.resume("auto") and second.step == 8 and second.ramp.c == 0.5
+        assert second.model.norm_mask is not None
+        second.train()
     for (name, p), (_, q) in zip(a.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(p, q), name
 
 
-def test_flm_grow_takes_the_family(tiny_data, tmp_path):
+def test_flm_grow_takes_the_family(tiny, tmp_path):
     """Offline growth runs the same routine: `grow_checkpoint` with operator "zero" writes a ramp naming the family,
     and the grown checkpoint, loaded for inference, computes the small model's function; "clone" writes no ramp."""
     from flm.inference import load_for_inference
     from flm.train import Trainer
     from flm.offline_growth import grow_checkpoint
 
-    cfg = staged_config(tiny_data, tmp_path / "small", "")
+    cfg = staged_config(tiny, tmp_path / "small")
     cfg.stages, cfg.train.max_steps = [], 3
-    Trainer(cfg, log=lambda *_: None).train()
+    with Trainer(cfg, log=lambda *_: None) as trainer:
+        trainer.train()
     small, _, _ = load_for_inference(tmp_path / "small")
     x = torch.randint(0, 512, (2, 20))
     for family, ramp in (("zero", 5), ("clone", None)):
