@@ -43,7 +43,7 @@ def test_config_round_trips_through_dict():
     ("[train]\ndtype = 'fp8'\n", "train.dtype must be"),
     ("[train]\nlr = 1e-3\nmin_lr = 1e-2\n", "train.min_lr must be in [0, lr]"),
     ("[train\n", "config error"),
-    ("[model]\narch = 'gpt'\n", "model.arch must be one of ('flm',), got 'gpt'"),
+    ("[model]\narch = 'gpt'\n", "model.arch must be one of ('flm', 'llama'), got 'gpt'"),
 ])
 def test_bad_configs_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(FlmError) as e:
@@ -128,7 +128,7 @@ def test_the_growable_shape_is_declared_once():
     from flm.config import ModelConfig, StageConfig
     from flm.config.shape import SHAPE_FIELDS, SHAPE_KEYS
 
-    assert SHAPE_KEYS == ("n_layers", "d_model", "n_heads", "d_ff")
+    assert SHAPE_KEYS == ("n_layers", "d_model", "n_heads", "d_ff", "n_kv_heads")
     for field in SHAPE_FIELDS:
         assert field.key in {f.name for f in dataclasses.fields(StageConfig)}
         assert field.key in {f.name for f in dataclasses.fields(ModelConfig)} and hasattr(ModelConfig(), field.attr)
@@ -138,4 +138,6 @@ def test_the_growable_shape_is_declared_once():
         setattr(cfg.stages[1], field.key, 2 * before)
         first, second = cfg.stage_models()
         changed = [f.key for f in SHAPE_FIELDS if getattr(first, f.attr) != getattr(second, f.attr)]
-        assert changed == [field.key] and getattr(second, field.attr) == 2 * before
+        # An unset n_kv_heads is n_heads (every FLM model): its key/value heads follow its heads.
+        follows = ["n_kv_heads"] if field.key == "n_heads" else []
+        assert changed == [field.key, *follows] and getattr(second, field.attr) == 2 * before

@@ -184,7 +184,9 @@ def test_auto_tokenizer_encodes_like_ours(exported, tok):
 
 def test_config_maps_every_model_field():
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert fields == set(CONFIG_KEYS) | {"d_ff", "arch"}  # the architecture is config.json's model_type
+    # The architecture is config.json's model_type; FLM has no grouped-query attention, always has biases and is
+    # always FLMForCausalLM, so the llama arch's n_kv_heads, qkv_bias and hf_class are not in its config.json.
+    assert fields == set(CONFIG_KEYS) | {"d_ff", "arch", "n_kv_heads", "qkv_bias", "hf_class"}
 
 
 def test_arch_is_the_model_type():

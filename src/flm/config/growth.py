@@ -63,6 +63,7 @@ class _Shape(Protocol):
     d_model: int
     n_heads: int
     ffn_dim: int
+    kv_heads: int
     tie_embeddings: bool
 
 

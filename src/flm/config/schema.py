@@ -14,7 +14,11 @@ from flm.errors import FlmError
 
 # The model architectures a config may name; flm.model.build_model maps each to its class (a test checks both
 # name the same ones). Declared here because the config is validated without importing torch.
-ARCHS = ("flm",)
+# "flm": the GPT-3-style FLM block (REFERENCE.md §1); "llama": the Llama family (RMSNorm, SwiGLU, plain RoPE,
+# grouped-query attention; Mistral and Qwen2 checkpoints too: REFERENCE.md §10, docs/llama.md).
+ARCHS = ("flm", "llama")
+# The stock transformers classes a llama-arch model is exported as (`model.hf_class`; flm.export.llama).
+HF_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 @dataclass
@@ -30,6 +34,9 @@ class ModelConfig:
     d_model: int = 128
     n_heads: int = 4
     head_dim: int = 32
+    # Key/value heads of grouped-query attention ("llama"): each serves n_heads / n_kv_heads query heads.
+    # None: n_heads (plain multi-head attention, the only kind "flm" has).
+    n_kv_heads: int | None = None
     d_ff: int | None = None  # None: 4 * d_model
     vocab_size: int | None = None  # None: taken from the prepared data's tokenizer
     max_seq_len: int = 256
@@ -46,6 +53,11 @@ class ModelConfig:
     # and the readout above; false: standard parametrization (every multiplier 1).
     mup: bool = False
     zero_query: bool = False  # initialise the query rows of QKV to zero (attention starts uniform)
+    # "llama" only (FLM has biases on every linear layer): biases on the q, k and v projections, as Qwen2 has.
+    qkv_bias: bool = False
+    # "llama" only: the transformers class `flm export hf` writes (HF_CLASSES), recorded by `flm import hf`;
+    # None: Qwen2ForCausalLM with qkv_bias, else LlamaForCausalLM.
+    hf_class: str | None = None
 
     @property
     def ffn_dim(self) -> int:
@@ -54,6 +66,15 @@ class ModelConfig:
     @property
     def attn_dim(self) -> int:
         return self.n_heads * self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when unset."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
 
     def validate(self) -> None:
         _require(self.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {self.arch!r}")
@@ -68,6 +89,18 @@ class ModelConfig:
         _require(self.rope_theta > 1, f"model.rope_theta must be > 1, got {self.rope_theta}")
         _require(self.xpos_scale_base > 0, f"model.xpos_scale_base must be positive, got {self.xpos_scale_base}")
         _require(self.output_mult > 0, f"model.output_mult must be positive, got {self.output_mult}")
+        _require(self.n_kv_heads is None or self.n_kv_heads > 0, f"model.n_kv_heads must be positive, got {self.n_kv_heads}")
+        _require(self.n_heads % self.kv_heads == 0,
+                 f"model.n_kv_heads ({self.kv_heads}) must divide model.n_heads ({self.n_heads})")
+        if self.arch == "flm":
+            _require(self.kv_heads == self.n_heads, f"model.n_kv_heads ({self.n_kv_heads}) must be unset or equal "
+                                                    f"model.n_heads ({self.n_heads}) for arch 'flm' (no grouped-query attention)")
+            _require(not self.qkv_bias, "model.qkv_bias is for arch 'llama' (every linear layer of 'flm' has a bias)")
+            _require(self.hf_class is None, "model.hf_class is for arch 'llama' ('flm' exports as FLMForCausalLM)")
+        _require(self.hf_class is None or self.hf_class in HF_CLASSES,
+                 f"model.hf_class must be one of {HF_CLASSES}, got {self.hf_class!r}")
+        _require(not (self.qkv_bias and self.hf_class in ("LlamaForCausalLM", "MistralForCausalLM")),
+                 f"model.qkv_bias: {self.hf_class} has no q/k/v-only biases (Qwen2ForCausalLM has)")
 
 
 _SOURCE_KINDS = ("text", "instruct", "teacher")
@@ -236,6 +269,7 @@ class StageConfig:
     d_model: int | None = None
     n_heads: int | None = None
     d_ff: int | None = None
+    n_kv_heads: int | None = None
     tokens: int = 0  # training tokens in this stage
     lr: float | None = None  # peak LR at the stage start (None: train.lr in stage 1, inherited after)
     warmup_steps: int = 0  # (re-)warmup at the stage start

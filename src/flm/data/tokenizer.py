@@ -32,6 +32,10 @@ _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                   r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 HF_FILE = "tokenizer.json"
+# Files of a Hugging Face tokenizer folder kept beside tokenizer.json and carried wherever the tokenizer goes
+# (prepared data, checkpoints, exports): transformers' AutoTokenizer reads its class, special tokens and chat
+# template from them. flm reads only the eos_token, as the document separator.
+HF_EXTRA_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 TIKTOKEN_FILE = "tokenizer.tiktoken"
 TIKTOKEN_META = "tokenizer_tiktoken.json"
 
@@ -40,12 +44,15 @@ class Tokenizer:
     """Text <-> ids for one backend: an HF `tokenizers.Tokenizer` or a `tiktoken.Encoding`.
 
     `spec` says where it came from ("bpe", a tokenizer.json path or "tiktoken:PATH"); `vocab_size` counts every
-    id it can emit, specials included, so it sizes the embedding.
+    id it can emit, specials included, so it sizes the embedding. `hf_files`: the HF_EXTRA_FILES found beside a
+    loaded tokenizer.json (name -> text), saved with it.
     """
 
-    def __init__(self, backend: HFTokenizer | tiktoken.Encoding, spec: str, tiktoken_path: Path | None = None):
+    def __init__(self, backend: HFTokenizer | tiktoken.Encoding, spec: str, tiktoken_path: Path | None = None,
+                 hf_files: dict[str, str] | None = None):
         self.spec = spec
         self._tiktoken_path = tiktoken_path
+        self.hf_files = dict(hf_files or {})
         # Threads of tiktoken's batch encoding (its default); HF tokenizers follow TOKENIZERS_PARALLELISM instead.
         self.threads = 8
         self._use(backend)
@@ -58,7 +65,7 @@ class Tokenizer:
             backend.encode_special_tokens = True
             vocab = backend.get_vocab(with_added_tokens=True)
             self.vocab_size = max(vocab.values()) + 1
-            eot = next((vocab[t] for t in _EOT_CANDIDATES if t in vocab), None)
+            eot = next((vocab[t] for t in (*self._declared_eos(), *_EOT_CANDIDATES) if t in vocab), None)
             if eot is None:
                 raise FlmError(f"tokenizer {self.spec} has no end-of-text token "
                                f"(looked for {', '.join(_EOT_CANDIDATES)})")
@@ -70,6 +77,31 @@ class Tokenizer:
             labels = [backend.encode_single_token(t) if t in backend.special_tokens_set else None for t in LABELS]
         # (TRUE id, FALSE id) once `add_label_tokens` ran (or the loaded tokenizer had them), else None.
         self.label_ids: tuple[int, int] | None = None if None in labels else (labels[0], labels[1])
+
+    def declared_token(self, key: str) -> str | None:
+        """The token a carried tokenizer_config.json names under `key` ("bos_token", "eos_token"), if any."""
+        try:
+            token = json.loads(self.hf_files.get(HF_EXTRA_FILES[0], "{}")).get(key)
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        token = token.get("content") if isinstance(token, dict) else token
+        return token if isinstance(token, str) else None
+
+    def token_id(self, token: str | None) -> int | None:
+        """The id of special or ordinary token `token` (None if the vocabulary lacks it)."""
+        if token is None:
+            return None
+        if isinstance(self._backend, HFTokenizer):
+            return self._backend.token_to_id(token)
+        try:
+            return self._backend.encode_single_token(token)
+        except KeyError:
+            return None
+
+    def _declared_eos(self) -> list[str]:
+        """A carried tokenizer_config.json's eos_token (a Llama-family folder's own document end), if any."""
+        eos = self.declared_token("eos_token")
+        return [eos] if eos is not None else []
 
     def add_label_tokens(self) -> None:
         """Append the two teacher-signal label tokens (ids vocab_size and vocab_size + 1); no-op if present."""
@@ -101,7 +133,9 @@ class Tokenizer:
     @property
     def files(self) -> tuple[str, ...]:
         """The names `save` writes."""
-        return (HF_FILE,) if isinstance(self._backend, HFTokenizer) else (TIKTOKEN_FILE, TIKTOKEN_META)
+        if isinstance(self._backend, HFTokenizer):
+            return (HF_FILE, *sorted(self.hf_files))
+        return (TIKTOKEN_FILE, TIKTOKEN_META)
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
@@ -116,6 +150,8 @@ class Tokenizer:
         if isinstance(self._backend, HFTokenizer):
             (directory / TIKTOKEN_META).unlink(missing_ok=True)  # it would take precedence when reloading
             self._backend.save(str(directory / HF_FILE))
+            for name, text in self.hf_files.items():
+                (directory / name).write_text(text, encoding="utf-8")
             return
         assert self._tiktoken_path is not None
         if self._tiktoken_path.resolve() != (directory / TIKTOKEN_FILE).resolve():
@@ -137,7 +173,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """`spec` is a tokenizer.json path (or a folder holding one) or "tiktoken:PATH" to a local rank file."""
+    """`spec` is a tokenizer.json path (or a folder holding one) or "tiktoken:PATH" to a local rank file. The
+    HF_EXTRA_FILES beside a tokenizer.json (a Hugging Face model folder's) come with it."""
     if spec.startswith("tiktoken:"):
         return _load_tiktoken(Path(spec.removeprefix("tiktoken:")), spec)
     path = Path(spec)
@@ -149,7 +186,14 @@ def load_tokenizer(spec: str) -> Tokenizer:
         backend = HFTokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise FlmError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from e
-    return Tokenizer(backend, spec=spec)
+    extra = {}
+    for name in HF_EXTRA_FILES:
+        if (path.parent / name).is_file():
+            try:
+                extra[name] = (path.parent / name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise FlmError(f"cannot read {path.parent / name}: {e}") from None
+    return Tokenizer(backend, spec=spec, hf_files=extra)
 
 
 def load_tokenizer_dir(directory: str | Path) -> Tokenizer:

@@ -1,5 +1,9 @@
 """`flm export hf` and `flm import hf`: checkpoints <-> Hugging Face folders loadable with `trust_remote_code`.
 
+This module is the FLM architecture's side and the entry point of both commands; a llama-arch checkpoint and a
+stock Llama-family folder (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM: no remote code) are handled
+by flm.export.llama_hf, chosen by the checkpoint's model.arch and by config.json.
+
 An exported folder holds `config.json` (with `auto_map` pointing at the bundled `configuration_flm.py` and
 `modeling_flm.py`), the weights (`model.safetensors`, or shards and `model.safetensors.index.json`),
 `generation_config.json`, the tokenizer (`tokenizer.json` + `tokenizer_config.json`) and `flm_training.json`
@@ -128,13 +132,19 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_size: str =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_weights(CheckpointReader(ckpt), cfg, tmp, max_bytes, DTYPES[dtype])
-        write_tokenizer(tok, cfg, tmp)
-        _write_json(tmp / "config.json", hf_config(cfg, tok.eot_id, dtype))
-        _write_json(tmp / "generation_config.json", generation_config(cfg, tok))
-        _write_json(tmp / TRAINING_FILE, {k: v for k, v in meta.items() if k not in ("format", "ramp")})
-        for name, source_file in CODE_FILES.items():
-            shutil.copyfile(source_file, tmp / name)
+        if cfg.arch == "llama":  # a stock transformers folder, without flm's code
+            from flm.export.llama_hf import write_stock_folder, write_stock_tokenizer
+
+            write_stock_folder(CheckpointReader(ckpt), cfg, tok, tmp, max_bytes, DTYPES[dtype], dtype)
+            write_stock_tokenizer(tok, cfg, tmp)
+        else:
+            write_weights(CheckpointReader(ckpt), cfg, tmp, max_bytes, DTYPES[dtype])
+            write_tokenizer(tok, cfg, tmp)
+            _write_json(tmp / "config.json", hf_config(cfg, tok.eot_id, dtype))
+            _write_json(tmp / "generation_config.json", generation_config(cfg, tok))
+            _write_json(tmp / TRAINING_FILE, {k: v for k, v in meta.items() if k not in ("format", "ramp")})
+            for name, source_file in CODE_FILES.items():
+                shutil.copyfile(source_file, tmp / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -281,7 +291,8 @@ def tiktoken_as_hf(ranks: dict[bytes, int], eot_id: int, with_labels: bool = Fal
 
 # ---- import ----------------------------------------------------------------------------------------------------
 def import_hf(source: str | Path, out_run_dir: str | Path) -> Path:
-    """Build an flm checkpoint under `out_run_dir/checkpoints/` from an exported folder; returns it.
+    """Build an flm checkpoint under `out_run_dir/checkpoints/` from an exported folder; returns it. A stock
+    Llama-family folder is imported by flm.export.llama_hf.import_stock (streamed, with a run config).
 
     Weights are copied exactly (fp32 exports round-trip bit for bit; bf16 ones are widened to fp32). The optimizer
     state is fresh (Adam moments at zero): an export does not carry it. With `flm_training.json` the checkpoint
@@ -291,7 +302,13 @@ def import_hf(source: str | Path, out_run_dir: str | Path) -> Path:
     src = Path(source)
     if not (src / "config.json").is_file():
         raise FlmError(f"no config.json in {src}: not a Hugging Face model folder")
-    cfg = model_config_from_hf(_read_json(src / "config.json"))
+    hf = _read_json(src / "config.json")
+    if hf.get("model_type") != "flm":
+        from flm.export.llama_hf import import_stock, stock_class
+
+        if stock_class(hf) is not None:
+            return import_stock(src, out_run_dir, hf)
+    cfg = model_config_from_hf(hf)
     meta = _training_meta(src, cfg)
     cfg = model_config_from_dict(meta["model"])
     tok = load_tokenizer_dir(src)

@@ -9,7 +9,7 @@ import hashlib
 import torch
 
 from flm.config import ModelConfig
-from flm.model.flm import init_parameter
+from flm.model.registry import init_parameter
 
 
 def growth_seed(seed: int, index: int, name: str) -> int:

@@ -62,6 +62,8 @@ def layer_sources(old_layers: int, new_layers: int, mode: str) -> list[LayerSour
 
 def check_growable(old: ModelConfig, new: ModelConfig, operator: str = "msg", new_layers: str | None = None) -> None:
     """Refuse changes that no growth can make or that family `operator` cannot make, with the reason."""
+    if old.arch != "flm":  # the one place growth checks shapes: every entry point passes here first
+        raise FlmError(f"growth of model.arch {old.arch!r} is not supported yet")
     for name in (f.attr for f in SHAPE_FIELDS):
         if getattr(new, name) < getattr(old, name):
             raise FlmError(f"growth cannot shrink {name} ({getattr(old, name)} -> {getattr(new, name)})")

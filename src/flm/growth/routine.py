@@ -27,7 +27,7 @@ from flm.growth.fresh import perturbed_copy
 from flm.growth.masks import Ramp, apply_masks
 from flm.growth.operators import LayerSource, check_growable, layer_sources, source_name
 from flm.model import FLM, build_model
-from flm.model.flm import init_order
+from flm.model.registry import init_order
 
 
 @dataclass

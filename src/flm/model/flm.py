@@ -47,10 +47,13 @@ def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor | None,
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding: [layers, batch, heads, max_len, head_dim]."""
+    """Preallocated keys and values for incremental decoding: [layers, batch, key/value heads, max_len, head_dim]
+    (FLM: as many as its heads; the llama arch's grouped-query attention: n_kv_heads)."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.max_seq_len, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 max_len: int | None = None):
+        """`max_len`: the positions to hold (default the model's context, model.max_seq_len)."""
+        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions already filled

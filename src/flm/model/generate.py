@@ -1,4 +1,4 @@
-"""Sampling from an FLM with a KV cache: greedy, temperature, top-k and top-p."""
+"""Sampling from a model (either architecture) with a KV cache: greedy, temperature, top-k and top-p."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def generate(model: FLM, prompt: list[int], max_new_tokens: int, temperature: fl
     model.eval()
     device = model.embed.weight.device
     tokens = list(prompt[-(cfg.max_seq_len - max_new_tokens):])
-    cache = KVCache(cfg, 1, device, model.embed.weight.dtype) if use_cache else None
+    # As long as this generation needs: imported models' contexts reach 128k positions.
+    cache = KVCache(cfg, 1, device, model.embed.weight.dtype, len(tokens) + max_new_tokens) if use_cache else None
     pending = tokens
     out: list[int] = []
     for _ in range(max_new_tokens):

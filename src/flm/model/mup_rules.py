@@ -1,11 +1,11 @@
 """The μP rules (REFERENCE.md §3), as functions of the model config and a parameter's name only.
 
 With `width_mult = d_model / base_width` under μP (1 under standard parametrization):
-- hidden matrices (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) are initialised with variance
-  init_std² / width_mult and trained with Adam LR lr / width_mult; their weight decay is multiplied
-  by width_mult so that the per-step decay lr·wd does not depend on the width;
-- vector-like parameters (embedding, LM head, biases, LayerNorm) keep a width-independent init and LR:
-  the readout multiplier output_mult / width_mult is what makes the head vector-like under Adam.
+- hidden matrices (attn.qkv, attn.proj, mlp.fc1, mlp.fc2; the llama arch's q/k/v/o and gate/up/down projections)
+  are initialised with variance init_std² / width_mult and trained with Adam LR lr / width_mult; their weight
+  decay is multiplied by width_mult so that the per-step decay lr·wd does not depend on the width;
+- vector-like parameters (embedding, LM head, biases, LayerNorm and RMSNorm gains) keep a width-independent init
+  and LR: the readout multiplier output_mult / width_mult is what makes the head vector-like under Adam.
 
 Nothing is stored on tensors: model init, optimizer groups and growth all ask these functions, so
 the numbers stay plain floats that FSDP and torch.compile never see, and a grown model gets its new
@@ -19,8 +19,12 @@ import math
 
 from flm.config import ModelConfig
 
-HIDDEN_MATRICES = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
-RESIDUAL_WRITERS = ("attn.proj.weight", "mlp.fc2.weight")  # GPT-2/3: init scaled by 1/sqrt(2L)
+# By name, for both architectures: FLM's (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and the llama arch's.
+HIDDEN_MATRICES = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight",
+                   "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.o_proj.weight",
+                   "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+# GPT-2/3: init scaled by 1/sqrt(2L)
+RESIDUAL_WRITERS = ("attn.proj.weight", "mlp.fc2.weight", "attn.o_proj.weight", "mlp.down_proj.weight")
 VECTOR_MATRICES = ("embed.weight", "lm_head.weight")
 
 

@@ -1,5 +1,6 @@
-"""Rotary positions with xPos decay: the one definition, used by flm's model and copied verbatim into every
-Hugging Face export (`flm export hf` writes this very file next to `modeling_flm.py`), so the two cannot drift.
+"""Rotary positions with xPos decay, and plain RoPE for the Llama family (`rope_tables`): the one definition, used
+by flm's models and copied verbatim into every FLM Hugging Face export (`flm export hf` writes this very file next
+to `modeling_flm.py`), so the two cannot drift.
 
 It imports only torch on purpose: an exported folder must load without flm installed.
 """
@@ -31,6 +32,20 @@ def xpos_tables(head_dim: int, n_positions: int, theta: float, scale_base: float
     cos, sin = torch.cos(angle), torch.sin(angle)
     tables = (cos * scale, sin * scale, cos / scale, sin / scale)
     return tuple(torch.cat([t, t], dim=-1).float().to(device) for t in tables)
+
+
+def rope_tables(head_dim: int, n_positions: int, theta: float,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain rotary tables (no decay), as the Llama family computes them: (cos, sin), float32 [n_positions, head_dim].
+
+    The same pairs (i, i + head_dim/2) and angles n·θ_i as `xpos_tables`, but computed in float32 step by step as
+    transformers' LlamaRotaryEmbedding does (θ_i = 1 / theta^(2i/d) in float32, the angle a float32 product), so
+    an imported model's rotations are bit for bit those of the model it came from. On the CPU, like `xpos_tables`.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angle = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angle = torch.cat([angle, angle], dim=-1)
+    return angle.cos().to(device), angle.sin().to(device)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from flm.config import ModelConfig, TrainConfig
 from flm.growth import LayerSource, grow_tensors
 from flm.growth.routine import parameter_shapes
 from flm.model import FLM
-from flm.model.flm import init_order, init_parameter
+from flm.model.registry import init_order, init_parameter
 from flm.parallel.pipeline import owner_stage
 from flm.train.optim import build_optimizer
 

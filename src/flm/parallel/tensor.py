@@ -1,9 +1,10 @@
-"""Tensor parallelism for FLM with DTensor (`parallelize_module`), Megatron-style.
+"""Tensor parallelism for FLM and the llama arch with DTensor (`parallelize_module`), Megatron-style.
 
 In each block the fused QKV and the first FFN matrix are split by output rows (whole heads, whole FFN
 units: the QKV rows are laid out head by head), the attention output projection and the second FFN
-matrix by input columns, so each block costs two all-reduces forward and two backward. The embedding
-is split by vocabulary rows, the LM head by vocabulary rows too, with the loss computed on the
+matrix by input columns (llama: q, k, v, gate and up by rows, with tp dividing the key/value heads too, so
+each rank's query heads find their key/value heads on the same rank; o and down by columns), so each block
+costs two all-reduces forward and two backward. The embedding is split by vocabulary rows, the LM head by vocabulary rows too, with the loss computed on the
 vocabulary-sharded logits (`loss_parallel`), so no rank ever holds a full [tokens, vocab] matrix.
 
 With sequence parallelism the residual stream between the matrix multiplications is a DTensor split
@@ -27,10 +28,20 @@ from flm.model import FLM
 from flm.model.flm import held_blocks
 
 
+# Each architecture's block plan: the linear layers split by output rows (colwise: whole heads, whole FFN units),
+# then those split by input columns (rowwise: their outputs are summed over the tp ranks).
+BLOCK_PLANS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "flm": (("attn.qkv", "mlp.fc1"), ("attn.proj", "mlp.fc2")),
+    "llama": (("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+              ("attn.o_proj", "mlp.down_proj")),
+}
+
+
 def check_tensor_parallel(cfg: ModelConfig, tp: int, seq_len: int, sequence_parallel: bool) -> None:
-    """Every split must be whole: heads, FFN units, vocabulary rows (and tokens, with sequence parallelism)."""
-    for what, size in (("model.n_heads", cfg.n_heads), ("the FFN width", cfg.ffn_dim),
-                       ("model.vocab_size", cfg.vocab_size)):
+    """Every split must be whole: heads, key/value heads, FFN units, vocabulary rows (and tokens, with sequence
+    parallelism)."""
+    for what, size in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.kv_heads),
+                       ("the FFN width", cfg.ffn_dim), ("model.vocab_size", cfg.vocab_size)):
         if size % tp:
             raise FlmError(f"tensor parallelism tp={tp} must divide {what} ({size})")
     if sequence_parallel and seq_len % tp:
@@ -44,13 +55,10 @@ def apply_tensor_parallel(model: FLM, mesh: DeviceMesh, sequence_parallel: bool)
     if model.embed is not None:
         parallelize_module(model.embed, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=stream,
                                                               use_local_output=keep))
+    colwise, rowwise = BLOCK_PLANS[model.cfg.arch]
     for block in held_blocks(model).values():
-        plan = {
-            "attn.qkv": ColwiseParallel(),
-            "attn.proj": RowwiseParallel(output_layouts=stream, use_local_output=keep),
-            "mlp.fc1": ColwiseParallel(),
-            "mlp.fc2": RowwiseParallel(output_layouts=stream, use_local_output=keep),
-        }
+        plan = {name: ColwiseParallel() for name in colwise}
+        plan.update({name: RowwiseParallel(output_layouts=stream, use_local_output=keep) for name in rowwise})
         if sequence_parallel:  # gather the tokens before attention and the FFN; their insides stay local
             plan["attn"] = PrepareModuleInput(input_layouts=(stream, None, None, None),  # (x, rope, cache, layer)
                                               desired_input_layouts=(Replicate(), None, None, None),

@@ -17,7 +17,11 @@ Models", bytes per layer and micro-batch (s sequence, b micro-batch, h d_model, 
     full recomputation:      2·s·b·h per layer (its input; /t with sequence parallel), plus one layer
                              rebuilt without recomputation during its backward pass.
 The formulas assume a 4·h FFN, a·head_dim = h and stored dropout masks (all FLM presets; an upper bound
-when dropout is 0). FlashAttention stores no s×s matrices, which is what selective recomputation saves.
+when dropout is 0). For the llama arch the 24/t term is counted from the shapes instead (A = attention width
+n_heads·head_dim, K = key/value width n_kv_heads·head_dim, f = FFN units, bytes per token): Q and K for QKᵀ
+(2A + 2K), V (2K), the output projection's input (2A), and SwiGLU's gate and up outputs, silu(gate) and the down
+projection's input (4·2f), i.e. (4A + 4K + 8f)/h in place of 24 (which it equals at A = K = h with a 4·h GELU
+FFN's 16h: 8 + 16). FlashAttention stores no s×s matrices, which is what selective recomputation saves.
 With the 1F1B pipeline schedule the first stage holds PP micro-batches of L/PP layers in flight, so it
 always stores L layers' worth (their eq. 4); it is the most loaded stage, and the one reported. With
 PP = 1 it also holds the fp32 logits of one micro-batch (4·s·b·V/t bytes) for the loss.
@@ -71,6 +75,8 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
     """Megatron's constraints: TP splits whole heads, and every pipeline stage gets at least one layer."""
     if cfg.n_heads % layout.tp:
         raise FlmError(f"tp={layout.tp} does not divide n_heads={cfg.n_heads}")
+    if cfg.kv_heads % layout.tp:
+        raise FlmError(f"tp={layout.tp} does not divide n_kv_heads={cfg.kv_heads}")
     if layout.pp > cfg.n_layers:
         raise FlmError(f"pp={layout.pp} exceeds n_layers={cfg.n_layers}")
 
@@ -90,7 +96,8 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, layout: Layout, r
     t, sp = layout.tp, layout.sequence_parallel
     if recompute == "full":
         return 2.0 * sbh / (t if sp else 1)
-    linear = 34.0 / t if sp else 10.0 + 24.0 / t
+    split = 24.0 if cfg.arch == "flm" else (4.0 * cfg.attn_dim + 4.0 * cfg.kv_dim + 8.0 * cfg.ffn_dim) / cfg.d_model
+    linear = (10.0 + split) / t if sp else 10.0 + split / t
     attention = 5.0 * cfg.n_heads * seq_len / (cfg.d_model * t) if recompute == "none" else 0.0
     return sbh * (linear + attention)
 

@@ -303,7 +303,9 @@ class Trainer:
         lines = []
         for s in self.stages:
             c = s.model
-            lines.append(f"stage {s.index + 1}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads x "
+            kv = f" ({c.kv_heads} key/value)" if c.kv_heads != c.n_heads else ""
+            arch = "" if c.arch == "flm" else f" ({c.arch})"
+            lines.append(f"stage {s.index + 1}{arch}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads{kv} x "
                          f"{c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}: {param_count(c) / 1e6:.2f}M parameters; "
                          f"steps {s.start}-{s.end} x {s.grad_accum * tc.batch_size * tc.seq_len:,} tokens, "
                          f"lr {s.lr_start:.2e} -> {s.lr_end:.2e}"

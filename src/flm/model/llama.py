@@ -1,0 +1,251 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2), for one device, readable top to bottom (REFERENCE.md §10).
+
+Block: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x)), a final RMSNorm, then the LM head (tied or untied) times flm's
+μP readout multiplier (1 without μP, so an imported model computes exactly what transformers computes).
+- RMSNorm normalises in float32 whatever the input's precision and multiplies its gain afterwards, in the same
+  order of operations as transformers' LlamaRMSNorm (an fp64 model therefore normalises in fp32 too, as there).
+  Its eps is `model.ln_eps` (the one norm epsilon of every arch; config.json's rms_norm_eps).
+- Attention: q/k/v projections (biases only with `qkv_bias`, Qwen2), plain RoPE on q and k (flm.model.xpos's
+  `rope_tables`, θ = `model.rope_theta`; no xPos decay), grouped-query attention with `n_kv_heads` key/value heads
+  (query head h reads key/value head h // (n_heads / n_kv_heads), as transformers' repeat_kv), softmax scale
+  head_dim^-0.5, and an output projection without bias.
+- MLP (SwiGLU): down(silu(gate(x)) * up(x)), no biases, d_ff units.
+
+It offers what growth, parallelism and the trainers use of FLM (flm.model.flm): `blocks` with the same forward
+signature, the pipeline pieces `rope`/`embed_tokens`/`logits`, `init_rotary`, `init_weights`, the module-level
+`init_order` / `init_parameter` (asked through flm.model.registry), flm.model.flm's KV cache, and the growth mask
+buffers, which are None in an ordinary model. Where set, they act as in FLM: `hidden_mask` multiplies every
+write to the residual stream and the norms' statistics are mask-weighted (RMS over the masked coordinates), a
+new block's `gate` blends it with its input, `head_mask` scales each query head's output and `unit_mask` the
+FFN units' gate pre-activation (silu(0) = 0). Growing a llama model is not supported yet
+(flm.growth.check_growable refuses it); the buffers are its seam.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flm.config import ModelConfig
+from flm.errors import FlmError
+from flm.model.flm import KVCache, lm_loss
+from flm.model.mup_rules import init_std, readout_multiplier
+from flm.model.xpos import apply_rotary, rope_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                stats_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """weight · x / sqrt(mean(x²) + eps), the statistics in float32. With a hidden-width mask (growth), the mean
+        of squares is Σ m·x² / Σ m and the output is masked; with `stats_mask` only the statistics are weighted."""
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        m = mask if mask is not None else stats_mask
+        if m is None:
+            var = h.pow(2).mean(-1, keepdim=True)
+        else:
+            var = (h.pow(2) * m).sum(-1, keepdim=True) / m.sum()
+        h = h * torch.rsqrt(var + self.eps)
+        out = self.weight * h.to(dtype)
+        return out * mask if mask is not None else out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.attn_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.register_buffer("head_mask", None, persistent=False)  # [n_heads] while new heads ramp in
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        # -1 heads: under tensor parallelism this module holds a slice of the query and of the key/value heads.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
+        gqa = q.shape[1] != k.shape[1]  # key/value head j serves query heads j·g .. j·g + g - 1
+        scale = self.head_dim ** -0.5
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            # Query i sits at absolute position start+i and may see keys 0..start+i.
+            mask = None
+            if T > 1:
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                               enable_gqa=gqa)
+        if self.head_mask is not None:
+            y = y * self.head_mask.view(1, -1, 1, 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.register_buffer("unit_mask", None, persistent=False)  # [ffn_dim] while new units ramp in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        if self.unit_mask is not None:
+            g = g * self.unit_mask  # silu(0) = 0: masked units output nothing
+        return self.down_proj(F.silu(g) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm: x += Attn(RMSNorm1(x)); x += MLP(RMSNorm2(x)). The norms are named ln1/ln2 as FLM's, so that
+    tensor and pipeline parallelism address both architectures' blocks alike."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = RMSNorm(cfg.d_model, cfg.ln_eps)
+        self.attn = Attention(cfg)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.ln_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("gate", None, persistent=False)  # scalar c for a newly added block
+        self.register_buffer("norm_mask", None, persistent=False)  # [d_model]: norm statistics only
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], hidden_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x_in = x
+        a = self.drop(self.attn(self.ln1(x, hidden_mask, self.norm_mask), rope, cache, layer))
+        x = x + (a if hidden_mask is None else a * hidden_mask)
+        m = self.drop(self.mlp(self.ln2(x, hidden_mask, self.norm_mask)))
+        x = x + (m if hidden_mask is None else m * hidden_mask)
+        if self.gate is not None:
+            x = x_in + self.gate * (x - x_in)
+        return x
+
+
+def block_params(cfg: ModelConfig) -> tuple[str, ...]:
+    """A block's parameter names (inside the block), in initialisation order."""
+    attn = [f"attn.{p}_proj.{w}" for p in "qkv" for w in (("weight", "bias") if cfg.qkv_bias else ("weight",))]
+    return ("ln1.weight", *attn, "attn.o_proj.weight", "ln2.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+            "mlp.down_proj.weight")
+
+
+def init_order(cfg: ModelConfig) -> list[str]:
+    """Every parameter's name, in the order initialisation draws their random numbers (as flm.model.flm's)."""
+    head = [] if cfg.tie_embeddings else ["lm_head.weight"]
+    blocks = [f"blocks.{i}.{p}" for i in range(cfg.n_layers) for p in block_params(cfg)]
+    return ["embed.weight", *head, *blocks, "ln_f.weight"]
+
+
+@torch.no_grad()
+def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initialise parameter `name` in place and return it: matrices ~ N(0, σ) with σ from
+    flm.model.mup_rules.init_std (the residual writers o_proj and down_proj also divided by sqrt(2L)), biases 0,
+    RMSNorm gains 1; with `zero_query`, q_proj is 0."""
+    local = name.split(".", 2)[2] if name.startswith("blocks.") else name
+    if local.endswith("bias"):
+        return t.zero_()
+    if local.startswith("ln"):  # ln1, ln2, ln_f: gain 1
+        return t.fill_(1.0)
+    t.normal_(0.0, init_std(cfg, local), generator=generator)
+    if cfg.zero_query and local == "attn.q_proj.weight":
+        t.zero_()
+    return t
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama-family language model. `forward(tokens, targets)` -> (logits, loss or None)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise FlmError("model.vocab_size is not set: take it from the prepared data or a preset")
+        cfg.validate()
+        if cfg.arch != "llama":
+            raise FlmError(f"model.arch {cfg.arch!r} is not 'llama'; build models with flm.model.build_model")
+        self.cfg = cfg
+        device = torch.empty(0).device  # where the model was asked for (honours `with torch.device(...)`)
+        with torch.device("meta"):  # shapes first: every value is drawn once, by init_weights
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.drop = nn.Dropout(cfg.dropout)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.ln_f = RMSNorm(cfg.d_model, cfg.ln_eps)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            for name, table in zip(("cos", "sin"), self.rotary_tables()):
+                self.register_buffer(name, table, persistent=False)
+        self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
+        self.register_buffer("norm_mask", None, persistent=False)  # [d_model]: norm statistics only
+        if device.type != "meta":
+            self.to_empty(device=device)
+        if cfg.tie_embeddings:  # after to_empty, which gives every module a tensor of its own
+            self.lm_head.weight = self.embed.weight
+        if device.type != "meta":
+            self.init_weights()
+
+    def rotary_tables(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise parameters (`init_parameter`, in `init_order`) and the rotary tables (also after `to_empty`)."""
+        self.init_rotary()
+        params = dict(self.named_parameters())
+        for name in init_order(self.cfg):
+            init_parameter(self.cfg, name, params[name])
+
+    @torch.no_grad()
+    def init_rotary(self) -> None:
+        for name, table in zip(("cos", "sin"), self.rotary_tables(self.cos.device)):
+            getattr(self, name).copy_(table)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [B, T] -> logits [B, T, V]. With targets, also the mean cross-entropy over targets != -100.
+
+        With a cache, `tokens` continue the cached sequence at position `cache.length`.
+        """
+        T = tokens.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise FlmError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        rope = self.rope(start, T)
+        x = self.embed_tokens(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, self.hidden_mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.logits(x)
+        return logits, (lm_loss(logits, targets) if targets is not None else None)
+
+    # The pieces of `forward`, also run separately by pipeline stages (flm.parallel.pipeline).
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, ...]:
+        """The rotary tables (cos, sin) for positions start..start+length-1."""
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.embed(tokens))
+        return x if self.hidden_mask is None else x * self.hidden_mask
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm, LM head and the readout multiplier (1 without μP: then exactly transformers' logits)."""
+        logits = self.lm_head(self.ln_f(x, self.hidden_mask, self.norm_mask))
+        mult = readout_multiplier(self.cfg)
+        if mult != 1.0:
+            logits = logits * mult
+        return logits
