@@ -83,15 +83,8 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer_dir(tmp_path / "nothing")
 
 
-def _rank_file(path, extra=(b"th", b"the")):
-    lines = [base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)]
-    lines += [base64.b64encode(tok) + b" %d" % (256 + i) for i, tok in enumerate(extra)]
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
-
-
-def test_tiktoken_rank_file(tmp_path):
-    path = _rank_file(tmp_path / "tiny.tiktoken")
+def test_tiktoken_rank_file(tmp_path, tiktoken_file):
+    path = tiktoken_file(tmp_path / "tiny.tiktoken")
     tok = load_tokenizer(f"tiktoken:{path}")
     assert tok.eot_id == 258 and tok.vocab_size == 259
     assert tok.encode("the") == [257]
@@ -107,10 +100,10 @@ def test_tiktoken_rank_file(tmp_path):
     assert again.encode_batch(ROUND_TRIP) == tok.encode_batch(ROUND_TRIP) and again.eot_id == 258
 
 
-def test_tiktoken_errors(tmp_path):
+def test_tiktoken_errors(tmp_path, tiktoken_file):
     with pytest.raises(FlmError, match="missing.tiktoken"):
         load_tokenizer(f"tiktoken:{tmp_path / 'missing.tiktoken'}")
-    bad = _rank_file(tmp_path / "bad.tiktoken")
+    bad = tiktoken_file(tmp_path / "bad.tiktoken")
     bad.write_bytes(bad.read_bytes() + b"this-is-not-a-rank-line\n")
     with pytest.raises(FlmError, match=r"bad\.tiktoken:259"):
         load_tokenizer(f"tiktoken:{bad}")
@@ -280,9 +273,9 @@ def test_prepare_tiny_corpus(tmp_path):
     assert sorted((tmp_path / "out").glob("*_?????.bin")) == sorted(changed.train_shards + changed.val_shards)
 
 
-def test_prepare_with_tiktoken(tmp_path):
+def test_prepare_with_tiktoken(tmp_path, tiktoken_file):
     corpus = _tiny_corpus(tmp_path / "corpus")
-    ranks = _rank_file(tmp_path / "tiny.tiktoken")
+    ranks = tiktoken_file(tmp_path / "tiny.tiktoken")
     cfg = DataConfig(corpus=str(corpus), dir=str(tmp_path / "out"), tokenizer=f"tiktoken:{ranks}", val_fraction=0.2)
     data = prepare(cfg, log=lambda _: None)
     assert (data.vocab_size, data.eot_id) == (259, 258)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from flm.config import load_config
 from flm.config.schema import DataConfig, SourceConfig
 from flm.data import load_prepared, load_tokenizer, prepare, train_bpe
 from flm.data.loader import IGNORE, LoaderSource, MixtureLoader, TokenStream, mixture_pattern
@@ -15,15 +14,12 @@ from flm.data.shards import read_mask, write_mask, write_shard
 from flm.data.sources import Instruction, encode, read_instructions
 from flm.data.teacher import TeacherItem, bundled_items, items_jsonl, read_items
 from flm.data.tokenizer import FALSE_LABEL, TRUE_LABEL, load_tokenizer_dir, read_ranks
-from flm.cli.main import main
 from flm.errors import FlmError
 from flm.eval.teacher import teacher_accuracy
 from flm.export.hf import tiktoken_as_hf
 from flm.train import Trainer
 from flm.inference import load_for_inference
 from flm.train.metrics import read_metrics
-
-from test_data import _rank_file
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +43,8 @@ def test_label_tokens_are_appended_and_survive_save_and_load(tok, tmp_path):
     assert train_bpe(["plain text"] * 5, vocab_size=270).label_ids is None
 
 
-def test_label_tokens_on_a_tiktoken_tokenizer(tmp_path):
-    tik = load_tokenizer(f"tiktoken:{_rank_file(tmp_path / 'tiny.tiktoken')}")
+def test_label_tokens_on_a_tiktoken_tokenizer(tmp_path, tiktoken_file):
+    tik = load_tokenizer(f"tiktoken:{tiktoken_file(tmp_path / 'tiny.tiktoken')}")
     assert tik.label_ids is None and tik.vocab_size == 259
     tik.add_label_tokens()
     assert tik.label_ids == (259, 260) and tik.vocab_size == 261 and tik.eot_id == 258
@@ -316,66 +312,64 @@ def test_source_config_errors():
 # --- training on a mixture ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mixed_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixed")
-    cfg = DataConfig(corpus="kjv", max_chars=60_000, dir=str(root / "prepared"), vocab_size=400, val_fraction=0.05,
-                     sources=[SourceConfig(kind="text", weight=3),
-                              SourceConfig(kind="teacher", path="bundled", val_fraction=0.2)])
-    prepare(cfg, log=lambda _: None)
-    return cfg
+# Text and the bundled teacher propositions, 3 : 1, the teacher's held-out share its own (0.2).
+MIXED = ("data.corpus=kjv", "data.max_chars=60000", "data.vocab_size=400", "data.val_fraction=0.05",
+         "data.sources=[{kind='text', weight=3}, {kind='teacher', path='bundled', val_fraction=0.2}]")
+# The tiny run (conftest) at 2 layers x 32 with dropout, two micro-batches a step, 8 steps.
+MIXTURE_RUN = ("model.d_model=32", "model.head_dim=16", "model.max_seq_len=32", "model.dropout=0.1",
+               "train.grad_accum=2", "train.max_steps=8", "train.eval_every=4", "train.ckpt_every=4")
 
 
-def _trainer(mixed_dir, run_dir, *extra):
-    cfg = load_config(None, [
-        f"train.run_dir='{run_dir}'", "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.head_dim=16",
-        "model.max_seq_len=32", "model.dropout=0.1", "train.seq_len=32", "train.batch_size=4", "train.grad_accum=2",
-        "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4", "train.ckpt_every=4", "train.log_every=1",
-        "train.eval_batches=2", "train.progress=false", "train.tensorboard=false", *extra])
-    cfg.data = mixed_dir
-    return Trainer(cfg, log=lambda *_: None)
+@pytest.fixture
+def mixed(tiny_on):
+    """The small run's builder on MIXED."""
+    return tiny_on(*MIXED)
 
 
-def test_masked_positions_get_exactly_zero_gradient(mixed_dir, tmp_path):
-    trainer = _trainer(mixed_dir, tmp_path)
-    x, y = trainer.loader.next_batch()
-    assert (y == IGNORE).any() and (y != IGNORE).any()
-    logits, loss = trainer.model(x, y)
-    logits.retain_grad()
-    loss.backward()
-    masked = y == IGNORE
-    assert torch.count_nonzero(logits.grad[masked]) == 0
-    assert torch.count_nonzero(logits.grad[~masked]) > 0
-    # The same batch with the masked targets given any real ids would be another loss: -100 is what silences them.
-    assert not torch.isclose(loss, trainer.model(x, torch.where(masked, 0, y))[1])
+def _trainer(mixed, run_dir, *extra) -> Trainer:
+    return Trainer(mixed.config(run_dir, *MIXTURE_RUN, *extra), log=lambda *_: None)
 
 
-def test_accumulation_equals_one_big_batch_with_uneven_masks(mixed_dir, tmp_path):
-    accumulated = _trainer(mixed_dir, tmp_path / "a", "train.batch_size=2", "train.grad_accum=2", "model.dropout=0")
-    big = _trainer(mixed_dir, tmp_path / "b", "train.batch_size=4", "train.grad_accum=1", "model.dropout=0")
-    big.model.load_state_dict(accumulated.model.state_dict())
-    probe = _trainer(mixed_dir, tmp_path / "c", "train.batch_size=2")
-    counts = [int((probe.loader.next_batch()[1] != IGNORE).sum()) for _ in range(2)]
-    assert counts[0] != counts[1]  # the micro-batches hold different numbers of loss tokens
-    grads = []
-    for trainer in (accumulated, big):  # keep the gradients the optimizer is handed
-        trainer.optimizer.step = lambda t=trainer, **_: grads.append([p.grad.clone() for p in t.model.parameters()])
-    loss_a, norm_a = accumulated.train_step()
-    loss_b, norm_b = big.train_step()
+def test_masked_positions_get_exactly_zero_gradient(mixed, tmp_path):
+    with _trainer(mixed, tmp_path) as trainer:
+        x, y = trainer.loader.next_batch()
+        assert (y == IGNORE).any() and (y != IGNORE).any()
+        logits, loss = trainer.model(x, y)
+        logits.retain_grad()
+        loss.backward()
+        masked = y == IGNORE
+        assert torch.count_nonzero(logits.grad[masked]) == 0
+        assert torch.count_nonzero(logits.grad[~masked]) > 0
+        # The same batch with the masked targets given any real ids would be another loss: -100 silences them.
+        assert not torch.isclose(loss, trainer.model(x, torch.where(masked, 0, y))[1])
+
+
+def test_accumulation_equals_one_big_batch_with_uneven_masks(mixed, tmp_path):
+    with (_trainer(mixed, tmp_path / "a", "train.batch_size=2", "train.grad_accum=2", "model.dropout=0") as accumulated,
+          _trainer(mixed, tmp_path / "b", "train.batch_size=4", "train.grad_accum=1", "model.dropout=0") as big,
+          _trainer(mixed, tmp_path / "c", "train.batch_size=2") as probe):
+        big.model.load_state_dict(accumulated.model.state_dict())
+        counts = [int((probe.loader.next_batch()[1] != IGNORE).sum()) for _ in range(2)]
+        assert counts[0] != counts[1]  # the micro-batches hold different numbers of loss tokens
+        grads = []
+        for trainer in (accumulated, big):  # keep the gradients the optimizer is handed
+            trainer.optimizer.step = lambda t=trainer, **_: grads.append([p.grad.clone() for p in t.model.parameters()])
+        loss_a, norm_a = accumulated.train_step()
+        loss_b, norm_b = big.train_step()
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(norm_a, norm_b, rtol=1e-5, atol=1e-7)
     for (name, _), a, b in zip(accumulated.model.named_parameters(), *grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_resume_keeps_the_mixture_position(mixed_dir, tmp_path):
-    straight = _trainer(mixed_dir, tmp_path / "a")
-    straight.train()
-    first = _trainer(mixed_dir, tmp_path / "b")
-    first.train(until_step=4)
-    second = _trainer(mixed_dir, tmp_path / "b")
-    assert second.resume("auto") and second.loader.samples_seen == 4 * 8
-    second.train()
+def test_resume_keeps_the_mixture_position(mixed, tmp_path):
+    with _trainer(mixed, tmp_path / "a") as straight:
+        straight.train()
+    with _trainer(mixed, tmp_path / "b") as first:
+        first.train(until_step=4)
+    with _trainer(mixed, tmp_path / "b") as second:
+        assert second.resume("auto") and second.loader.samples_seen == 4 * 8
+        second.train()
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
     evals = [r for r in read_metrics(tmp_path / "a") if r["kind"] == "eval"]
@@ -415,13 +409,14 @@ def test_teacher_accuracy_reads_the_label_position(tok):
     assert result.true_share == 7 / 15
 
 
-def test_eval_teacher_command(mixed_dir, tmp_path, capsys):
-    trainer = _trainer(mixed_dir, tmp_path / "run", "train.max_steps=4")
-    trainer.train()
-    assert main(["eval", "teacher", "--model", str(tmp_path / "run"), "--json", str(tmp_path / "t.json")]) == 0
-    out = capsys.readouterr().out
+def test_eval_teacher_command(mixed, cli, tmp_path):
+    with _trainer(mixed, tmp_path / "run", "train.max_steps=4") as trainer:
+        trainer.train()
+    result = cli("eval", "teacher", "--model", tmp_path / "run", "--json", tmp_path / "t.json")
+    assert result.status == 0
+    out = result.out
     report = json.loads((tmp_path / "t.json").read_text())
-    held = read_items(load_prepared(mixed_dir.dir).teacher_heldout[0])
+    held = read_items(load_prepared(mixed.data).teacher_heldout[0])
     assert 0.15 < len(held) / len(bundled_items()) < 0.25  # the source's own val_fraction (0.2)
     assert report["propositions"] == sum(len(i.propositions()) for i in held) and "teacher accuracy" in out
     result = teacher_accuracy(trainer.model, trainer.tokenizer, held)
@@ -432,15 +427,15 @@ def test_eval_teacher_command(mixed_dir, tmp_path, capsys):
     # The label tokens survive the Hugging Face export and the import back.
     from transformers import AutoTokenizer
 
-    assert main(["export", "hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert cli("export", "hf", tmp_path / "run", tmp_path / "hf").status == 0
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     assert hf_tok.convert_tokens_to_ids([TRUE_LABEL, FALSE_LABEL]) == list(trainer.tokenizer.label_ids)
-    assert main(["import", "hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert cli("import", "hf", tmp_path / "hf", tmp_path / "back").status == 0
     assert load_for_inference(tmp_path / "back")[1].label_ids == trainer.tokenizer.label_ids
-    capsys.readouterr()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "1 plus 1 equals 2.", "label": 1}\n')
-    assert main(["eval", "teacher", "--model", str(tmp_path / "run"), "--data", str(bad)]) == 2
-    err = capsys.readouterr().err
+    result = cli("eval", "teacher", "--model", tmp_path / "run", "--data", bad)
+    assert result.status == 2
+    err = result.err
     assert err.count("\n") == 1 and "bad.jsonl:1" in err
