@@ -7,7 +7,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / datasets read it: nothing here may touch the network
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import argparse
 import json
 
 import pytest
@@ -20,7 +19,6 @@ from lm_eval.tasks import TaskManager
 from flm.config import ModelConfig, config_to_dict
 from flm.data.tokenizer import EOT, train_bpe
 from flm.errors import FlmError
-from flm.eval.cli import register
 from flm.eval.harness import FlmLM
 from flm.eval.iq import Settings, run_iq
 from flm.eval.scorer import FlmScorer, HFScorer, load_scorer
@@ -183,24 +181,20 @@ def test_hf_scorer_runs_iq_offline(hf_dir):
     assert scorer.greedy("The quick", 6, stop=()) == scorer.decode(ref)
 
 
-def test_cli_export_then_harness(scorer, tmp_path, capsys):
+def test_cli_export_then_harness(scorer, tmp_path, cli):
     model = scorer.model
     opt = torch.optim.SGD([{"params": list(model.parameters()), "names": [n for n, _ in model.named_parameters()]}])
     save_checkpoint(tmp_path / "run" / "checkpoints", 3, model, opt, {"model": config_to_dict(model.cfg), "ramp": None},
                     keep_last=1,
                     write_extra=scorer.tokenizer.save)
 
-    def flm_cli(*argv: str) -> None:
-        parser = argparse.ArgumentParser(prog="flm")
-        register(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        args.func(args)
-
-    flm_cli("eval", "export-iq", str(tmp_path / "iq"), "--tasks", "head_slicing,superglue_iq_wic", "--items", "3")
-    flm_cli("eval", "harness", "--model", str(tmp_path / "run"), "--include-path", str(tmp_path / "iq"),
-            "--tasks", "flm_iq", "--json", str(tmp_path / "h.json"), "--device", "cpu")
-    assert "flm_iq_head_slicing" in capsys.readouterr().out
+    assert cli("eval", "export-iq", tmp_path / "iq", "--tasks", "head_slicing,superglue_iq_wic", "--items", "3"
+               ).status == 0
+    harness = cli("eval", "harness", "--model", tmp_path / "run", "--include-path", tmp_path / "iq",
+                  "--tasks", "flm_iq", "--json", tmp_path / "h.json", "--device", "cpu")
+    assert harness.status == 0
+    assert "flm_iq_head_slicing" in harness.out
     results = json.loads((tmp_path / "h.json").read_text())["results"]
     assert {"flm_iq_head_slicing", "flm_iq_superglue_iq_wic"} <= set(results)
-    with pytest.raises(FlmError, match="not a folder"):
-        flm_cli("eval", "harness", "--model", str(tmp_path / "run"), "--tasks", "x", "--include-path", "nowhere")
+    bad = cli("eval", "harness", "--model", tmp_path / "run", "--tasks", "x", "--include-path", "nowhere")
+    assert bad.status == 2 and "not a folder" in bad.err  # an FlmError

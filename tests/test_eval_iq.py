@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -14,7 +13,6 @@ import torch
 from flm.config import ModelConfig, config_to_dict
 from flm.data.tokenizer import train_bpe
 from flm.errors import FlmError
-from flm.eval.cli import register
 from flm.eval.iq import ABILITIES, SUBTASKS, Settings, SubtaskResult, build_items, resolve_tasks, run_iq, summarize
 from flm.eval.iq.items import Item
 from flm.eval.iq.symbolic import FORMATS
@@ -269,18 +267,12 @@ def checkpoint(tmp_path_factory):
     return root.parent
 
 
-def flm_cli(*argv: str) -> None:
-    parser = argparse.ArgumentParser(prog="flm")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
-def test_cli_iq_prints_the_table_and_writes_json(checkpoint, tmp_path, capsys):
+def test_cli_iq_prints_the_table_and_writes_json(checkpoint, tmp_path, cli):
     out = tmp_path / "iq.json"
-    flm_cli("eval", "iq", "--model", str(checkpoint), "--tasks", "superglue_iq_rte,counting,head_tail",
-            "--items", "4", "--json", str(out), "--device", "cpu")
-    table = capsys.readouterr().out
+    result = cli("eval", "iq", "--model", checkpoint, "--tasks", "superglue_iq_rte,counting,head_tail",
+                 "--items", "4", "--json", out, "--device", "cpu")
+    assert result.status == 0
+    table = result.out
     for row in ("Symbolic mapping", "RTE", "SuperGLUE-IQ (avg)", "Rule understanding", "Counting", "Head & Tail",
                 "cut from the left"):
         assert row in table
@@ -288,8 +280,8 @@ def test_cli_iq_prints_the_table_and_writes_json(checkpoint, tmp_path, capsys):
     assert [a["name"] for a in report["abilities"]] == ["symbolic_mapping", "rule_understanding", "pattern_mining"]
     assert report["settings"]["items"] == 4 and len(report["items"]["counting"]) == 4
     assert report["abilities"][1]["paper"]["FLM-101B"] == 76.42
-    with pytest.raises(FlmError, match="unknown dataset"):
-        flm_cli("eval", "iq", "--model", str(checkpoint), "--data", "mnli=x.jsonl")
+    bad = cli("eval", "iq", "--model", checkpoint, "--data", "mnli=x.jsonl")
+    assert bad.status == 2 and re.search("unknown dataset", bad.err)  # an FlmError
 
 
 def test_symbolic_mapping_averages_its_suites_not_its_datasets():

@@ -8,7 +8,6 @@ import os
 # Before transformers / datasets read them: nothing here may touch the network.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-import argparse
 import base64
 import dataclasses
 import json
@@ -21,12 +20,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flm.checkpoint import save_checkpoint
-from flm.config import Config, ModelConfig, TrainConfig, config_to_dict, load_config
-from flm.data import prepare
+from flm.config import Config, ModelConfig, TrainConfig, config_to_dict
 from flm.data.tokenizer import EOT, Tokenizer, load_tokenizer, train_bpe
 from flm.errors import FlmError
 from flm.export import export_hf, import_hf, parse_size
-from flm.export.cli import register
 from flm.export.hf import CONFIG_KEYS, byte_to_unicode, hf_config, model_config_from_hf
 from flm.model import FLM, generate, readout_multiplier
 from flm.inference import load_for_inference
@@ -367,28 +364,20 @@ def test_lm_eval_generate_until_on_an_export_equals_flm_eval_harness(exported, t
     assert all(len(g) >= 4 for g in ours), ours  # real continuations, not empty strings
 
 
-def test_imported_checkpoint_continues_training(tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i}: {t}"}) + "\n" for i, t in enumerate(TEXTS * 6)))
-
-    def cfg(run_dir: Path) -> Config:
-        return load_config(None, [
-            f"data.corpus='{corpus}'", f"data.dir='{tmp_path / 'data'}'", "data.vocab_size=300",
-            "data.val_fraction=0.1", f"train.run_dir='{run_dir}'", "model.n_layers=2", "model.d_model=32",
-            "model.n_heads=2", "model.head_dim=16", "model.max_seq_len=32", "model.mup=true",
-            "train.batch_size=2", "train.seq_len=16", "train.max_steps=4", "train.warmup_steps=1",
-            "train.eval_every=2", "train.eval_batches=1", "train.ckpt_every=2", "train.sample_tokens=0",
-            "train.progress=false", "train.tensorboard=false"])
-
-    prepare(cfg(tmp_path / "a").data)
-    first = Trainer(cfg(tmp_path / "a"), log=lambda *_: None)
-    first.train(until_step=2)
+def test_imported_checkpoint_continues_training(tiny, tmp_path):
+    """A μP run on the tiny corpus (2 x 32, batches of 2 x 16 tokens), exported at step 2 and imported into a new run
+    folder, resumes there with the same weights and trains on."""
+    run = ("model.d_model=32", "model.head_dim=16", "model.max_seq_len=32", "model.mup=true", "train.batch_size=2",
+           "train.seq_len=16", "train.max_steps=4", "train.warmup_steps=1", "train.eval_every=2",
+           "train.eval_batches=1", "train.ckpt_every=2")
+    with Trainer(tiny.config(tmp_path / "a", *run), log=lambda *_: None) as first:
+        first.train(until_step=2)
     export_hf(tmp_path / "a", tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "b")
-    second = Trainer(cfg(tmp_path / "b"), log=lambda *_: None)
-    assert second.resume("auto") and second.step == 2
-    assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), second.model.parameters()))
-    summary = second.train()
+    with Trainer(tiny.config(tmp_path / "b", *run), log=lambda *_: None) as second:
+        assert second.resume("auto") and second.step == 2
+        assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), second.model.parameters()))
+        summary = second.train()
     assert second.step == 4 and summary["val_loss"] == pytest.approx(summary["val_loss"])  # finite, not NaN
 
 
@@ -402,19 +391,12 @@ def test_checkpoint_mid_growth_ramp_is_refused(tok, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def flm_cli(*argv: str) -> None:
-    parser = argparse.ArgumentParser(prog="flm")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
-def test_cli_and_user_mistakes(tok, tmp_path, capsys):
+def test_cli_and_user_mistakes(tok, tmp_path, cli):
     model = make_model(tok, **SHAPES["tied"])
     save(model, tok, tmp_path / "run", step=7)
-    flm_cli("export", "hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--max-shard-size", "100KB")
-    assert "trust_remote_code=True" in capsys.readouterr().out
-    flm_cli("import", "hf", str(tmp_path / "hf"), str(tmp_path / "back"))
+    exported = cli("export", "hf", tmp_path / "run", tmp_path / "hf", "--max-shard-size", "100KB")
+    assert exported.status == 0 and "trust_remote_code=True" in exported.out
+    assert cli("import", "hf", tmp_path / "hf", tmp_path / "back").status == 0
     assert (tmp_path / "back" / "checkpoints" / "step_00000007" / "meta.json").is_file()
     with pytest.raises(FlmError, match="not an empty folder"):
         export_hf(tmp_path / "run", tmp_path / "hf")
