@@ -1,8 +1,6 @@
 """Config loading: typed values, one-line errors, presets and command-line overrides."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -62,11 +60,11 @@ def test_bad_overrides(override, message):
         load_config(None, [override])
 
 
-def test_cli_reports_user_errors_in_one_line_with_exit_2(tmp_path):
+def test_cli_reports_user_errors_in_one_line_with_exit_2(tmp_path, cli_process):
     bad = write(tmp_path, "[train]\nbatch_size = -1\n")
     for args in (["train", "--config", str(tmp_path / "missing.toml")], ["train", "--config", str(bad)],
                  ["generate", str(tmp_path)]):
-        proc = subprocess.run([sys.executable, "-m", "flm.cli.main", *args], capture_output=True, text=True)
+        proc = cli_process(*args)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert "Traceback" not in proc.stderr

@@ -10,14 +10,15 @@ from flm.model import FLM, KVCache, filter_logits, flops_per_token, generate, pa
 from flm.model.xpos import apply_rotary
 
 
-def tiny(**kw) -> ModelConfig:
+def model_cfg(**kw) -> ModelConfig:
+    """A small model config (2 layers x 64, 4 heads x 16, 97 tokens) with changes `kw`."""
     base = dict(n_layers=2, d_model=64, n_heads=4, head_dim=16, vocab_size=97, max_seq_len=64)
     return ModelConfig(**{**base, **kw})
 
 
 def test_changing_future_tokens_never_changes_past_logits():
     torch.manual_seed(0)
-    model = FLM(tiny()).eval()
+    model = FLM(model_cfg()).eval()
     x = torch.randint(0, 97, (2, 40))
     y = x.clone()
     y[:, 25:] = torch.randint(0, 97, (2, 15))
@@ -27,7 +28,7 @@ def test_changing_future_tokens_never_changes_past_logits():
 
 
 def test_xpos_scores_depend_only_on_relative_position():
-    cfg = tiny(head_dim=32, max_seq_len=512)
+    cfg = model_cfg(head_dim=32, max_seq_len=512)
     cos_q, sin_q, cos_k, sin_k = rotary_tables(cfg)
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 32, dtype=torch.float32), torch.randn(1, 1, 1, 32)
@@ -53,7 +54,7 @@ def test_xpos_scores_depend_only_on_relative_position():
 def test_qkv_rows_are_laid_out_head_by_head_as_documented():
     """docs/export.md: head h owns rows 3·h·d .. 3·(h+1)·d - 1 of the fused QKV, its q rows, then k, then v.
     Attention written from that description alone (plain softmax, explicit causal mask) equals the module's."""
-    cfg = tiny(n_heads=3, head_dim=8, d_model=32)
+    cfg = model_cfg(n_heads=3, head_dim=8, d_model=32)
     torch.manual_seed(0)
     model = FLM(cfg).eval()
     attn, T, d = model.blocks[0].attn, 12, cfg.head_dim
@@ -74,7 +75,7 @@ def test_qkv_rows_are_laid_out_head_by_head_as_documented():
 
 
 def test_xpos_centred_scales_fit_in_fp16_at_long_context():
-    cfg = tiny(head_dim=128, max_seq_len=8192)
+    cfg = model_cfg(head_dim=128, max_seq_len=8192)
     for t in rotary_tables(cfg):
         assert t.abs().max().item() < torch.finfo(torch.float16).max
     # Uncentred, the key scale at 8192 would be ~5e8: the centre is what keeps it small.
@@ -84,7 +85,7 @@ def test_xpos_centred_scales_fit_in_fp16_at_long_context():
 
 def test_kv_cache_decoding_equals_full_recomputation():
     torch.manual_seed(0)
-    cfg = tiny()
+    cfg = model_cfg()
     model = FLM(cfg).eval()
     x = torch.randint(0, 97, (2, 50))
     full = model(x)[0]
@@ -100,7 +101,7 @@ def test_kv_cache_decoding_equals_full_recomputation():
 
 def test_sampling_is_seeded_and_respects_vocab_limit():
     torch.manual_seed(0)
-    model = FLM(tiny())
+    model = FLM(model_cfg())
     g = lambda: torch.Generator().manual_seed(7)
     a = generate(model, [1, 2, 3], 30, temperature=1.5, generator=g(), vocab_limit=50)
     b = generate(model, [1, 2, 3], 30, temperature=1.5, generator=g(), vocab_limit=50)
@@ -120,7 +121,7 @@ def test_top_k_and_top_p_filters():
 
 @pytest.mark.parametrize("kw", [{}, {"tie_embeddings": True}, {"n_heads": 3, "head_dim": 24, "d_ff": 100}])
 def test_param_count_matches_the_module(kw):
-    cfg = tiny(**kw)
+    cfg = model_cfg(**kw)
     model = FLM(cfg)
     unique = {id(p): p for p in model.parameters()}
     assert param_count(cfg) == sum(p.numel() for p in unique.values())
@@ -146,8 +147,8 @@ def test_flops_per_token_matches_the_narayanan_formula():
 
 def test_mup_readout_scales_logits_by_base_width_over_d_model():
     torch.manual_seed(0)
-    sp = FLM(tiny(output_mult=2.0))
-    mu = FLM(tiny(output_mult=2.0, mup=True, base_width=16))
+    sp = FLM(model_cfg(output_mult=2.0))
+    mu = FLM(model_cfg(output_mult=2.0, mup=True, base_width=16))
     mu.load_state_dict(sp.state_dict())
     x = torch.randint(0, 97, (1, 10))
     assert torch.allclose(mu(x)[0], sp(x)[0] * 16 / 64, atol=1e-6)
@@ -155,7 +156,7 @@ def test_mup_readout_scales_logits_by_base_width_over_d_model():
 
 def test_meta_init_then_materialise_gives_a_working_model():
     with torch.device("meta"):
-        model = FLM(tiny())
+        model = FLM(model_cfg())
     model.to_empty(device="cpu")
     model.init_weights()
     logits, loss = model(torch.randint(0, 97, (1, 8)), torch.randint(0, 97, (1, 8)))
@@ -165,7 +166,7 @@ def test_meta_init_then_materialise_gives_a_working_model():
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = FLM(tiny(vocab_size=64))
+    model = FLM(model_cfg(vocab_size=64))
     x = torch.randint(0, 64, (4, 33))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
@@ -178,7 +179,7 @@ def test_tiny_model_overfits_one_batch():
 
 def test_ignored_targets_do_not_count():
     torch.manual_seed(0)
-    model = FLM(tiny())
+    model = FLM(model_cfg())
     x, y = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
     masked = y.clone()
     masked[:, :6] = -100

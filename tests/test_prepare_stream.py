@@ -304,17 +304,17 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
 # --- interruptions ------------------------------------------------------------------------------------------
 
 
-def test_a_killed_prepare_leaves_the_prepared_folder_and_can_be_run_again(tmp_path, tokenizer_file):
+def test_a_killed_prepare_leaves_the_prepared_folder_and_can_be_run_again(tmp_path, tokenizer_file, cli_process):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", sample_docs(40) * 400)
     config = tmp_path / "c.toml"
     config.write_text(f'[data]\ncorpus = "{corpus}"\ndir = "{tmp_path / "out"}"\ntokenizer = "{tokenizer_file}"\n'
                       "shard_tokens = 2000\n")
-    flm = [sys.executable, "-m", "flm.cli.main", "prepare", "-c", str(config), "--workers", "1"]
-    subprocess.run(flm + ["--set", "data.max_chars=20000"], check=True, capture_output=True, timeout=120)
+    prepare_args = ("prepare", "-c", config, "--workers", "1")
+    cli_process(*prepare_args, "--set", "data.max_chars=20000", timeout=120, check=True)
     before = files(tmp_path / "out")
     meta = (tmp_path / "out" / "meta.json").read_bytes()
 
-    proc = subprocess.Popen(flm, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = cli_process.start(*prepare_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not list((tmp_path / "out").glob(".prepare-*/train_00003.bin")):
         assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it could be killed"
@@ -324,16 +324,12 @@ def test_a_killed_prepare_leaves_the_prepared_folder_and_can_be_run_again(tmp_pa
     assert files(tmp_path / "out") == before and (tmp_path / "out" / "meta.json").read_bytes() == meta
     assert load_prepared(tmp_path / "out").train_tokens == json.loads(meta)["splits"]["train"]["tokens"]
 
-    subprocess.run(flm, check=True, capture_output=True, timeout=120)
+    cli_process(*prepare_args, timeout=120, check=True)
     assert load_prepared(tmp_path / "out").train_tokens > 20 * json.loads(meta)["splits"]["train"]["tokens"]
     assert not list((tmp_path / "out").glob(".prepare-*"))
 
 
 # --- damaged shards, the command line -----------------------------------------------------------------------
-
-
-def run_flm(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flm.cli.main", *args], capture_output=True, text=True, timeout=300)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -372,40 +368,40 @@ sample_tokens = 0
     return config
 
 
-def test_the_command_line_prepares_in_parts(small_run, tmp_path):
+def test_the_command_line_prepares_in_parts(small_run, tmp_path, cli_process):
     config = str(small_run)
-    assert run_flm("prepare", "-c", config, "--tokenizer-only", "--set", f"data.dir='{tmp_path / 'other'}'"
+    assert cli_process("prepare", "-c", config, "--tokenizer-only", "--set", f"data.dir='{tmp_path / 'other'}'"
                    ).returncode == 0
     assert list((tmp_path / "other").glob(".prepare-*/tokenizer.json"))
     # A given tokenizer is installed by the first part that needs it.
-    assert run_flm("prepare", "-c", config, "--part", "1/2", "--workers", "2").returncode == 0
-    one_line_error(run_flm("prepare", "-c", config), "holds 1 of 2 prepared parts", "(part 0)")
-    one_line_error(run_flm("prepare", "-c", config, "--merge"), "part 0 of 2 not prepared yet")
-    assert run_flm("prepare", "-c", config, "--part", "0/2").returncode == 0
-    assert "prepared" in run_flm("prepare", "-c", config).stdout  # a complete set is merged
+    assert cli_process("prepare", "-c", config, "--part", "1/2", "--workers", "2").returncode == 0
+    one_line_error(cli_process("prepare", "-c", config), "holds 1 of 2 prepared parts", "(part 0)")
+    one_line_error(cli_process("prepare", "-c", config, "--merge"), "part 0 of 2 not prepared yet")
+    assert cli_process("prepare", "-c", config, "--part", "0/2").returncode == 0
+    assert "prepared" in cli_process("prepare", "-c", config).stdout  # a complete set is merged
     assert load_prepared(tmp_path / "data").meta["parts"] == 2
-    assert "reusing" in run_flm("prepare", "-c", config).stdout
+    assert "reusing" in cli_process("prepare", "-c", config).stdout
 
 
-def test_a_truncated_shard_is_one_line_and_exit_2_until_prepared_again(small_run, tmp_path):
-    assert run_flm("prepare", "-c", str(small_run)).returncode == 0
+def test_a_truncated_shard_is_one_line_and_exit_2_until_prepared_again(small_run, tmp_path, cli_process):
+    assert cli_process("prepare", "-c", str(small_run)).returncode == 0
     shard = tmp_path / "data" / "train_00001.bin"
     shard.write_bytes(shard.read_bytes()[:-10])
     for command in ("prepare", "train"):
-        one_line_error(run_flm(command, "-c", str(small_run)), str(shard), "truncated", "flm prepare --force")
-    assert run_flm("prepare", "-c", str(small_run), "--force").returncode == 0
+        one_line_error(cli_process(command, "-c", str(small_run)), str(shard), "truncated", "flm prepare --force")
+    assert cli_process("prepare", "-c", str(small_run), "--force").returncode == 0
     assert load_prepared(tmp_path / "data").train_tokens > 0
 
 
-def test_an_out_of_vocabulary_id_is_found_when_the_shard_is_opened(small_run, tmp_path):
-    assert run_flm("prepare", "-c", str(small_run)).returncode == 0
+def test_an_out_of_vocabulary_id_is_found_when_the_shard_is_opened(small_run, tmp_path, cli_process):
+    assert cli_process("prepare", "-c", str(small_run)).returncode == 0
     shard = tmp_path / "data" / "train_00000.bin"
     raw = bytearray(shard.read_bytes())
     raw[HEADER_SIZE + 2 * 77:HEADER_SIZE + 2 * 78] = struct.pack("<H", 4000)  # id 4000 in a 300-id vocabulary
     shard.write_bytes(bytes(raw))
     with pytest.raises(FlmError, match=r"token id 4000 at position 77 is outside its vocabulary of 300 ids"):
         read_shard(shard)
-    one_line_error(run_flm("train", "-c", str(small_run)), str(shard), "token id 4000 at position 77")
+    one_line_error(cli_process("train", "-c", str(small_run)), str(shard), "token id 4000 at position 77")
 
 
 # --- the fingerprint --------------------------------------------------------------------------------------------
