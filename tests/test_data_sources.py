@@ -1,4 +1,5 @@
-"""Data mixtures: label tokens, instruction/teacher formats, loss masks through shards and loader, the mixture."""
+"""Data sources (data.sources) and their mixture: label tokens, instruction/teacher formats, loss masks through
+shards and loader, the mixture loader, prepare with sources, training on a mixture and its teacher accuracy."""
 
 import json
 from pathlib import Path
