@@ -132,8 +132,8 @@ def cli(capsys):
         capsys.readouterr()
         try:
             status = main([str(a) for a in args])
-        except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else 1
+        except SystemExit as e:  # as the process would exit: None is 0, a message is 1
+            status = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         captured = capsys.readouterr()
         return CliResult(status, captured.out, captured.err)
 
