@@ -122,6 +122,8 @@ def cmd_info(args: argparse.Namespace) -> None:
             "head_dim": model.head_dim, "ffn_dim": model.ffn_dim, "vocab_size": model.vocab_size,
             "parameters": param_count(model), "parameters_without_embedding": param_count(model, False),
             "seq_len": seq_len, "train_flops_per_token": flops_per_token(model, seq_len)}
+    if model.arch != "flm":  # the llama arch: grouped-query attention
+        info = {"arch": model.arch, **info, "n_kv_heads": model.kv_heads}
     print(json.dumps(info, indent=1))
 
 
