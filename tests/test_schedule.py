@@ -1,6 +1,6 @@
 """The learning-rate schedules against tables worked out by hand: WSD's stable phase and its three decay shapes,
 and how a grown stage starts ("continue", "rewarm", "peak") under WSD and cosine. The cosine schedule of a
-three-stage run is checked the same way in test_references.py.
+three-stage run is checked the same way in test_training_arithmetic.py.
 
 Tolerance: 1e-12 relative, the rounding of a few double-precision operations written in another order here."""
 
