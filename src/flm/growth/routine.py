@@ -1,7 +1,7 @@
 """The one growth routine: every tensor of the grown model, one at a time, with its Adam state.
 
 Used by the single-process trainer (`grow_training`), the torchrun trainer (flm.parallel.grow: each process
-keeps its pieces under the next stage's layout) and `flm grow` (flm.train.grow: read from one checkpoint,
+keeps its pieces under the next stage's layout) and `flm grow` (flm.offline_growth: read from one checkpoint,
 written into another, never more than one tensor in memory). All of them get bit-identical values:
 
 - old values and their Adam state are mapped by the stage's growth family, asked by name
