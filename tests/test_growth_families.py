@@ -426,8 +426,8 @@ def test_every_declared_family_has_behaviour_and_every_behaviour_a_declaration()
     from flm.growth.families.base import MASK_KINDS
 
     assert sorted(BEHAVIOURS) == sorted(FAMILIES) == sorted(OPERATORS)
-    # n_kv_heads is the llama arch's, whose growth is refused for now; an FLM model's key/value heads are its heads
-    # and grow with n_heads (BY_KEY's "n_heads").
+    # n_kv_heads is the llama arch's to grow on its own (tests/test_llama_growth.py); an FLM model's key/value heads
+    # are its heads and grow with n_heads (BY_KEY's "n_heads").
     assert set(BY_KEY) == set(SHAPE_KEYS) - {"n_kv_heads"}
     for name, declared in FAMILIES.items():
         assert declared.name == name

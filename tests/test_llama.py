@@ -40,11 +40,9 @@ from flm.data.tokenizer import Tokenizer, load_tokenizer_dir
 from flm.errors import FlmError
 from flm.export import export_hf, import_hf
 from flm.export.llama_hf import IMPORT_CONFIG, flm_name, hf_name
-from flm.growth import check_growable
 from flm.inference import load_for_inference
 from flm.model import build_model, flops_per_token, generate, matmul_params, non_embedding_params, param_count
 from flm.model import llama as llama_module
-from flm.offline_growth import grow_checkpoint
 from flm.parallel.tensor import check_tensor_parallel
 from flm.train import Trainer
 
@@ -330,7 +328,7 @@ def test_a_folder_without_its_weights_or_tokenizer_is_one_line(hf_tokenizer, tmp
                                          "reads safetensors weights only)")
 
 
-# ---- the run after import: resume, evaluation, growth, export rules ---------------------------------------
+# ---- the run after import: resume, export rules (growth: test_llama_growth.py) --------------------------------
 def test_train_resumes_the_imported_checkpoint(tied_gqa, tmp_path):
     """import.toml's model is the imported one: `flm train --resume` takes the checkpoint (at step 0, fresh Adam
     state, data from the start) on data prepared with the imported tokenizer."""
@@ -355,15 +353,6 @@ def test_train_resumes_the_imported_checkpoint(tied_gqa, tmp_path):
     assert summary["step"] == 2 and all(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items()
                                         if k.endswith("weight"))
     assert read_meta(run / "checkpoints" / "step_00000002")["model"] == config_to_dict(cfg.model)
-
-
-def test_growth_of_a_llama_model_is_refused_in_one_line(tied_gqa, tmp_path):
-    ckpt = tied_gqa[3]
-    cfg = load_for_inference(ckpt)[0].cfg
-    with pytest.raises(FlmError, match=r"^growth of model.arch 'llama' is not supported yet$"):
-        check_growable(cfg, dataclasses.replace(cfg, n_layers=4))
-    with pytest.raises(FlmError, match=r"^growth of model.arch 'llama' is not supported yet$"):
-        grow_checkpoint(ckpt, "n_layers=4", tmp_path / "grown")
 
 
 def save_llama(root: Path, tok: Tokenizer, **changes) -> Path:

@@ -1,10 +1,11 @@
 """Growth as pure functions on tensors (REFERENCE.md §2): where old values go, and where new layers come from.
 
 `grow_tensor` maps one tensor of the old model into the same-named tensor of the grown model: the
-old values land in the top-left block (per head for the fused QKV), every other entry keeps the
-value of the `template` tensor it is given (a fresh initialisation for parameters, zeros for Adam
-moments). The same mapping therefore grows parameters and optimizer state alike, and it works one
-tensor at a time, so growing never needs more extra memory than the largest single tensor.
+old values land in the top-left block (per head for FLM's fused QKV, per key/value group for the llama arch's
+query heads: `logical_shape`), every other entry keeps the value of the `template` tensor it is given (a fresh
+initialisation for parameters, zeros for Adam moments). The same mapping therefore grows parameters and optimizer
+state alike, and it works one tensor at a time, so growing never needs more extra memory than the largest single
+tensor.
 
 It serves the families that place old values top-left (flm.growth.families: `msg`, whose function preservation
 comes from the masks in flm.growth.masks rather than from the new values, `zero`, which then zeroes the new entries
@@ -62,13 +63,11 @@ def layer_sources(old_layers: int, new_layers: int, mode: str) -> list[LayerSour
 
 def check_growable(old: ModelConfig, new: ModelConfig, operator: str = "msg", new_layers: str | None = None) -> None:
     """Refuse changes that no growth can make or that family `operator` cannot make, with the reason."""
-    if old.arch != "flm":  # the one place growth checks shapes: every entry point passes here first
-        raise FlmError(f"growth of model.arch {old.arch!r} is not supported yet")
     for name in (f.attr for f in SHAPE_FIELDS):
         if getattr(new, name) < getattr(old, name):
             raise FlmError(f"growth cannot shrink {name} ({getattr(old, name)} -> {getattr(new, name)})")
     fixed = ("arch", "head_dim", "vocab_size", "rope_theta", "xpos_scale_base", "ln_eps", "tie_embeddings", "mup",
-             "base_width", "output_mult")
+             "base_width", "output_mult", "qkv_bias", "hf_class")
     for name in fixed:
         if getattr(new, name) != getattr(old, name):
             raise FlmError(f"growth keeps {name} fixed ({getattr(old, name)} -> {getattr(new, name)}): "
@@ -81,13 +80,27 @@ def check_growable(old: ModelConfig, new: ModelConfig, operator: str = "msg", ne
 
 
 def logical_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The 'logical' shape of a tensor: QKV is viewed as [heads, 3, head_dim, ...] so heads grow as units."""
+    """The 'logical' shape of a tensor, whose dims grow as units: FLM's fused QKV is viewed as
+    [heads, q|k|v, head_dim, d] so heads grow whole; the llama arch's q_proj as [key/value heads, query heads per
+    key/value head, head_dim, d], the layout grouped-query attention reads (query head h uses key/value head
+    h // group), so a new query head goes to the end of its group and a new key/value head brings a new group;
+    o_proj's input likewise, k_proj and v_proj as [key/value heads, head_dim, d]. Both archs' names are in one
+    table: they do not collide, and the norms' are the same."""
     d, f, a = cfg.d_model, cfg.ffn_dim, cfg.attn_dim
+    kv, hd = cfg.kv_heads, cfg.head_dim
+    group = cfg.n_heads // kv
     table = {
-        "attn.qkv.weight": (cfg.n_heads, 3, cfg.head_dim, d), "attn.qkv.bias": (cfg.n_heads, 3, cfg.head_dim),
+        # FLM
+        "attn.qkv.weight": (cfg.n_heads, 3, hd, d), "attn.qkv.bias": (cfg.n_heads, 3, hd),
         "attn.proj.weight": (d, a), "attn.proj.bias": (d,), "mlp.fc1.weight": (f, d), "mlp.fc1.bias": (f,),
         "mlp.fc2.weight": (d, f), "mlp.fc2.bias": (d,),
         "ln1.weight": (d,), "ln1.bias": (d,), "ln2.weight": (d,), "ln2.bias": (d,),
+        # llama
+        "attn.q_proj.weight": (kv, group, hd, d), "attn.q_proj.bias": (kv, group, hd),
+        "attn.k_proj.weight": (kv, hd, d), "attn.k_proj.bias": (kv, hd),
+        "attn.v_proj.weight": (kv, hd, d), "attn.v_proj.bias": (kv, hd),
+        "attn.o_proj.weight": (d, kv, group, hd),
+        "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
     }
     m = _LAYER.match(name)
     if m:
@@ -108,7 +121,8 @@ def source_name(name: str, sources: list[LayerSource]) -> tuple[str | None, bool
 
 def grow_tensor(name: str, old: torch.Tensor, template: torch.Tensor, old_cfg: ModelConfig,
                 new_cfg: ModelConfig, readout_power: int = 1, in_place: bool = False) -> torch.Tensor:
-    """`template` with `old` written into its top-left block (per head for QKV); `in_place` writes into
+    """`template` with `old` written into its top-left block of the logical view (`logical_shape`: per head for
+    FLM's QKV, per key/value group for llama's q_proj and o_proj); `in_place` writes into
     `template` itself (one copy of the grown tensor less, when the caller made it for this).
 
     Under μP the readout multiplier base_width/d shrinks by r = d/d' when d grows, so the LM head is

@@ -14,11 +14,12 @@ Block: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x)), a final RMSNorm, then the LM
 It offers what growth, parallelism and the trainers use of FLM (flm.model.flm): `blocks` with the same forward
 signature, the pipeline pieces `rope`/`embed_tokens`/`logits`, `init_rotary`, `init_weights`, the module-level
 `init_order` / `init_parameter` (asked through flm.model.registry), flm.model.flm's KV cache, and the growth mask
-buffers, which are None in an ordinary model. Where set, they act as in FLM: `hidden_mask` multiplies every
-write to the residual stream and the norms' statistics are mask-weighted (RMS over the masked coordinates), a
-new block's `gate` blends it with its input, `head_mask` scales each query head's output and `unit_mask` the
-FFN units' gate pre-activation (silu(0) = 0). Growing a llama model is not supported yet
-(flm.growth.check_growable refuses it); the buffers are its seam.
+buffers, which are None in an ordinary model. Where set, they act as in FLM (flm.growth, docs/growth.md): `hidden_mask`
+multiplies every write to the residual stream (the embedding's too) and makes the norms' statistics mask-weighted,
+RMS_m(x) = sqrt(Σ m·x² / Σ m), with their output masked (at c = 0 the old RMSNorm on the old coordinates, at c = 1
+the ordinary one); a `norm_mask` (the `zero` family's width growth) weights the statistics alone; a new block's
+`gate` blends it with its input, c·Block(x) + (1 − c)·x; `head_mask` scales each query head's output (query heads
+ordered [key/value heads, heads per group]) and `unit_mask` the FFN units' gate pre-activation (silu(0) = 0).
 """
 
 from __future__ import annotations

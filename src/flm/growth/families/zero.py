@@ -1,6 +1,12 @@
 """The `zero` family: zero-initialised writers (Gesmundo & Maile 2023). Old values go top-left, as `msg`'s, and
-then every new entry of a writer into the residual stream and of a LayerNorm becomes 0; no masks, except the
-LayerNorm statistics' while d_model grows (flm.growth.masks). Adam state grows as `msg`'s."""
+then every new entry of a writer into the residual stream (and, for FLM, of a LayerNorm) becomes 0; no masks,
+except the norms' statistics' while d_model grows (flm.growth.masks). Adam state grows as `msg`'s.
+
+The llama arch (REFERENCE.md §10, LLaMA Pro's block expansion): its writers are the embedding, o_proj and
+down_proj; its RMSNorm gains keep their new entries (fresh: 1). An RMSNorm has no shift, so a new residual
+coordinate that is 0 is normalised into 0 whatever its gain, and a gain of 0 would instead cut the new coordinates
+off from every gradient: RMSNorm's output there is γ·x/rms with x = 0, its gradient to x is γ times what its
+readers send back, so with γ = 0 neither the writers' new rows nor γ itself would ever move."""
 
 from __future__ import annotations
 
@@ -11,15 +17,16 @@ from flm.growth.families.base import Behaviour, TensorGrowth, place_top_left
 from flm.growth.operators import local_name, logical_shape
 from flm.growth.optimizer import grow_adam_state
 
-# What writes into the residual stream, as local names.
-RESIDUAL_WRITERS = ("embed.weight", "attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+# What writes into the residual stream, as local names (FLM's, then the llama arch's).
+RESIDUAL_WRITERS = ("embed.weight", "attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+                    "attn.o_proj.weight", "mlp.down_proj.weight")
 
 
 def zero_new_entries(name: str, grown: torch.Tensor, old_cfg: ModelConfig, new_cfg: ModelConfig,
                      new_layer: bool) -> None:
     """In place on a tensor `grow_tensor` made: every new entry of a residual-stream writer
-    (embedding columns; `attn.proj` and `mlp.fc2` rows, columns and biases) and of a LayerNorm (γ and β) becomes 0,
-    and a new layer's writers become 0 entirely.
+    (embedding columns; `attn.proj` and `mlp.fc2` rows, columns and biases; llama's `o_proj` and `down_proj` rows
+    and columns) and of an FLM LayerNorm (γ and β) becomes 0, and a new layer's writers become 0 entirely.
 
     Why this preserves the function without masks (Gesmundo & Maile 2023, for pre-norm blocks): new FFN units and
     heads are read out by zero columns, a new layer adds zero to its input, and new residual coordinates are
@@ -31,7 +38,8 @@ def zero_new_entries(name: str, grown: torch.Tensor, old_cfg: ModelConfig, new_c
     if new_layer and local in RESIDUAL_WRITERS:
         grown.zero_()
         return
-    if local not in RESIDUAL_WRITERS and not local.startswith("ln"):
+    zeroed_norm = local.startswith("ln") and new_cfg.arch == "flm"  # RMSNorm gains stay (module docstring)
+    if local not in RESIDUAL_WRITERS and not zeroed_norm:
         return
     old_dims = logical_shape(name, old_cfg)
     view = grown.view(logical_shape(name, new_cfg))
