@@ -252,7 +252,7 @@ def test_clone_moments_are_scaled_as_the_clones_gradients_are(settings):
 
 def test_zero_growth_trains_its_new_structure_and_a_zero_gain_would_not():
     """The zero family's new blocks write through zero o_proj and down_proj, which get gradients at the first step
-    (and the rest of the block from the second); its new residual coordinates are written by zero rows and read
+    (and the rest of the block, once they have moved, from the second); its new residual coordinates are written by zero rows and read
     through RMSNorm gains left at 1, so those rows get gradients too. Zeroing the RMSNorm gain instead (the new
     block's, or the new coordinates' entries as FLM's zero family does with LayerNorm) preserves the function as
     well but leaves those weights without any gradient: the broken variants, checked here."""
@@ -267,7 +267,16 @@ def test_zero_growth_trains_its_new_structure_and_a_zero_gain_would_not():
 
     deep, _ = grow_model(old, dataclasses.replace(old.cfg, n_layers=4), "random", operator="zero", seed=1)
     new_block = [f"blocks.3.{p}" for p in ("attn.o_proj.weight", "mlp.down_proj.weight")]
-    assert all(grads(deep)[n].abs().max() > 0 for n in new_block)
+    readers = [f"blocks.3.{p}" for p in ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                                         "mlp.gate_proj.weight", "mlp.up_proj.weight")]
+    first = grads(deep)
+    assert all(first[n].abs().max() > 0 for n in new_block) and not any(first[n].any() for n in readers)
+    with torch.no_grad():  # the writers take a step (Adam's first is a sign step) ...
+        for name, p in deep.named_parameters():
+            if name in new_block:
+                p -= 1e-2 * first[name].sign()
+    second = grads(deep)
+    assert all(second[n].abs().max() > 0 for n in readers)  # ... and the rest of the block learns from the next
     with torch.no_grad():
         for ln in (deep.blocks[3].ln1, deep.blocks[3].ln2):
             ln.weight.zero_()
@@ -503,3 +512,23 @@ def test_the_documented_recipe(tokenizer, tmp_path, cli):
     assert read_meta(deep / "checkpoints" / "step_00000004")["model"]["n_layers"] == 4
     assert relative(logits_of(back, x), logits_of(trained, x)) <= EXACT
     assert relative(logits_of(back, x), logits_of(hf, x)) > CHANGED  # it trained
+
+
+def test_the_sharded_growth_grows_a_llama_model_under_torchrun(tiny, tmp_path, torchrun):
+    """The same stages under torchrun with tensor parallelism (tp=2: each rank holds one of the two key/value
+    groups, then two of the four): flm.parallel.grow runs the one routine on the gathered tensors and keeps each
+    rank's slice, the query-head mask is sliced with the heads, and the validation loss right after each growth is
+    the one right before (relative 1e-5, test_parallel.py's bound for another order of the same sums)."""
+    from flm.train.metrics import read_metrics
+
+    path = tmp_path / "stages.toml"
+    path.write_text(LLAMA_STAGES)
+    run = tmp_path / "tp2"
+    torchrun(2, "train", "-c", str(path), *tiny.args(run, "model.arch='llama'", "model.n_heads=4",
+                                                     "model.n_kv_heads=2", "model.head_dim=16", "model.d_ff=192",
+                                                     "model.tie_embeddings=true", "train.eval_every=4",
+                                                     "parallel.tp=2"))
+    growths = [r for r in read_metrics(run) if r["kind"] == "growth"]
+    assert [g["operator"] for g in growths] == ["msg", "clone", "zero"]
+    for g in growths:
+        assert g["loss_after"] == pytest.approx(g["loss_before"], rel=1e-5), g
