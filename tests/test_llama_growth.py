@@ -168,8 +168,7 @@ def train_cfg() -> TrainConfig:
     return TrainConfig(lr=1e-3, weight_decay=0.0)
 
 
-@pytest.mark.parametrize("family, growth", [c for c in CASES if c[1] in ("heads", "kv", "hidden+depth")] +
-                         [("zero", "depth"), ("msg", "ffn"), ("stack", "depth")])
+@pytest.mark.parametrize("family, growth", CASES)
 def test_adam_state_old_block_and_a_training_step(base, family, growth):
     """grow_training (the trainer's growth) with the Adam state of one step on the imported model: every grown
     tensor's state has its parameter's shape; for the families that place old values (msg, zero, stack) the old
@@ -248,6 +247,17 @@ def test_clone_moments_are_scaled_as_the_clones_gradients_are(settings):
     for name, p in model.named_parameters():
         want = clone_moment(name, old_grads[name], p.shape, old.cfg, new_cfg, power=1)
         assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
+@pytest.mark.parametrize("family", ["msg", "zero", "clone"])
+def test_width_growth_under_mup_keeps_the_function(family):
+    """An untied μP llama model (readout multiplier output_mult · base_width / d_model, which shrinks as d_model
+    grows: the head is scaled by d'/d) grown in every width at once keeps its logits, as for FLM."""
+    old = new_llama(mup=True, base_width=16, output_mult=2.0, qkv_bias=True).eval()
+    x = torch.randint(0, 60, (2, 24), generator=torch.Generator().manual_seed(0))
+    new_cfg = dataclasses.replace(old.cfg, d_model=64, n_heads=8, n_kv_heads=4, d_ff=96, init_std=0.5)
+    grown, _ = grow_model(old, new_cfg, operator=family, seed=4, noise=0.3)
+    assert relative(logits_of(grown.eval(), x), logits_of(old, x)) <= EXACT
 
 
 def test_zero_growth_trains_its_new_structure_and_a_zero_gain_would_not():
@@ -496,6 +506,9 @@ def test_the_documented_recipe(tokenizer, tmp_path, cli):
     grown = cli("grow", run, "--to", "n_layers=4", "--operator", "zero", "--out", deep)
     assert grown.status == 0, grown.err
     x = batch(hf.config.vocab_size)
+    groups = cli("grow", run, "--to", "n_heads=8,n_kv_heads=4", "--operator", "zero", "--out", tmp_path / "groups")
+    assert groups.status == 0 and (read_meta(tmp_path / "groups" / "checkpoints" / "step_00000000")["model"]
+                                   ["n_kv_heads"]) == 4
     assert cli("export", "hf", deep, tmp_path / "exported-0").status == 0
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported-0"), local_files_only=True).eval()
     assert back.config.num_hidden_layers == 4 and relative(logits_of(back, x), logits_of(hf, x)) <= EXACT
