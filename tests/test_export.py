@@ -182,8 +182,9 @@ def test_auto_tokenizer_encodes_like_ours(exported, tok):
 def test_config_maps_every_model_field():
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     # The architecture is config.json's model_type; FLM has no grouped-query attention, always has biases and is
-    # always FLMForCausalLM, so the llama arch's n_kv_heads, qkv_bias and hf_class are not in its config.json.
-    assert fields == set(CONFIG_KEYS) | {"d_ff", "arch", "n_kv_heads", "qkv_bias", "hf_class"}
+    # always FLMForCausalLM, so the llama arch's n_kv_heads, qkv_bias and hf_class are not in its config.json; a model
+    # with the separate teacher head (teacher_head) is not exported (tests/test_teacher_objective.py).
+    assert fields == set(CONFIG_KEYS) | {"d_ff", "arch", "n_kv_heads", "qkv_bias", "hf_class", "teacher_head"}
 
 
 def test_arch_is_the_model_type():

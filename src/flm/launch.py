@@ -20,6 +20,8 @@ def make_trainer(cfg: Config, prepare: Callable[[Any], Any], log: Callable[[str]
     """
     placement: Placement
     if torchrun_world() is not None:
+        if cfg.train.teacher_objective == "separate":  # before joining the process group: each rank says one line
+            raise FlmError("train.teacher_objective = 'separate' trains in one process (not yet under torchrun)")
         from flm.parallel.trainer import Torchrun
 
         placement = Torchrun(cfg)

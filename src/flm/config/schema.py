@@ -58,6 +58,10 @@ class ModelConfig:
     # "llama" only: the transformers class `flm export hf` writes (HF_CLASSES), recorded by `flm import hf`;
     # None: Qwen2ForCausalLM with qkv_bias, else LlamaForCausalLM.
     hf_class: str | None = None
+    # The separate teacher-signal head (train.teacher_objective = "separate", docs/data.md): a second readout beside
+    # the LM head, d_model -> 2 (false, true), on the final-normed hidden state. Set by the trainer from
+    # train.teacher_objective, never by hand; None: no head (the unified objective).
+    teacher_head: bool | None = None
 
     @property
     def ffn_dim(self) -> int:
@@ -101,6 +105,9 @@ class ModelConfig:
                  f"model.hf_class must be one of {HF_CLASSES}, got {self.hf_class!r}")
         _require(not (self.qkv_bias and self.hf_class in ("LlamaForCausalLM", "MistralForCausalLM")),
                  f"model.qkv_bias: {self.hf_class} has no q/k/v-only biases (Qwen2ForCausalLM has)")
+        _require(self.teacher_head in (None, True), f"model.teacher_head is true or unset, got {self.teacher_head!r}")
+        _require(not self.teacher_head or self.arch == "flm", "model.teacher_head (the separate teacher-signal head) "
+                                                              "is for arch 'flm'")
 
 
 _SOURCE_KINDS = ("text", "instruct", "teacher")
@@ -214,6 +221,13 @@ class TrainConfig:
     max_bad_steps: int = 20
     rollback_skip: int = 0
     max_rollbacks: int = 5
+    # How teacher-signal propositions are trained (docs/data.md): "unified" (FLM/eFLM, REFERENCE.md §4) predicts the
+    # label token with the LM head; "separate" (FreeLM's form) classifies at the same position with a head of its
+    # own (model.teacher_head), the label target taken out of the LM loss. The loss is then
+    # (sum of LM cross-entropies + teacher_loss_weight x sum of the head's) / (LM targets + labels): at weight 1 a
+    # label weighs what it weighs in the unified objective.
+    teacher_objective: str = "unified"
+    teacher_loss_weight: float = 1.0
 
     @property
     def tokens_per_step(self) -> int:
@@ -246,9 +260,16 @@ class TrainConfig:
         for name in ("spike_window", "max_bad_steps", "max_rollbacks"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
         _require(self.rollback_skip >= 0, f"train.rollback_skip must be >= 0, got {self.rollback_skip}")
+        _require(self.teacher_objective in TEACHER_OBJECTIVES,
+                 f"train.teacher_objective must be one of {TEACHER_OBJECTIVES}, got {self.teacher_objective!r}")
+        _require(self.teacher_loss_weight > 0, f"train.teacher_loss_weight must be positive, got {self.teacher_loss_weight}")
+        _require(self.teacher_objective == "separate" or self.teacher_loss_weight == 1.0,
+                 "train.teacher_loss_weight weighs the separate head's loss (teacher_objective = 'separate'); the "
+                 "unified objective weighs a label token like any other target")
 
 
 _ON_BAD_STEP = ("skip", "rollback", "stop")
+TEACHER_OBJECTIVES = ("unified", "separate")
 SCHEDULES = ("cosine", "wsd")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 # How a grown stage's LR starts: on the run's schedule, re-warmed to it over the stage's warmup_steps, or back at
@@ -400,5 +421,14 @@ class Config:
             stage = self.stages[i]
             problem = growth_problem(stage.operator, shapes[i - 1], shape, stage.new_layers) if i else None
             _require(problem is None, f"stages[{i}]: {problem}")
+        _require(self.model.teacher_head is None, "model.teacher_head is not set by hand: "
+                                                  "train.teacher_objective = 'separate' adds the head")
+        if self.train.teacher_objective == "separate":
+            _require(any(s.kind == "teacher" for s in self.data.sources),
+                     "train.teacher_objective = 'separate' needs a teacher source in data.sources")
+            _require(self.model.arch == "flm", "train.teacher_objective = 'separate' is for model.arch 'flm'")
+            layouts = [self.stage_layout(s) for s in self.stages or [None]]
+            _require(all(tp * pp * dp == 1 for tp, pp, dp in layouts),
+                     "train.teacher_objective = 'separate' trains in one process (not yet under torchrun)")
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")

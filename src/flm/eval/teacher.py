@@ -1,8 +1,9 @@
 """Teacher-signal accuracy: does the model put more probability on the TRUE label token than on the FALSE one?
 
 A proposition is judged true when p(<|true|>) > p(<|false|>) right after its text, the position where training put
-its label. A multiple-choice question counts as answered when its true option has the highest
-p(true) / (p(true) + p(false)) of its options. Both the trainer (at every evaluation, on the held-out records of
+its label; a model trained with the separate objective (a teacher head, model.teacher_head) is read at the same
+position, by its head's two logits instead (argmax). A multiple-choice question counts as answered when its true
+option has the highest p(true) / (p(true) + p(false)) of its options (the head's p(true) for a separate model). Both the trainer (at every evaluation, on the held-out records of
 its teacher sources) and `flm eval teacher` use `teacher_accuracy`.
 """
 
@@ -51,15 +52,17 @@ def read_heldout(paths: Sequence[str | Path]) -> list[TeacherItem]:
 @torch.no_grad()
 def label_margins(model: torch.nn.Module, tok: Tokenizer, texts: Sequence[str], batch_size: int = 64
                   ) -> torch.Tensor:
-    """log p(TRUE) - log p(FALSE) at the label position after each text, as a float32 CPU tensor.
+    """log p(TRUE) - log p(FALSE) at the label position after each text, as a float32 CPU tensor: from the two label
+    tokens' logits, or from the teacher head's two logits where the model has one (separate objective).
 
     Texts are encoded as in training, cut from the left to the model's context, right-padded in batches of similar
     length (causal attention: padding after a text cannot change its positions).
     """
-    if tok.label_ids is None:
+    head = getattr(model, "cls_head", None) is not None
+    if tok.label_ids is None and not head:
         raise FlmError("this model's tokenizer has no label tokens: it was not trained with teacher-signal data "
                        "(add a [[data.sources]] entry with kind = \"teacher\")")
-    true_id, false_id = tok.label_ids
+    true_id, false_id = (1, 0) if head else tok.label_ids  # the head's logits are (false, true)
     context = model.cfg.max_seq_len
     device = next(model.parameters()).device
     ids = [(tok.encode(t) or [tok.eot_id])[-context:] for t in texts]
@@ -73,7 +76,7 @@ def label_margins(model: torch.nn.Module, tok: Tokenizer, texts: Sequence[str], 
         batch = torch.full((len(chunk), width), tok.eot_id, dtype=torch.long)
         for row, i in enumerate(chunk):
             batch[row, :len(ids[i])] = torch.tensor(ids[i])
-        logits, _ = model(batch.to(device))
+        logits = model.teacher_logits(batch.to(device)) if head else model(batch.to(device))[0]
         last = torch.tensor([len(ids[i]) - 1 for i in chunk], device=device)
         logprobs = F.log_softmax(logits[torch.arange(len(chunk), device=device), last].float(), dim=-1)
         margins[chunk] = (logprobs[:, true_id] - logprobs[:, false_id]).cpu()

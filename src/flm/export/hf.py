@@ -121,6 +121,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_size: str =
     meta = read_meta(ckpt)
     refuse_ramp(ckpt, meta)
     cfg = model_config_from_dict(meta["model"])
+    if cfg.teacher_head:
+        raise FlmError(f"{ckpt} has a separate teacher-signal head (train.teacher_objective = 'separate'), which an "
+                       "exported model would not have: it is not exported")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FlmError(f"{out} already exists and is not an empty folder; export into a new folder")

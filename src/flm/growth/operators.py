@@ -25,6 +25,9 @@ from flm.config.shape import SHAPE_FIELDS
 from flm.errors import FlmError
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# The readouts of the final-normed hidden state: the LM head and the separate teacher head (flm.model.flm), grown
+# alike (top-left, and under μP scaled with the readout multiplier).
+READOUTS = ("lm_head.weight", "cls_head.weight")
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def logical_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     if m:
         return table[m.group(2)]
     top = {"embed.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d),
-           "ln_f.weight": (d,), "ln_f.bias": (d,)}
+           "ln_f.weight": (d,), "ln_f.bias": (d,), "cls_head.weight": (2, d)}
     return top[name]
 
 
@@ -133,7 +136,7 @@ def grow_tensor(name: str, old: torch.Tensor, template: torch.Tensor, old_cfg: M
     out = (template.detach() if in_place else template.detach().clone()).view(new_dims)
     block = tuple(slice(0, n) for n in old_dims)
     value = old.detach().view(old_dims).to(out.dtype)
-    if name == "lm_head.weight" and new_cfg.mup and new_cfg.d_model != old_cfg.d_model:
+    if name in READOUTS and new_cfg.mup and new_cfg.d_model != old_cfg.d_model:
         value = value * (new_cfg.d_model / old_cfg.d_model) ** readout_power
     out[block] = value
     return out.view(template.shape)

@@ -50,12 +50,17 @@ def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:
         n += v * d  # embedding
     if not cfg.tie_embeddings:
         n += v * d  # LM head
-    return n
+    return n + _teacher_head(cfg)
+
+
+def _teacher_head(cfg: ModelConfig) -> int:
+    """The separate teacher head's weights (d_model x 2), which also run on every token (flm.model.flm)."""
+    return 2 * cfg.d_model if cfg.teacher_head else 0
 
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in a matrix multiply per token (the embedding lookup does not; the head does)."""
-    return cfg.n_layers * _block_matmul_params(cfg) + cfg.d_model * (cfg.vocab_size or 0)
+    return cfg.n_layers * _block_matmul_params(cfg) + cfg.d_model * (cfg.vocab_size or 0) + _teacher_head(cfg)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

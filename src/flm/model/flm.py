@@ -7,9 +7,15 @@ positions with xPos decay instead of learned position embeddings.
 Parallelism, growth and training live elsewhere and act on this module from outside. Growth
 (flm.growth) leaves optional mask buffers here while a freshly grown structure ramps in: they are
 None in an ordinary model, so a model without growth in progress runs the plain code path.
+
+With `model.teacher_head` (train.teacher_objective = "separate", docs/data.md) the model has a second readout,
+`cls_head` (d_model -> 2: false, true), on the same final-normed hidden state as the LM head. Targets that are a
+label token then train the head instead of the LM head (`SeparateTeacher`); without it, nothing changes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +157,8 @@ def init_order(cfg: ModelConfig) -> list[str]:
     """
     head = [] if cfg.tie_embeddings else ["lm_head.weight"]
     blocks = [f"blocks.{i}.{p}" for i in range(cfg.n_layers) for p in _BLOCK_PARAMS]
-    return ["embed.weight", *head, *blocks, "ln_f.weight", "ln_f.bias"]
+    teacher = ["cls_head.weight"] if cfg.teacher_head else []  # last: the other draws stay those of a model without
+    return ["embed.weight", *head, *blocks, "ln_f.weight", "ln_f.bias", *teacher]
 
 
 @torch.no_grad()
@@ -174,6 +181,18 @@ def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor,
     return t
 
 
+@dataclass(frozen=True)
+class SeparateTeacher:
+    """How a model with a teacher head reads its targets (set by the trainer as `model.teacher`): a target equal to
+    `true_id` or `false_id` (the label tokens, which encoding text never produces) is a label for the head at that
+    position, the last token of the proposition's text, and no target of the LM head; `weight` weighs the head's
+    cross-entropies against the LM's in their common mean (train.teacher_loss_weight)."""
+
+    true_id: int
+    false_id: int
+    weight: float = 1.0
+
+
 class FLM(nn.Module):
     """Decoder-only FLM language model. `forward(tokens, targets)` -> (logits, loss or None)."""
 
@@ -190,10 +209,13 @@ class FLM(nn.Module):
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
             self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            # The separate teacher-signal head: logits (false, true), treated as a second LM head by μP and growth.
+            self.cls_head = nn.Linear(cfg.d_model, 2, bias=False) if cfg.teacher_head else None
             for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), rotary_tables(cfg)):
                 self.register_buffer(name, table, persistent=False)
         self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
         self.register_buffer("norm_mask", None, persistent=False)  # [d_model]: LayerNorm statistics only ("zero")
+        self.teacher: SeparateTeacher | None = None  # the label ids and weight a teacher head trains with
         if device.type != "meta":
             self.to_empty(device=device)
         if cfg.tie_embeddings:  # after to_empty, which gives every module a tensor of its own
@@ -217,10 +239,21 @@ class FLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tokens [B, T] -> logits [B, T, V]. With targets, also the mean cross-entropy over targets != -100.
+        """tokens [B, T] -> logits [B, T, V]. With targets, also the mean cross-entropy over targets != -100 (with a
+        teacher head: `separate_loss`).
 
         With a cache, `tokens` continue the cached sequence at position `cache.length`.
         """
+        h = self.final_norm(self.trunk(tokens, cache))
+        logits = self.readout(h)
+        if targets is None:
+            return logits, None
+        if self.cls_head is None:
+            return logits, lm_loss(logits, targets)
+        return logits, self.separate_loss(h, logits, targets)
+
+    def trunk(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The residual stream after the last block, [B, T, d_model]."""
         T = tokens.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -231,8 +264,30 @@ class FLM(nn.Module):
             x = block(x, rope, self.hidden_mask, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.logits(x)
-        return logits, (lm_loss(logits, targets) if targets is not None else None)
+        return x
+
+    def teacher_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The teacher head's logits (false, true) at every position, [B, T, 2]: position t judges the
+        proposition whose text ends with token t."""
+        if self.cls_head is None:
+            raise FlmError("this model has no teacher head (it was trained with train.teacher_objective = 'unified')")
+        return self.classify(self.final_norm(self.trunk(tokens)))
+
+    def separate_loss(self, h: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(Σ LM cross-entropy + w · Σ head cross-entropy) / (LM targets + labels), where a target that is a label
+        token is the head's (class 1 for true, 0 for false) at its position and no target of the LM head. The
+        head runs on every position (2·d_model multiply-adds per token; shapes do not depend on the data), its
+        loss counts the label positions only."""
+        if self.teacher is None:
+            raise FlmError("a model with a teacher head needs model.teacher (the label ids and weight) to take a loss")
+        t = self.teacher
+        is_true, is_false = targets == t.true_id, targets == t.false_id
+        labels = is_true | is_false
+        lm = lm_loss(logits, targets.masked_fill(labels, -100), reduction="sum")
+        classes = torch.where(labels, is_true.long(), -100)
+        head = F.cross_entropy(self.classify(h).float().view(-1, 2), classes.view(-1), ignore_index=-100,
+                               reduction="sum")
+        return (lm + t.weight * head) / (targets != -100).sum()
 
     # The pieces of `forward`, also run separately by pipeline stages (flm.parallel.pipeline).
     def rope(self, start: int, length: int) -> tuple[torch.Tensor, ...]:
@@ -245,11 +300,23 @@ class FLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm, LM head and the readout multiplier."""
-        logits = self.lm_head(layer_norm(self.ln_f, x, self.hidden_mask, self.norm_mask))
+        return self.readout(self.final_norm(x))
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(self.ln_f, x, self.hidden_mask, self.norm_mask)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head and the readout multiplier on the final-normed hidden state."""
+        logits = self.lm_head(h)
         mult = readout_multiplier(self.cfg)
         if mult != 1.0:  # skip a pass over the [B, T, V] logits when it would change nothing
             logits = logits * mult
         return logits
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """The teacher head and the readout multiplier (μP treats it as an LM head) on the final-normed hidden
+        state: logits (false, true)."""
+        return self.cls_head(h) * readout_multiplier(self.cfg)
 
 
 def held_blocks(model: FLM) -> dict[int, Block]:

@@ -25,7 +25,7 @@ HIDDEN_MATRICES = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp
                    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 # GPT-2/3: init scaled by 1/sqrt(2L)
 RESIDUAL_WRITERS = ("attn.proj.weight", "mlp.fc2.weight", "attn.o_proj.weight", "mlp.down_proj.weight")
-VECTOR_MATRICES = ("embed.weight", "lm_head.weight")
+VECTOR_MATRICES = ("embed.weight", "lm_head.weight", "cls_head.weight")  # cls_head: the teacher head, a readout
 
 
 def width_mult(cfg: ModelConfig) -> float:

@@ -86,7 +86,8 @@ def plan_stages(cfg: Config, model: ModelConfig) -> list[Stage]:
         decay = run_decay(cfg, tc.max_steps)
         return [Stage(0, model, 0, tc.max_steps, tc.grad_accum, tc.lr, tc.min_lr, tc.warmup_steps, tc.lr, decay, 0,
                       "stack", "msg", 0.0, 0.0)]
-    shapes = [dataclasses.replace(m, vocab_size=model.vocab_size) for m in cfg.stage_models()]
+    shapes = [dataclasses.replace(m, vocab_size=model.vocab_size, teacher_head=model.teacher_head)
+              for m in cfg.stage_models()]
     for i in range(1, len(shapes)):  # refuse an impossible growth now, not hours into the run
         try:
             check_growable(shapes[i - 1], shapes[i], cfg.stages[i].operator, cfg.stages[i].new_layers)

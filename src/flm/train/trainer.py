@@ -35,6 +35,7 @@ from flm.data.loader import IGNORE
 from flm.errors import FlmError, TrainingHalted
 from flm.growth import Ramp
 from flm.model import flops_per_token, generate, param_count
+from flm.model.flm import SeparateTeacher
 from flm.checkpoint import RunLock, list_checkpoints, read_meta, resolve_checkpoint, save_checkpoint
 from flm.train.guard import StepGuard
 from flm.train.metrics import peak_bf16_flops, plot_losses
@@ -44,8 +45,11 @@ from flm.train.recovery import Recovery
 from flm.train.schedule import lr_at, plan_stages, tokens_and_flops_at
 
 
-def resolve_model_config(model: ModelConfig, data: PreparedData) -> ModelConfig:
-    """Fill the vocabulary size from the tokenizer (padded to a multiple of 128 for fast matmuls)."""
+def resolve_model_config(model: ModelConfig, data: PreparedData, teacher_objective: str = "unified") -> ModelConfig:
+    """Fill the vocabulary size from the tokenizer (padded to a multiple of 128 for fast matmuls), and give the
+    model its teacher head under the separate teacher-signal objective."""
+    if teacher_objective == "separate":
+        model = dataclasses.replace(model, teacher_head=True)
     if model.vocab_size is None:
         return dataclasses.replace(model, vocab_size=128 * math.ceil(data.vocab_size / 128))
     if model.vocab_size < data.vocab_size:
@@ -87,7 +91,8 @@ class Trainer:
         self.device, self.autocast = placement.device, placement.autocast
         self.data = load_prepared(Path(cfg.data.dir))
         self.tokenizer = self.data.tokenizer()
-        self.stages = plan_stages(cfg, resolve_model_config(cfg.model, self.data))
+        self.stages = plan_stages(cfg, resolve_model_config(cfg.model, self.data, tc.teacher_objective))
+        self.teacher = self._separate_teacher()
         placement.check(self.stages)
         peak = peak_bf16_flops(self.device) if placement.bf16 else None
         self.peak_flops = peak * placement.world if peak else None  # MFU: against the peak of all the job's devices
@@ -95,6 +100,7 @@ class Trainer:
         self.stage = 0
         self.ramp: Ramp | None = None
         self.model, self.optimizer = placement.build(self.stages[0])
+        self.model.teacher = self.teacher
         self.loader = None
         self._follow_data_slice()
         self._heldout = None  # teacher-signal held-out records, read at the first evaluation
@@ -102,6 +108,19 @@ class Trainer:
         self.guard = StepGuard(tc.spike_factor, tc.spike_window, self.device) if guard else None
         self.last_step_bad: torch.Tensor | None = None  # the guard's flag for the last step (device)
         self.recovery = Recovery(tc, self.ckpt_root)
+
+    def _separate_teacher(self) -> SeparateTeacher | None:
+        """What a model with a teacher head trains with (train.teacher_objective = "separate"; None: unified)."""
+        tc = self.cfg.train
+        if tc.teacher_objective != "separate":
+            return None
+        if not isinstance(self.placement, OneProcess):
+            raise FlmError("train.teacher_objective = 'separate' trains in one process (not yet under torchrun)")
+        if self.tokenizer.label_ids is None:
+            raise FlmError(f"train.teacher_objective = 'separate': the prepared data in {self.data.dir} has no label "
+                           "tokens (prepare it with a teacher source)")
+        true_id, false_id = self.tokenizer.label_ids
+        return SeparateTeacher(true_id, false_id, tc.teacher_loss_weight)
 
     def _follow_data_slice(self) -> None:
         """A loader of this process's slice of every global batch, at the current data position; made anew only
@@ -174,6 +193,7 @@ class Trainer:
                            "use the same config (growth between shapes is `flm grow`)")
         if stage != self.stage:
             self.model, self.optimizer = self.placement.build(self.stages[stage], init=False)
+            self.model.teacher = self.teacher
             self.stage = stage
         self.placement.load(path, meta, self.model, self.optimizer, self.log)
         self._follow_data_slice()
@@ -275,6 +295,7 @@ class Trainer:
         nxt = self.stages[self.stage + 1]
         loss_before, grad_before = self.probe()
         self.model, self.optimizer, ramp = self.placement.grow(self.model, self.optimizer, nxt)
+        self.model.teacher = self.teacher
         self.stage += 1
         self.ramp = ramp if ramp.c < 1.0 else None
         self._follow_data_slice()  # the next stage's layout may slice the batches otherwise
@@ -313,6 +334,9 @@ class Trainer:
         precision = "bf16 autocast" if self.placement.bf16 else "fp32"
         lines.append(f"data: {self.data.train_tokens:,} train / {self.data.val_tokens:,} validation tokens from "
                      f"{self.data.dir}; {self.max_steps} steps on {self.device.type} ({precision})")
+        if self.teacher is not None:
+            lines.append(f"teacher signal: separate head at the label positions (train.teacher_objective), loss weight "
+                         f"{self.teacher.weight:g}")
         placed = self.placement.describe()
         return "\n".join(lines + ([placed] if placed else []))
 

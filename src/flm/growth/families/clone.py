@@ -37,12 +37,12 @@ import torch
 
 from flm.config import ModelConfig
 from flm.growth.families.base import Behaviour, TensorGrowth, place_top_left
-from flm.growth.operators import local_name, logical_shape
+from flm.growth.operators import READOUTS, local_name, logical_shape
 
 # The dims of each tensor's logical view (flm.growth.operators.logical_shape) that its consumer sums over: FLM's,
 # then the llama arch's (o_proj sums over the key/value heads and the query heads of each).
 _SUMMED_DIMS = {"attn.qkv.weight": (3,), "attn.proj.weight": (1,), "mlp.fc1.weight": (1,), "mlp.fc2.weight": (1,),
-                "lm_head.weight": (1,),
+                "lm_head.weight": (1,), "cls_head.weight": (1,),
                 "attn.q_proj.weight": (3,), "attn.k_proj.weight": (2,), "attn.v_proj.weight": (2,),
                 "attn.o_proj.weight": (1, 2), "mlp.gate_proj.weight": (1,), "mlp.up_proj.weight": (1,),
                 "mlp.down_proj.weight": (1,)}
@@ -58,7 +58,7 @@ def _value_scale(name: str, old_cfg: ModelConfig, new_cfg: ModelConfig) -> float
     """The factor on a cloned tensor beyond the division of its summed dims: the μP factor on the LM head that keeps
     the logits (old readout multiplier / new); a tied llama model's final RMSNorm gain divided by the residual
     factor (its head, the embedding, is copied, not divided); else 1."""
-    if name == "lm_head.weight" and new_cfg.mup:
+    if name in READOUTS and new_cfg.mup:
         return new_cfg.d_model / old_cfg.d_model
     if name == "ln_f.weight" and new_cfg.arch == "llama" and new_cfg.tie_embeddings:
         return old_cfg.d_model / new_cfg.d_model
