@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -32,6 +32,7 @@ from flm.config import Config, ModelConfig, TrainConfig, config_from_dict, confi
 from flm.data.tokenizer import (CL100K_PATTERN, EOT, LABELS, TIKTOKEN_FILE, TIKTOKEN_META, Tokenizer, read_ranks,
                                 load_tokenizer_dir)
 from flm.errors import FlmError
+from flm.export.folder import INDEX_FILE, WEIGHTS_FILE, read_json, write_json, write_weights
 from flm.model import FLM, build_model, xpos
 from flm.checkpoint import CheckpointReader, RunLock, find_checkpoint, read_meta, save_checkpoint
 
@@ -39,8 +40,6 @@ CODE_DIR = Path(__file__).parent / "hf_code"
 # The folder's code: ours for transformers, plus flm's own xPos module, copied byte for byte (one definition).
 CODE_FILES = {"configuration_flm.py": CODE_DIR / "configuration_flm.py", "modeling_flm.py": CODE_DIR / "modeling_flm.py",
               "xpos.py": Path(xpos.__file__)}
-WEIGHTS_FILE = "model.safetensors"  # Hugging Face's name, whatever a checkpoint calls its own weights file
-INDEX_FILE = "model.safetensors.index.json"
 TRAINING_FILE = "flm_training.json"
 HEAD = "lm_head.weight"
 PREFIX = "model."
@@ -141,11 +140,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_size: str =
             write_stock_folder(CheckpointReader(ckpt), cfg, tok, tmp, max_bytes, DTYPES[dtype], dtype)
             write_stock_tokenizer(tok, cfg, tmp)
         else:
-            write_weights(CheckpointReader(ckpt), cfg, tmp, max_bytes, DTYPES[dtype])
+            write_weights(CheckpointReader(ckpt), expected_shapes(cfg), tmp, max_bytes, DTYPES[dtype], hf_name)
             write_tokenizer(tok, cfg, tmp)
-            _write_json(tmp / "config.json", hf_config(cfg, tok.eot_id, dtype))
-            _write_json(tmp / "generation_config.json", generation_config(cfg, tok))
-            _write_json(tmp / TRAINING_FILE, {k: v for k, v in meta.items() if k not in ("format", "ramp")})
+            write_json(tmp / "config.json", hf_config(cfg, tok.eot_id, dtype))
+            write_json(tmp / "generation_config.json", generation_config(cfg, tok))
+            write_json(tmp / TRAINING_FILE, {k: v for k, v in meta.items() if k not in ("format", "ramp")})
             for name, source_file in CODE_FILES.items():
                 shutil.copyfile(source_file, tmp / name)
     except BaseException:
@@ -169,48 +168,14 @@ def refuse_ramp(ckpt: Path, meta: dict[str, Any]) -> None:
                    f"not have. Train {total - done} more steps until the ramp ends, or export an earlier checkpoint")
 
 
-def write_weights(reader: CheckpointReader, cfg: ModelConfig, out: Path, max_bytes: int, dtype: torch.dtype) -> None:
-    """Copy a checkpoint's weights (either format) under their Hugging Face names, one shard in memory at a time.
-
-    Names and shapes are checked against the model `cfg` describes (built on the meta device: no memory).
-    """
-    expected = _expected_shapes(cfg)
-    if reader.shapes != expected:
-        wrong = sorted(set(reader.shapes.items()) ^ set(expected.items()))
-        raise FlmError(f"{reader.path} does not match its config: first difference {wrong[0]}")
-    names = list(expected)
-    sizes = [torch.Size(expected[n]).numel() * dtype.itemsize for n in names]
-    shards = plan_shards(names, sizes, max_bytes)
-    files = ([WEIGHTS_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for file, shard in zip(files, shards):
-        tensors = {hf_name(n): reader.weights[n].to(dtype).contiguous() for n in shard}
-        save_file(tensors, str(out / file), metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {hf_name(n): file for file, shard in zip(files, shards) for n in shard}
-        _write_json(out / INDEX_FILE, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """flm name -> shape of every weight an export of `cfg` holds (built on the meta device: no memory)."""
     with torch.device("meta"):
         model = build_model(cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         del shapes[HEAD]  # one tensor, saved as the embedding
     return shapes
-
-
-def plan_shards(names: list[str], sizes: list[int], max_bytes: int) -> list[list[str]]:
-    """Consecutive groups of at most `max_bytes` (a tensor larger than that gets a shard of its own)."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, size in zip(names, sizes):
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += size
-    return shards
 
 
 def generation_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
@@ -233,7 +198,7 @@ def write_tokenizer(tok: Tokenizer, cfg: ModelConfig, out: Path) -> None:
     if (out / TIKTOKEN_META).is_file():
         hf = tiktoken_as_hf(read_ranks(out / TIKTOKEN_FILE), tok.eot_id, with_labels=tok.label_ids is not None)
         hf.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", {
+    write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
         "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
     })
@@ -305,7 +270,7 @@ def import_hf(source: str | Path, out_run_dir: str | Path) -> Path:
     src = Path(source)
     if not (src / "config.json").is_file():
         raise FlmError(f"no config.json in {src}: not a Hugging Face model folder")
-    hf = _read_json(src / "config.json")
+    hf = read_json(src / "config.json")
     if hf.get("model_type") != "flm":
         from flm.export.llama_hf import import_stock, stock_class
 
@@ -336,7 +301,7 @@ def _training_meta(src: Path, cfg: ModelConfig) -> dict[str, Any]:
         train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))
         return {"model": config_to_dict(cfg), "config": config_to_dict(Config(model=cfg, train=train)), "stage": 0,
                 "data": None}
-    meta = _read_json(path)
+    meta = read_json(path)
     if "model" not in meta or "config" not in meta:
         raise FlmError(f"{path} lacks the model or run config; delete it to import without training state")
     recorded = model_config_from_dict(meta["model"])
@@ -358,7 +323,7 @@ def load_hf_export(src: str | Path) -> tuple[FLM, Tokenizer]:
     """An exported FLM folder as flm's own model and tokenizer, in memory: nothing in the folder is executed
     (its modeling code is ignored; config.json, the safetensors weights and tokenizer.json are only read)."""
     src = Path(src)
-    model = build_model(model_config_from_hf(_read_json(src / "config.json")))
+    model = build_model(model_config_from_hf(read_json(src / "config.json")))
     load_hf_weights(src, model)
     tok = load_tokenizer_dir(src)
     if tok.vocab_size > model.cfg.vocab_size:
@@ -370,7 +335,7 @@ def load_hf_weights(src: Path, model: FLM) -> None:
     """Copy an exported folder's weights (one file or shards) into `model`, checking names and shapes."""
     index = src / INDEX_FILE
     if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif (src / WEIGHTS_FILE).is_file():
         files = [WEIGHTS_FILE]
     else:
@@ -387,15 +352,3 @@ def load_hf_weights(src: Path, model: FLM) -> None:
     except RuntimeError as e:
         detail = " ".join(str(e).split("\n\t")[1:2]) or str(e).splitlines()[0]
         raise FlmError(f"the weights in {src} do not fit config.json: {detail.strip()}") from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise FlmError(f"cannot read {path}: {e}") from None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-

@@ -30,10 +30,10 @@ from safetensors import SafetensorError, safe_open
 
 from flm.checkpoint import CheckpointReader, RunLock, WholeWriter, save_streamed
 from flm.checkpoint.state import rng_state
-from flm.checkpoint.stream import StreamingSafetensors
 from flm.config import Config, DataConfig, ModelConfig, TrainConfig, config_to_dict, model_config_from_dict
 from flm.data.tokenizer import HF_FILE, Tokenizer, load_tokenizer_dir
 from flm.errors import FlmError
+from flm.export.folder import INDEX_FILE, WEIGHTS_FILE, write_json, write_weights
 from flm.files import atomic_write
 from flm.model import build_model, init_order, readout_multiplier
 
@@ -48,7 +48,6 @@ _DEFAULTS = {
               "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 IMPORT_CONFIG = "import.toml"  # the run config `flm import hf` writes beside the checkpoints
 TOKENIZER_DIR = "tokenizer"  # ... and the run's tokenizer, which that config's data.tokenizer names
 # Tensors of older checkpoints that are not weights (recomputed by transformers itself): skipped on import.
@@ -304,7 +303,7 @@ def write_stock_folder(reader: CheckpointReader, cfg: ModelConfig, tok: Tokenize
                        dtype: torch.dtype, dtype_name: str) -> None:
     """Weights, config.json and generation_config.json of a stock folder for a llama-arch checkpoint, into `out`
     (the caller writes the tokenizer and publishes the folder)."""
-    from flm.export.hf import generation_config, plan_shards  # the helpers both kinds of export share
+    from flm.export.hf import generation_config  # FLM's defaults, which a stock folder extends
 
     cls = export_class(cfg)
     mult = readout_multiplier(cfg)
@@ -315,34 +314,16 @@ def write_stock_folder(reader: CheckpointReader, cfg: ModelConfig, tok: Tokenize
     expected = {name: shape for name, shape in parameter_shapes(cfg).items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    if reader.shapes != expected:
-        wrong = sorted(set(reader.shapes.items()) ^ set(expected.items()))
-        raise FlmError(f"{reader.path} does not match its config: first difference {wrong[0]}")
-    names = list(expected)
-    sizes = [torch.Size(expected[n]).numel() * dtype.itemsize for n in names]
-    shards = plan_shards(names, sizes, max_bytes)
-    files = ([WEIGHTS_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for file, shard in zip(files, shards):
-        writer = StreamingSafetensors(out / file)
-        try:
-            for name in shard:
-                value = reader.weights[name]
-                if name == "lm_head.weight" and mult != 1.0:  # μP's readout folded into the head: one rounding
-                    value = value.double() * mult
-                writer.add(hf_name(name), value.to(dtype))
-                del value
-            writer.close()
-        except BaseException:
-            writer.discard()
-            raise
-    if len(shards) > 1:
-        weight_map = {hf_name(n): file for file, shard in zip(files, shards) for n in shard}
-        _write_json(out / INDEX_FILE, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
-    _write_json(out / "config.json", stock_config(cfg, tok, dtype_name))
+
+    def folded(name: str, value: torch.Tensor) -> torch.Tensor:
+        """μP's readout folded into the head, in float64: one rounding."""
+        return value.double() * mult if name == "lm_head.weight" and mult != 1.0 else value
+
+    write_weights(reader, expected, out, max_bytes, dtype, hf_name, folded)
+    write_json(out / "config.json", stock_config(cfg, tok, dtype_name))
     generation = generation_config(cfg, tok)
     generation.update(bos_token_id=tok.token_id(tok.declared_token("bos_token")), eos_token_id=tok.eot_id)
-    _write_json(out / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+    write_json(out / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
 
 
 def write_stock_tokenizer(tok: Tokenizer, cfg: ModelConfig, out: Path) -> None:
@@ -354,7 +335,3 @@ def write_stock_tokenizer(tok: Tokenizer, cfg: ModelConfig, out: Path) -> None:
         tok.save(out)
     else:
         write_tokenizer(tok, cfg, out)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
