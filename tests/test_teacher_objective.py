@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -269,3 +270,37 @@ def test_separate_is_refused_under_torchrun(mixed, tmp_path, monkeypatch):
     monkeypatch.setattr(flm.launch, "torchrun_world", lambda: 2)
     with pytest.raises(FlmError, match="trains in one process"):
         flm.launch.make_trainer(mixed.config(tmp_path / "run", *RUN, *SEPARATE), prepare=lambda _: None)
+
+
+# --- the benchmark's sweep (benchmarks/objective_ablation.py), on made-up results ---------------------------------
+
+
+def test_the_ablation_sweep_extends_to_divergence_then_runs_the_second_seed():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import objective_ablation as oa
+
+    def result(lr, seed, loss):  # a run at `lr` diverges above 0.05; the loss is lowest at 0.02
+        return {"diverged": loss is None, "final_val_loss": loss, "seed": seed, "lr": lr}
+
+    sweep = oa.Sweep(["s"], ["unified"], (0.005, 0.01, 0.02), (1, 2))
+    ready, asked = sweep.start(), []
+    while ready:
+        key = ready.pop(0)
+        asked.append(key)
+        lr, seed = key[2], key[3]
+        sweep.results[key] = result(lr, seed, None if lr > 0.05 else 3 + abs(math.log2(lr / 0.02)))
+        ready += sweep.after(key, set(ready))
+    assert [k[2] for k in asked if k[3] == 1] == [0.005, 0.01, 0.02, 0.04, 0.08]  # extended until one diverged
+    assert sorted(k[2] for k in asked if k[3] == 2) == [0.02, 0.04]  # the second seed: best and largest stable
+    assert (sweep.best[("s", "unified")], sweep.stable[("s", "unified")]) == (0.02, 0.04)
+    assert oa.largest_stable({0.01: {"diverged": False}, 0.02: {"diverged": True}, 0.04: {"diverged": False}}) == 0.01
+
+    run = {"diverged": False, "ramp_steps": 4, "growth": {"step": 10, "loss_before": 5.0, "loss_after": 5.0},
+           "evals": [{"step": s, "val_loss": v, "teacher_acc": a} for s, v, a in
+                     ((5, 6.0, 0.5), (10, 5.0, 0.8), (12, 5.3, 0.6), (14, 4.9, 0.7), (16, 4.0, 0.9))]}
+    event = oa.growth_event(run)
+    assert event["val_rise"] == pytest.approx(0.3) and event["acc_fall"] == pytest.approx(0.2)
+    assert event["probe_jump"] == 0.0

@@ -3,8 +3,9 @@
 A proposition is judged true when p(<|true|>) > p(<|false|>) right after its text, the position where training put
 its label; a model trained with the separate objective (a teacher head, model.teacher_head) is read at the same
 position, by its head's two logits instead (argmax). A multiple-choice question counts as answered when its true
-option has the highest p(true) / (p(true) + p(false)) of its options (the head's p(true) for a separate model). Both the trainer (at every evaluation, on the held-out records of
-its teacher sources) and `flm eval teacher` use `teacher_accuracy`.
+option has the highest p(true) / (p(true) + p(false)) of its options (the head's p(true) for a separate model).
+Both the trainer (at every evaluation, on the held-out records of its teacher sources) and `flm eval teacher` use
+`teacher_accuracy`.
 """
 
 from __future__ import annotations
