@@ -193,6 +193,22 @@ def test_separate_resume_is_bit_exact_through_growth(mixed, tmp_path):
     assert len(evals) == 3 and all(0 <= r["teacher_acc"] <= 1 and 0 <= r["teacher_mc_acc"] <= 1 for r in evals)
 
 
+def test_flm_grow_of_a_separate_checkpoint_continues_as_the_run_would(mixed, cli, tmp_path):
+    stages = tmp_path / "stages.toml"
+    stages.write_text(GROWN)
+    with _trainer(mixed, tmp_path / "a", *SEPARATE, path=stages) as straight:
+        straight.train()
+    with _trainer(mixed, tmp_path / "b", *SEPARATE, path=stages) as first:
+        first.train(until_step=4)  # the end of stage 1
+    result = cli("grow", tmp_path / "b", "--to", "d_model=64,n_heads=4", "--out", tmp_path / "c")
+    assert result.status == 0, result.err
+    with _trainer(mixed, tmp_path / "c", *SEPARATE, path=stages) as grown:
+        assert grown.resume("auto") and grown.stage == 1 and grown.model.cls_head.weight.shape == (2, 64)
+        grown.train()
+    for (name, a), b in zip(straight.model.state_dict().items(), grown.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("operator,mup", [("msg", False), ("msg", True), ("zero", False), ("clone", False),
                                           ("clone", True)])
 def test_growth_keeps_the_head_logits(operator, mup):

@@ -56,7 +56,8 @@ def grow_checkpoint(source: str | Path, shape: str, out_run_dir: str | Path, new
     new_cfg = dataclasses.replace(old_cfg, **parse_shape(shape))
     new_cfg.validate()
     stage = meta["stage"]
-    shapes = [dataclasses.replace(m, vocab_size=old_cfg.vocab_size) for m in cfg.stage_models()]
+    shapes = [dataclasses.replace(m, vocab_size=old_cfg.vocab_size, teacher_head=old_cfg.teacher_head)
+              for m in cfg.stage_models()]
     if stage + 1 < len(shapes) and shapes[stage + 1] == new_cfg:  # the run's own next growth, done offline
         new_stage, planned = stage + 1, cfg.stages[stage + 1]
     else:
