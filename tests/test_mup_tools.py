@@ -122,29 +122,34 @@ def test_sweep_cli_writes_table_json_png_and_reports_the_best_point(tools, cli, 
 
 
 def test_predict_cli_fits_the_ladder_and_predicts_a_growth_run(tools, cli, tmp_path):
+    """The cosine schedule and one D per width (the config's [[stages]] length), the widest width held out of the
+    fit (mup.holdout): the forms in N alone are fitted, the staged run is trained with --holdout and predicted
+    (tests/test_predict.py checks L(N, D), WSD branching and the intervals)."""
     out = tmp_path / "predict"
     config = tmp_path / "staged.toml"
     config.write_text("[model]\nd_model = 32\nn_heads = 2\nmup = true\n"
                       "[[stages]]\ntokens = 512\n[[stages]]\nd_model = 64\nn_heads = 4\ntokens = 512\nramp_steps = 2\n")
     args = tools.args(tmp_path / "unused", *TOOLS, "model.d_model=32", "mup.ladder=[16,32,48,64]", "mup.holdout=1",
-                      "mup.extrapolate=[128]", "train.warmup_steps=1")
-    assert cli("predict", "-c", config, *args, "--out", out).status == 0
+                      "mup.extrapolate=[128]", "train.warmup_steps=1", "mup.bootstrap=10", "mup.holdout_factors=[]",
+                      "mup.holdout_steps=[8]")  # --holdout trains the staged run only
+    assert cli("predict", "-c", config, *args, "--out", out, "--holdout").status == 0
     result = json.loads((out / "predict.json").read_text())
-    ladder = result["ladder"]
-    assert [r["width"] for r in ladder] == [16, 32, 48, 64] and [r["in_fit"] for r in ladder] == [True] * 3 + [False]
-    assert result["steps"] == 8 and all(r["tokens"] == 8 * 4 * 32 for r in ladder)
-    held = ladder[-1]
-    assert result["largest_holdout_error"] == pytest.approx(abs(held["predicted"] - held["val_loss"]) / held["val_loss"])
-    staged = result["staged"]
-    assert staged["stages"] == ["2x32", "2x64"] and np.isfinite(staged["val_loss"])
-    assert (out / "staged" / "metrics.jsonl").exists()  # the growth run is a real run folder
+    points = result["points"]
+    assert [r["width"] for r in points] == [16, 16, 32, 32, 48, 64] and [r["role"] for r in points] == ["fit"] * 5 + ["held out"]
+    assert all(r["tokens"] == 8 * 4 * 32 for r in points)
+    assert "skipped" in result["forms"]["chinchilla"] and result["best"] in ("compute", "n_only")
+    held = points[-1]
+    assert held["rel_error"] == pytest.approx((held["predicted"] - held["val_loss"]) / held["val_loss"])
+    staged = result["growth_runs"][0]
+    assert staged["kind"] == "staged" and staged["stages"] == ["2x32", "2x64"] and np.isfinite(staged["val_loss"])
+    assert staged["tokens_before"] == staged["tokens_last"] == 512
     assert "held out" in (out / "predict.md").read_text() and (out / "predict.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("args, message", [
     (["mup", "coord-check", "--set", "mup.widths=[48,60]"], "not a multiple of model.head_dim"),
     (["sweep", "--set", "mup.search=grd"], "mup.search must be one of"),
-    (["predict", "--set", "mup.ladder=[32,64,128]"], "needs at least 3 widths left"),
+    (["predict", "--set", "mup.ladder=[32,64,128]", "--set", "mup.holdout=1"], "needs at least 3 widths left"),
 ])
 def test_tool_errors_are_one_line(tools, cli, tmp_path, args, message):
     result = cli(*args, *tools.args(tmp_path / "run", *TOOLS), "--out", tmp_path)

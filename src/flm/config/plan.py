@@ -36,6 +36,9 @@ class PlanConfig:
     growth_overhead_hours: float = 0.0  # cluster downtime per growth event (0: grown inside the run)
     tokens_per_param_cap: float = 20.0  # a non-final stage stops once cumulative tokens reach this x its params
     stage_token_fraction: float = 0.08  # least share of all tokens every stage trains (FLM-101B's least: 8.5%)
+    # A budget in training FLOPs (counted by flops_formula) for --search and --predict when no --budget-* flag is
+    # given; None: --predict takes the config's own schedule's FLOPs.
+    budget_flops: float | None = None
 
     def validate(self) -> None:
         _require(bool(self.gpu), "plan.gpu must not be empty")
@@ -57,5 +60,7 @@ class PlanConfig:
                  f"plan.growth_overhead_hours must be >= 0, got {self.growth_overhead_hours}")
         _require(self.tokens_per_param_cap > 0,
                  f"plan.tokens_per_param_cap must be positive, got {self.tokens_per_param_cap}")
+        _require(self.budget_flops is None or self.budget_flops > 0,
+                 f"plan.budget_flops must be positive, got {self.budget_flops}")
         _require(0 < self.stage_token_fraction <= 1,
                  f"plan.stage_token_fraction must be in (0, 1], got {self.stage_token_fraction}")

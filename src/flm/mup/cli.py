@@ -1,4 +1,4 @@
-"""`flm mup coord-check`, `flm sweep` and `flm predict`: each reads a config, runs, and writes PNG + table + JSON."""
+"""`flm mup coord-check`, `flm sweep` and `flm predict [--holdout]`: each reads a config, runs, and writes PNG + table + JSON."""
 
 from __future__ import annotations
 
@@ -30,11 +30,17 @@ def register(subparsers: argparse._SubParsersAction, config_args: Callable[..., 
     tool_args(p)
     p.set_defaults(func=lambda args: _run(args, "sweep"))
 
-    p = subparsers.add_parser("predict", help="fit L(N) = a·N^b + c on a ladder of widths and predict wider models",
-                              description="Train each width of mup.ladder with the config's hyperparameters, fit on all "
-                                          "but the mup.holdout widest, report the held-out error; with [[stages]], "
-                                          "also predict and measure the growth run's final loss.")
+    p = subparsers.add_parser("predict", help="fit L(N, D) on a ladder of widths x token counts, with intervals",
+                              description="Train each width of mup.ladder with the config's hyperparameters, evaluated "
+                                          "at each of mup.branch_steps (WSD: decays branched off one run per width); "
+                                          "fit the forms of mup.forms, choose one by leave-one-width-out "
+                                          "cross-validation, bootstrap 80%% intervals; with mup.growth_widths, fit "
+                                          "the growth model's eta. Finished runs are reused from the output folder. "
+                                          "The JSON it writes is what `flm plan --predict` reads.")
     tool_args(p)
+    p.add_argument("--holdout", action="store_true",
+                   help="also train the held-out checks: widths at mup.holdout_factors x the widest fitted N, a "
+                        "longer D, held-out growth runs and the config's [[stages]]; report the errors")
     p.set_defaults(func=lambda args: _run(args, "predict"))
 
 
@@ -64,16 +70,10 @@ def _run(args: argparse.Namespace, tool: str) -> None:
             if "grid_steps" in t:
                 print(f"{p}: best lr by width {t['best_lr']}: {t['grid_steps']} grid step(s) apart")
     else:
-        from flm.mup.predict import predict, write_report
+        from flm.mup.predict import predict, summary_lines, write_report
 
-        result = predict(cfg)
-        print(result["formula"])
-        print(f"relative error on the largest held-out width ({result['holdout_widths'][-1]}): "
-              f"{100 * result['largest_holdout_error']:.2f}%")
-        if "staged" in result:
-            s = result["staged"]
-            print(f"growth run: measured {s['val_loss']:.4f}, predicted {s['predicted_from_params']:.4f} from N "
-                  f"({100 * s['relative_error_params']:.2f}%), {s['predicted_from_flops']:.4f} from FLOPs "
-                  f"({100 * s['relative_error_flops']:.2f}%)")
+        result = predict(cfg, holdout=args.holdout)
+        for line in summary_lines(result):
+            print(line)
     paths = write_report(result, out)
     print("wrote " + ", ".join(str(p) for p in paths))

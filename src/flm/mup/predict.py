@@ -1,17 +1,26 @@
-"""Loss prediction (μScaling, REFERENCE.md §3): fit L(N) = a·N^b + c on a ladder of widths, predict wider ones.
+"""Loss prediction (μScaling, REFERENCE.md §3, §9): fit L(N, D) on a ladder of widths x token counts, with
+bootstrap intervals, checked on held-out runs; and a model of what growth buys (docs/mup.md).
 
-Every ladder run uses the config's (transferred) hyperparameters, the same data in the same order
-and the same number of steps; only the width differs. N is the non-embedding parameter count. The
-widest `holdout` runs are left out of the fit, and the relative error of their prediction is what
-says whether the fit can be trusted. With [[stages]] in the config, the same ladder (single-stage,
-as many steps as the whole schedule) also predicts the growth run's final loss, from the final
-stage's N and from the FLOPs the schedule spends, with the same fitted widths, and the staged run is
-trained to compare.
+The plan of runs (all with the config's transferred hyperparameters, the same data in the same order):
+- the ladder: every width of mup.ladder, each evaluated at every length of mup.branch_steps (WSD: one run per
+  width, decays branched off its stable phase, flm.mup.ladder), mup.seeds seeds at the mup.seed_widths smallest;
+- growth runs (mup.growth_widths): one growth w / growth_ratio -> w after each of mup.growth_fractions;
+- with --holdout: widths at mup.holdout_factors x the widest fitted N, a longer D than any fitted (also branched
+  off the widest fitted width's run), the growth recipe at mup.growth_holdout widths and the config's [[stages]].
+
+Then every form of mup.forms is fitted (flm.mup.laws: Huber on log-loss residuals, a grid of starts) on the
+fitted widths' points and scored by leave-one-width-out cross-validation; the best (lowest root mean square
+relative error on the left-out widths, among the forms that predict at every D) is bootstrapped (widths, then
+seed-runs, drawn with replacement; B = mup.bootstrap) and eta is fitted on the growth runs (in every replicate
+too). Every prediction is printed with its central mup.interval interval, and so is the gain over the widest
+fitted point (its predicted loss minus the point's, per replicate). The JSON's "law" section is what
+`flm plan --predict` reads (flm.plan.predict evaluates it without numpy).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,17 +28,21 @@ from typing import Any, Callable
 import numpy as np
 from scipy.optimize import least_squares
 
-from flm.config import Config
+from flm.config import Config, StageConfig
 from flm.data import load_prepared
 from flm.errors import FlmError
 from flm.model import flops_per_token, non_embedding_params
+from flm.mup import laws
+from flm.mup.ladder import branch_results, run_folder, whole_run
 from flm.mup.report import NAMES, figure, markdown_table, write_outputs
-from flm.mup.runs import at_width, quiet, train_and_evaluate
-from flm.train import Trainer
-from flm.train.schedule import Stage, plan_stages, tokens_and_flops_at
+from flm.mup.runs import at_width
+from flm.train.schedule import plan_stages
 from flm.train.trainer import resolve_model_config
 
+LAW_VERSION = 1
 
+
+# ---- the old single-variable law (kept: the n_only form is the same law) ----------------------------------
 @dataclass(frozen=True)
 class PowerLaw:
     """L(x) = a·(x / x0)^b + c; x0 (the smallest fitted x) only keeps the fit well conditioned."""
@@ -60,107 +73,524 @@ def fit_power_law(x: list[float], y: list[float]) -> PowerLaw:
     return PowerLaw(float(a), float(b), float(c), x0)
 
 
-def predict(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+# ---- the plan of runs --------------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    name: str
+    kind: str  # "ladder", "holdout" (a held-out width), "growth" (fits eta), "growth_holdout", "staged"
+    cfg: Config
+    width: int  # the (final) width
+    seed: int
+    lengths: list[int] | None = None  # single-stage runs: evaluated after each of these many steps
+    fraction: float | None = None  # growth runs: share of the steps before the growth
+
+
+def _params(cfg: Config, width: int, data) -> int:
+    return non_embedding_params(resolve_model_config(at_width(cfg, width, "mup").model, data))
+
+
+def width_for(cfg: Config, target: float, data, widest: int) -> int:
+    """The multiple of head_dim whose N is nearest `target` (in log)."""
+    step = cfg.model.head_dim
+    best = min(range(step, 64 * widest + step, step), key=lambda w: abs(math.log(_params(cfg, w, data) / target)))
+    return best
+
+
+def growth_config(cfg: Config, width: int, fraction: float, steps: int, p: str) -> Config:
+    """Grow width // growth_ratio -> width after `fraction` of `steps` steps (heads and FFN with the width)."""
     m, tc = cfg.mup, cfg.train
-    p = "mup" if cfg.model.mup else "sp"
-    data = load_prepared(Path(cfg.data.dir))
-    stages = plan_stages(cfg, resolve_model_config(cfg.model, data)) if cfg.stages else None
-    steps = stages[-1].end if stages else tc.max_steps
-    runs = {width: at_width(cfg, width, p) for width in sorted(m.ladder)}  # every width checked before any training
-    wider = {width: at_width(cfg, width, p).model for width in m.extrapolate}
-    ladder = []
-    for width, run in runs.items():
-        run.train = dataclasses.replace(run.train, max_steps=steps, warmup_steps=min(run.train.warmup_steps, steps))
-        result = train_and_evaluate(run)
-        if result.diverged:
-            raise FlmError(f"the width-{width} run diverged at step {result.steps}: lower train.lr")
-        model = resolve_model_config(run.model, data)
-        tokens = steps * tc.tokens_per_step
-        ladder.append({"width": width, "params": non_embedding_params(model), "tokens": tokens,
-                       "flops": tokens * flops_per_token(model, tc.seq_len), "val_loss": result.val_loss,
-                       "seconds": result.seconds})
-        log(f"width {width}: N {ladder[-1]['params']:,}, validation loss {result.val_loss:.4f} ({result.seconds:.0f} s)")
-    fit_rows, held = ladder[:-m.holdout], ladder[-m.holdout:]
-    law = fit_power_law([r["params"] for r in fit_rows], [r["val_loss"] for r in fit_rows])
-    for i, r in enumerate(ladder):
-        r["predicted"] = float(law(r["params"]))
-        r["relative_error"] = abs(r["predicted"] - r["val_loss"]) / r["val_loss"]
-        r["in_fit"] = i < len(fit_rows)
-    extrapolated = []
-    for width, model in wider.items():
-        model = resolve_model_config(model, data)
-        extrapolated.append({"width": width, "params": non_embedding_params(model),
-                             "predicted": float(law(non_embedding_params(model)))})
-    out = {"parametrization": p, "steps": steps, "lr": tc.lr, "init_std": cfg.model.init_std,
-           "output_mult": cfg.model.output_mult, "fit": dataclasses.asdict(law), "formula": law.formula(),
-           "ladder": ladder, "holdout_widths": [r["width"] for r in held],
-           "largest_holdout_error": held[-1]["relative_error"], "extrapolated": extrapolated}
-    if stages:
-        out["staged"] = staged_comparison(cfg, stages, fit_rows, law, log)
+    head = cfg.model.head_dim
+    source = max(head, (width // m.growth_ratio) // head * head)
+    if source >= width:
+        raise FlmError(f"mup.growth_widths: width {width} has no narrower source at head dim {head}")
+    before = max(1, round(fraction * steps))
+    after = steps - before
+    if after < 1:
+        raise FlmError(f"a growth after {fraction} of {steps} steps leaves no steps for the grown model")
+    base = at_width(cfg, source, p)
+    layers = cfg.model.n_layers
+    stages = [StageConfig(name=f"{layers}x{source}", tokens=before * tc.tokens_per_step),
+              StageConfig(name=f"{layers}x{width}", d_model=width, n_heads=width // head,
+                          tokens=after * tc.tokens_per_step, operator=m.growth_operator, warmup_steps=0,
+                          lr_at_growth="continue", ramp_steps=max(1, round(m.growth_ramp * after)))]
+    out = dataclasses.replace(base, stages=stages)
+    out.validate()
     return out
 
 
-def staged_comparison(cfg: Config, stages: list[Stage], fit_rows: list[dict], by_params: PowerLaw,
-                      log: Callable[[str], None]) -> dict[str, Any]:
-    """Predict a growth run's final loss from the fitted ladder runs, by N and by FLOPs; train it and compare."""
-    tc = cfg.train
-    by_flops = fit_power_law([r["flops"] for r in fit_rows], [r["val_loss"] for r in fit_rows])
-    final = stages[-1]
-    tokens, flops = tokens_and_flops_at(final.end, stages, tc.batch_size, tc.seq_len)
-    run = dataclasses.replace(cfg, train=dataclasses.replace(tc, run_dir=str(Path(cfg.mup.out_dir) / "staged")))
-    log(f"training the growth schedule ({len(stages)} stages, {final.end} steps) in {run.train.run_dir}")
-    with Trainer(run, log=quiet) as trainer:
-        measured = trainer.train()["val_loss"]
-    n = non_embedding_params(final.model)
-    pred_n, pred_c = float(by_params(n)), float(by_flops(flops))
-    return {"stages": [f"{s.model.n_layers}x{s.model.d_model}" for s in stages], "steps": final.end,
-            "tokens": tokens, "flops": flops, "final_params": n, "val_loss": measured,
-            "fit_params": dataclasses.asdict(by_params), "fit_flops": dataclasses.asdict(by_flops),
-            "predicted_from_params": pred_n, "relative_error_params": abs(pred_n - measured) / measured,
-            "predicted_from_flops": pred_c, "relative_error_flops": abs(pred_c - measured) / measured}
+def run_plan(cfg: Config, holdout: bool, data) -> tuple[list[RunSpec], dict[str, Any]]:
+    """Every run `flm predict` needs (checked before any training), and what they were planned from."""
+    m, tc = cfg.mup, cfg.train
+    p = "mup" if cfg.model.mup else "sp"
+    ladder = sorted(m.ladder)
+    fitted = ladder[:len(ladder) - m.holdout]
+    total = plan_stages(cfg, resolve_model_config(cfg.model, data))[-1].end if cfg.stages else tc.max_steps
+    base = sorted(set(m.branch_steps)) or [total]
+    longest = max(base)
+    hold_steps = sorted(set(m.holdout_steps)) or [longest, 2 * longest]
+    longer = [t for t in hold_steps if t > longest]
+    specs: list[RunSpec] = []
+    for i, width in enumerate(ladder):
+        for k in range(m.seeds if i < m.seed_widths else 1):
+            run = at_width(cfg, width, p)
+            run = dataclasses.replace(run, train=dataclasses.replace(run.train, seed=tc.seed + k))
+            lengths = base + (longer if holdout and width == fitted[-1] and k == 0 else [])
+            specs.append(RunSpec(f"w{width}-s{k}", "ladder", run, width, k, lengths))
+    info: dict[str, Any] = {"branch_steps": base, "fitted_widths": fitted, "ladder_holdout_widths": ladder[len(fitted):],
+                            "holdout_steps": hold_steps if holdout else [], "holdout_widths": []}
+    if holdout:
+        n_max = _params(cfg, fitted[-1], data)
+        for factor in m.holdout_factors:
+            width = width_for(cfg, factor * n_max, data, fitted[-1])
+            if width in ladder or width in info["holdout_widths"]:
+                continue
+            info["holdout_widths"].append(width)
+            specs.append(RunSpec(f"w{width}-s0", "holdout", at_width(cfg, width, p), width, 0, hold_steps))
+    if m.growth_widths:
+        g_steps = m.growth_steps or longest
+        info["growth_steps"] = g_steps
+        kinds = [("growth", m.growth_widths)]
+        if holdout:
+            kinds.append(("growth_holdout", [w for w in (m.growth_holdout or [fitted[-1]]) if w not in m.growth_widths]))
+        for kind, widths in kinds:
+            for width in sorted(widths):
+                for f in m.growth_fractions:
+                    specs.append(RunSpec(f"grow-w{width}-f{f:g}", kind, growth_config(cfg, width, f, g_steps, p),
+                                         width, 0, fraction=f))
+    if holdout and cfg.stages:
+        specs.append(RunSpec("staged", "staged", cfg, cfg.stage_models()[-1].d_model, 0))
+    return specs, info
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+def _stage_tokens(cfg: Config, data) -> tuple[Any, int, int]:
+    """The final stage's model and the tokens trained before its growth and in it."""
+    stages = plan_stages(cfg, resolve_model_config(cfg.model, data))
+    per_step = cfg.train.batch_size * cfg.train.seq_len
+    before = sum(s.steps * s.grad_accum for s in stages[:-1]) * per_step
+    return stages[-1].model, before, stages[-1].steps * stages[-1].grad_accum * per_step
+
+
+def train_plan(cfg: Config, specs: list[RunSpec], info: dict[str, Any], data, root: Path,
+               log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train (or read back) every run; returns the ladder points, the growth runs and the run list. A point is
+    fitted if it is a ladder run's at a fitted width and one of the branch lengths; all others are held out."""
+    m, tc = cfg.mup, cfg.train
+    points, growth, runs = [], [], []
+    for spec in specs:
+        folder = run_folder(root, spec.name, spec.cfg)
+        if spec.lengths is not None:
+            model = resolve_model_config(spec.cfg.model, data)
+            n, fpt = non_embedding_params(model), flops_per_token(model, tc.seq_len)
+            results = branch_results(spec.cfg, folder, spec.lengths, log, m.keep_checkpoints)
+            runs.append({"name": spec.name, "kind": spec.kind, "width": spec.width, "seed": spec.seed,
+                         "folder": str(folder), "seconds": sum(r["seconds"] for r in results.values()),
+                         "cached": all(r["cached"] for r in results.values())})
+            for steps in sorted(results):
+                r = results[steps]
+                if not math.isfinite(r["val_loss"]):
+                    raise FlmError(f"the {spec.name} run diverged (by {steps} steps): lower train.lr")
+                fitted = spec.kind == "ladder" and spec.width in info["fitted_widths"] and steps in info["branch_steps"]
+                role = "fit" if fitted else "held out"
+                points.append({"width": spec.width, "seed": spec.seed, "run": spec.name, "kind": spec.kind,
+                               "steps": steps, "tokens": r["tokens"], "params": n, "flops": fpt * r["tokens"],
+                               "val_loss": r["val_loss"], "role": role})
+        else:
+            result = whole_run(spec.cfg, folder, log)
+            if not math.isfinite(result["val_loss"]):
+                raise FlmError(f"the {spec.name} run diverged: lower train.lr")
+            final, before, last = _stage_tokens(spec.cfg, data)
+            growth.append({"name": spec.name, "run": spec.name, "kind": spec.kind, "width": spec.width,
+                           "fraction": spec.fraction if spec.fraction is not None else before / (before + last),
+                           "stages": [f"{s.n_layers}x{s.d_model}" for s in spec.cfg.stage_models()],
+                           "params": non_embedding_params(final), "flops_per_token": flops_per_token(final, tc.seq_len),
+                           "tokens_before": before, "tokens_last": last, "tokens": before + last,
+                           "val_loss": result["val_loss"]})
+            runs.append({"name": spec.name, "kind": spec.kind, "width": spec.width, "seed": spec.seed,
+                         "folder": str(folder), "seconds": result["seconds"], "cached": result["cached"]})
+    return points, growth, runs
+
+
+# ---- predictions with intervals -----------------------------------------------------------------------------
+class Predictor:
+    """The best fit, its bootstrap replicates and eta: every prediction as (point, low, high)."""
+
+    def __init__(self, fit: laws.Fit, boot: laws.Bootstrap, eta: float | None, level: float):
+        self.fit, self.eta, self.level = fit, eta, level
+        self.reps = [laws.Fit(fit.form, theta, fit.scales, 0.0, fit.at_d) for theta in boot.thetas]
+        self.rep_etas = boot.etas
+
+    def samples(self, n: float, d: float, c: float) -> list[float]:
+        return [float(r.predict(n, d, c)[0]) for r in self.reps]
+
+    def loss(self, n: float, d: float, c: float) -> dict[str, float]:
+        point = float(self.fit.predict(n, d, c)[0])
+        lo, hi = laws.interval(self.samples(n, d, c), self.level)
+        return {"predicted": point, "low": lo, "high": hi}
+
+    def gain(self, ref: tuple[float, float, float], n: float, d: float, c: float) -> dict[str, float]:
+        point = float(self.fit.predict(*ref)[0] - self.fit.predict(n, d, c)[0])
+        values = [a - b for a, b in zip(self.samples(*ref), self.samples(n, d, c))]
+        lo, hi = laws.interval(values, self.level)
+        return {"predicted_gain": point, "gain_low": lo, "gain_high": hi}
+
+    def growth(self, row: dict) -> dict[str, float]:
+        g = laws.GrowthPoints.of([row])
+        point = float(laws.growth_predict(self.fit, self.eta, g)[0])
+        etas = self.rep_etas or [self.eta] * len(self.reps)
+        values = [float(laws.growth_predict(r, e, g)[0]) for r, e in zip(self.reps, etas)]
+        lo, hi = laws.interval(values, self.level)
+        return {"predicted": point, "low": lo, "high": hi}
+
+
+def _check(row: dict, pred: dict) -> dict:
+    """Errors and coverage of a measured point against its prediction."""
+    out = {**pred, "rel_error": (pred["predicted"] - row["val_loss"]) / row["val_loss"],
+           "covered": pred["low"] <= row["val_loss"] <= pred["high"]}
+    if "measured_gain" in row:
+        out["gain_error"] = pred["predicted_gain"] - row["measured_gain"]
+        out["gain_covered"] = pred["gain_low"] <= row["measured_gain"] <= pred["gain_high"]
+    return out
+
+
+def law_document(cfg: Config, fit: laws.Fit, pred: Predictor, ref: dict, fit_pts: laws.Points,
+                 growth_recipe: dict | None, data) -> dict[str, Any]:
+    """What `flm plan --predict` reads: the best law, its replicates, eta, and what N, D and C mean."""
+    model = resolve_model_config(cfg.model, data)
+    reps = [{"params": r.params, **({"eta": e} if e is not None else {})}
+            for r, e in zip(pred.reps, pred.rep_etas or [None] * len(pred.reps))]
+    return {"version": LAW_VERSION, "form": fit.form.name, "formula": fit.form.formula, "params": fit.params,
+            "scales": dataclasses.asdict(fit.scales), "at_tokens": fit.at_d, "interval": pred.level,
+            "replicates": reps,
+            "growth": None if pred.eta is None else {"eta": pred.eta, "definition": "D_eff = D_last + eta * D_before",
+                                                     "recipe": growth_recipe},
+            "reference": ref,
+            "fitted": {"params": [float(fit_pts.n.min()), float(fit_pts.n.max())],
+                       "tokens": [float(fit_pts.d.min()), float(fit_pts.d.max())]},
+            "n": "non-embedding parameters (flm.model.non_embedding_params)",
+            "c": "training FLOPs: flm.model.flops_per_token(shape, seq_len) x tokens",
+            "seq_len": cfg.train.seq_len,
+            "family": {"n_layers": model.n_layers, "head_dim": model.head_dim, "vocab_size": model.vocab_size,
+                       "arch": getattr(model, "arch", "flm"), "mup": model.mup}}
+
+
+def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    m, tc = cfg.mup, cfg.train
+    p = "mup" if cfg.model.mup else "sp"
+    data = load_prepared(Path(cfg.data.dir))
+    specs, info = run_plan(cfg, holdout, data)
+    n_branches = sum(len(s.lengths) for s in specs if s.lengths is not None)
+    log(f"{len(specs)} runs ({n_branches} evaluation points from {sum(s.lengths is not None for s in specs)} "
+        f"single-stage runs, {sum(s.lengths is None for s in specs)} growth runs) in {Path(m.out_dir) / 'runs'}")
+    points, growth_rows, runs = train_plan(cfg, specs, info, data, Path(m.out_dir) / "runs", log)
+    notes = []
+    fit_rows = [r for r in points if r["role"] == "fit"]
+    fit_pts = laws.Points.of(fit_rows)
+    n_widths = len(set(fit_pts.width.tolist()))
+    span = float(fit_pts.n.max() / fit_pts.n.min())
+    if n_widths < 5 or span < 8:
+        notes.append(f"the fit has {n_widths} widths spanning {span:.1f}x in N (a budget wants >= 5 widths over >= 8x)")
+    single_d = len(set(fit_pts.d.tolist())) == 1
+
+    forms: dict[str, Any] = {}
+    fits: dict[str, laws.Fit] = {}
+    for name in m.forms:
+        form = laws.FORMS[name]
+        problem = laws.can_fit(form, fit_pts)
+        if problem:
+            forms[name] = {"formula": form.formula, "skipped": problem}
+            continue
+        fit = laws.fit_form(form, fit_pts, delta=m.huber_delta)
+        cv = laws.cross_validate(form, fit_pts, m.huber_delta, starts=fit.optima)
+        fits[name] = fit
+        forms[name] = {"formula": form.formula, "params": fit.params, "scales": dataclasses.asdict(fit.scales),
+                       "at_tokens": fit.at_d, "cv": cv, "eligible": name != "n_only" or single_d}
+    eligible = [k for k in fits if forms[k]["eligible"]]
+    if not eligible:
+        raise FlmError("no law could be fitted: " + "; ".join(f["skipped"] for f in forms.values() if "skipped" in f))
+    scored = [k for k in eligible if math.isfinite(forms[k]["cv"]["rms_rel"])]
+    if scored:
+        best = min(scored, key=lambda k: forms[k]["cv"]["rms_rel"])
+        log(f"best form by leave-one-width-out cross-validation: {best} ({laws.FORMS[best].formula}; "
+            f"RMS relative error {100 * forms[best]['cv']['rms_rel']:.2f}%)")
+    else:
+        best = eligible[0]
+        notes.append(f"no fold of the cross-validation could be fitted (too few widths): {best} is the first "
+                     "fitted form of mup.forms, not the best by held-out error")
+        log(f"form: {best} (first of mup.forms; too few widths to cross-validate)")
+    fit = fits[best]
+
+    growth_fit = [g for g in growth_rows if g["kind"] == "growth"]
+    g_pts = laws.GrowthPoints.of(growth_fit) if growth_fit else None
+    eta = None
+    if g_pts is not None:
+        if fit.at_d is not None:
+            notes.append("the growth model needs a law in D (the best form holds at one D only): eta not fitted")
+            g_pts = None
+        else:
+            eta = laws.fit_eta(fit, g_pts, m.huber_delta)
+            if eta <= laws.ETA_BOUNDS[0] + 1e-6 or eta >= laws.ETA_BOUNDS[1] - 1e-6:
+                notes.append(f"eta = {eta:g} sits at a bound of its range {laws.ETA_BOUNDS}: the growth model does not "
+                             "describe these growth runs")
+    boot = laws.bootstrap(fit, fit_pts, m.bootstrap, tc.seed, m.huber_delta, growth=g_pts)
+    pred = Predictor(fit, boot, eta, m.interval)
+
+    # The reference: the widest fitted width at the longest fitted D (measured: the mean over its seed-runs).
+    d_ref = float(fit_pts.d.max())
+    n_ref = float(fit_pts.n.max())
+    ref_rows = [r for r in fit_rows if r["params"] == n_ref and r["tokens"] == d_ref]
+    ref = {"width": ref_rows[0]["width"], "params": n_ref, "tokens": d_ref, "flops": ref_rows[0]["flops"],
+           "val_loss": float(np.mean([r["val_loss"] for r in ref_rows])),
+           "predicted": float(fit.predict(n_ref, d_ref, ref_rows[0]["flops"])[0])}
+    ref_x = (n_ref, d_ref, ref["flops"])
+    for r in points:
+        if r["role"] != "fit":
+            r["measured_gain"] = ref["val_loss"] - r["val_loss"]
+        prediction = {**pred.loss(r["params"], r["tokens"], r["flops"]), **pred.gain(ref_x, r["params"], r["tokens"], r["flops"])}
+        if math.isfinite(prediction["predicted"]):
+            r.update(_check(r, prediction))
+    for g in growth_rows:
+        if eta is not None:
+            g.update(_check(g, pred.growth(g)))
+        # without eta: the two bounds, as if scratch on the final stage's tokens only (eta 0) or on all (eta 1)
+        for name, e in (("as_scratch_all_tokens", 1.0), ("as_scratch_final_tokens", 0.0)):
+            value = laws.growth_predict(fit, e, laws.GrowthPoints.of([g]))[0] if fit.at_d is None else math.nan
+            g[name] = float(value)
+
+    extrapolated = []
+    for width in m.extrapolate:
+        model = resolve_model_config(at_width(cfg, width, p).model, data)
+        n, c = non_embedding_params(model), flops_per_token(model, tc.seq_len) * d_ref
+        extrapolated.append({"width": width, "params": n, "tokens": d_ref, "flops": c, **pred.loss(n, d_ref, c),
+                             **pred.gain(ref_x, n, d_ref, c)})
+
+    recipe = None
+    if m.growth_widths:
+        recipe = {"ratio": m.growth_ratio, "operator": m.growth_operator, "ramp": m.growth_ramp,
+                  "lr_at_growth": "continue", "schedule": tc.schedule, "fractions": m.growth_fractions,
+                  "widths": m.growth_widths}
+    held = [r for r in points if r["role"] != "fit"] + [g for g in growth_rows if g["kind"] != "growth" and "rel_error" in g]
+    out = {"parametrization": p, "lr": tc.lr, "init_std": cfg.model.init_std, "output_mult": cfg.model.output_mult,
+           "schedule": {"name": tc.schedule, "decay_fraction": tc.decay_fraction, "decay_shape": tc.decay_shape,
+                        "warmup_steps": tc.warmup_steps, "tokens_per_step": tc.tokens_per_step},
+           "plan": info, "holdout": holdout, "runs": runs, "points": points, "growth_runs": growth_rows,
+           "forms": forms, "best": best, "eta": eta,
+           "eta_interval": list(laws.interval(boot.etas, m.interval)) if boot.etas else None,
+           "bootstrap": {"replicates": m.bootstrap, "redraws": boot.redraws, "seed": tc.seed, "interval": m.interval},
+           "reference": ref, "extrapolated": extrapolated, "notes": notes,
+           "summary": summarize(held, m.interval),
+           "law": law_document(cfg, fit, pred, ref, fit_pts, recipe, data)}
+    return out
+
+
+def summarize(held: list[dict], level: float) -> dict[str, Any]:
+    """Over the held-out checks: the largest loss error, the coverage of the intervals."""
+    if not held:
+        return {}
+    covered = [r["covered"] for r in held]
+    out = {"points": len(held), "max_abs_rel_error": max(abs(r["rel_error"]) for r in held),
+           "covered": sum(covered), "interval": level}
+    gains = [r for r in held if "gain_error" in r]
+    if gains:
+        out["max_abs_gain_error"] = max(abs(r["gain_error"]) for r in gains)
+        out["gain_covered"] = sum(r["gain_covered"] for r in gains)
+        out["gain_points"] = len(gains)
+    return out
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+def _f(x: float | None, spec: str = ".4f") -> str:
+    return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None or not math.isfinite(x) else f"{100 * x:+.2f}%"
+
+
+def _interval(r: dict, lo: str = "low", hi: str = "high") -> str:
+    return f"[{r[lo]:.4f}, {r[hi]:.4f}]" if lo in r else ""
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """What the command prints: the forms, the best law, the held-out checks, eta, the extrapolations."""
+    level = round(100 * result["bootstrap"]["interval"])
+    lines = ["form         CV RMS rel. error  widest left out  parameters"]
+    for name, f in result["forms"].items():
+        if "skipped" in f:
+            lines.append(f"{name:<12} skipped: {f['skipped']}")
+            continue
+        cv = f["cv"]
+        params = ", ".join(f"{k} {v:.4g}" for k, v in f["params"].items())
+        mark = " <- best" if name == result["best"] else ("" if f["eligible"] else " (one D only)")
+        lines.append(f"{name:<12} {100 * cv['rms_rel']:>16.2f}%  {_pct(cv['widest_left_out']):>15}  {params}{mark}")
+    ref = result["reference"]
+    lines.append(f"reference (widest fitted point): width {ref['width']}, N {ref['params']:,.0f}, D {ref['tokens']:,.0f}: "
+                 f"measured {ref['val_loss']:.4f}, fitted {ref['predicted']:.4f}")
+    held = [r for r in result["points"] if r["role"] != "fit" and "predicted" in r]
+    if held:
+        lines.append(f"held out: width  N  D  measured  predicted [{level}%]  error  covered  gain measured  "
+                     f"gain predicted [{level}%]  gain error")
+        for r in held:
+            lines.append(f"  w{r['width']} N {r['params']:,} D {r['tokens']:,}: {r['val_loss']:.4f}  {r['predicted']:.4f} "
+                         f"{_interval(r)}  {_pct(r['rel_error'])}  {'yes' if r['covered'] else 'NO'}  "
+                         f"{r['measured_gain']:+.4f}  {r['predicted_gain']:+.4f} {_interval(r, 'gain_low', 'gain_high')}"
+                         f"  {r['gain_error']:+.4f}")
+    if result["eta"] is not None:
+        lo, hi = result["eta_interval"]
+        lines.append(f"growth model: D_eff = D_last + eta·D_before, eta = {result['eta']:.3f} [{level}%: {lo:.3f}, {hi:.3f}] "
+                     f"fitted on {sum(g['kind'] == 'growth' for g in result['growth_runs'])} growth runs")
+    for g in result["growth_runs"]:
+        if "predicted" in g:
+            lines.append(f"  {g['kind']} {' -> '.join(g['stages'])} f {g['fraction']:.2f}: measured {g['val_loss']:.4f}, "
+                         f"predicted {g['predicted']:.4f} {_interval(g)} ({_pct(g['rel_error'])}, "
+                         f"{'covered' if g['covered'] else 'NOT covered'})")
+    for r in result["extrapolated"]:
+        lines.append(f"width {r['width']} (N {r['params']:,}) at D {r['tokens']:,.0f}: predicted {r['predicted']:.4f} "
+                     f"{_interval(r)}, gain over the reference {r['predicted_gain']:+.4f} "
+                     f"{_interval(r, 'gain_low', 'gain_high')}")
+    return lines + summary_tail(result)
+
+
+def summary_tail(result: dict[str, Any]) -> list[str]:
+    """The held-out checks in one line (with --holdout), then the notes."""
+    level = round(100 * result["bootstrap"]["interval"])
+    lines = []
+    s = result["summary"]
+    if s:
+        lines.append(f"held-out checks: largest loss error {100 * s['max_abs_rel_error']:.2f}% (goal <= 2%), "
+                     f"{s['covered']}/{s['points']} inside their {level}% interval"
+                     + (f"; gains: largest error {s['max_abs_gain_error']:.4f}, {s['gain_covered']}/{s['gain_points']} "
+                        "covered" if "gain_points" in s else ""))
+    lines += [f"note: {n}" for n in result["notes"]]
+    return lines
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    rows = [[str(r["width"]), f"{r['params']:,}", f"{r['flops']:.3g}", f"{r['val_loss']:.4f}", f"{r['predicted']:.4f}",
-             f"{100 * r['relative_error']:.2f}%", "fit" if r["in_fit"] else "held out"] for r in result["ladder"]]
-    rows += [[str(r["width"]), f"{r['params']:,}", "", "", f"{r['predicted']:.4f}", "", "predicted only"]
-             for r in result["extrapolated"]]
-    lines = [f"# Loss prediction\n\n{NAMES[result['parametrization']]}, lr {result['lr']:g}, "
-             f"init_std {result['init_std']:g}, output_mult {result['output_mult']:g}, {result['steps']} steps per run. "
-             f"Fit: {result['formula']} (N = non-embedding parameters).\n",
-             markdown_table(["width", "N", "train FLOPs", "val loss", "predicted", "rel. error", "role"], rows), "",
-             f"Relative error on the largest held-out width ({result['holdout_widths'][-1]}): "
-             f"**{100 * result['largest_holdout_error']:.2f}%**."]
-    staged = result.get("staged")
-    if staged:
-        lines += ["", "## Growth schedule", "",
-                  f"Stages {' -> '.join(staged['stages'])}, {staged['steps']} steps, {staged['flops']:.3g} training "
-                  f"FLOPs; final stage N {staged['final_params']:,}. Measured validation loss {staged['val_loss']:.4f}.",
-                  "",
-                  f"- predicted from N (as if trained from scratch at the final shape): "
-                  f"{staged['predicted_from_params']:.4f} ({100 * staged['relative_error_params']:.2f}% error)",
-                  f"- predicted from the FLOPs spent: {staged['predicted_from_flops']:.4f} "
-                  f"({100 * staged['relative_error_flops']:.2f}% error)"]
-    plt = figure()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    fit = [r for r in result["ladder"] if r["in_fit"]]
-    held = [r for r in result["ladder"] if not r["in_fit"]]
-    law = PowerLaw(**result["fit"])
-    xs = [r["params"] for r in result["ladder"]] + [r["params"] for r in result["extrapolated"]]
-    grid = np.geomspace(min(xs), max(xs), 200)
-    ax.plot(grid, law(grid), "-", color="grey", lw=1.2, label=result["formula"])
-    ax.plot([r["params"] for r in fit], [r["val_loss"] for r in fit], "o", color="C0", label="measured, in fit")
-    ax.plot([r["params"] for r in held], [r["val_loss"] for r in held], "o", mfc="none", color="C3", ms=8,
-            label="measured, held out")
+    level = round(100 * result["bootstrap"]["interval"])
+    law = result["law"]
+    rows = []
+    for r in result["points"]:
+        rows.append([str(r["width"]), str(r["seed"]), f"{r['params']:,}", f"{r['tokens']:,}", f"{r['val_loss']:.4f}",
+                     _f(r.get("predicted")), _interval(r) if "predicted" in r else "", _pct(r.get("rel_error")),
+                     {True: "yes", False: "no"}.get(r.get("covered"), "") if r["role"] != "fit" else "",
+                     _f(r.get("measured_gain"), "+.4f"), _f(r.get("predicted_gain"), "+.4f") if r["role"] != "fit" else "",
+                     r["role"]])
+    form_rows = []
+    for name, f in result["forms"].items():
+        if "skipped" in f:
+            form_rows.append([name, f["formula"], "", "", f["skipped"]])
+        else:
+            form_rows.append([name + (" (best)" if name == result["best"] else ""), f["formula"],
+                              f"{100 * f['cv']['rms_rel']:.2f}%", _pct(f["cv"]["widest_left_out"]),
+                              ", ".join(f"{k} {v:.4g}" for k, v in f["params"].items())])
+    lines = [f"# Loss prediction L(N, D)\n\n{NAMES[result['parametrization']]}, lr {result['lr']:g}, init_std "
+             f"{result['init_std']:g}, output_mult {result['output_mult']:g}; schedule {result['schedule']['name']} "
+             f"(decay {result['schedule']['decay_fraction']:g}, {result['schedule']['decay_shape']}), "
+             f"{result['schedule']['tokens_per_step']:,} tokens per step. N = non-embedding parameters, D = tokens.\n",
+             "## Forms (Huber on log loss, δ as configured; best by leave-one-width-out cross-validation)\n",
+             markdown_table(["form", "law", "CV RMS rel. error", "widest left out", "parameters"], form_rows), "",
+             f"Best: **{result['best']}**, `{law['formula']}` with n0 = {law['scales']['n0']:,.0f}, "
+             f"d0 = {law['scales']['d0']:,.0f}, c0 = {law['scales']['c0']:.4g}. Intervals: {level}% of "
+             f"{result['bootstrap']['replicates']} bootstrap replicates (widths, then seed-runs, with replacement; "
+             f"seed {result['bootstrap']['seed']}, {result['bootstrap']['redraws']} draws with too few widths redrawn).\n",
+             "## Points\n",
+             f"Gain = the reference's loss (width {result['reference']['width']} at D {result['reference']['tokens']:,.0f}) "
+             "minus the point's.\n",
+             markdown_table(["width", "seed", "N", "D", "val loss", "predicted", f"{level}% interval", "rel. error",
+                             "covered", "gain measured", "gain predicted", "role"], rows), ""]
+    if result["growth_runs"]:
+        g_rows = [[g["kind"], " -> ".join(g["stages"]), f"{g['fraction']:.2f}", f"{g['tokens']:,}", f"{g['val_loss']:.4f}",
+                   _f(g.get("predicted")), _interval(g) if "predicted" in g else "", _pct(g.get("rel_error")),
+                   _f(g["as_scratch_all_tokens"]), _f(g["as_scratch_final_tokens"])] for g in result["growth_runs"]]
+        lines += ["## Growth runs\n",
+                  (f"eta = {result['eta']:.3f} ({level}% interval {result['eta_interval'][0]:.3f} - "
+                   f"{result['eta_interval'][1]:.3f}) in D_eff = D_last + eta·D_before.\n" if result["eta"] is not None
+                   else "eta not fitted.\n"),
+                  markdown_table(["kind", "stages", "f", "D", "val loss", "predicted", f"{level}% interval", "rel. error",
+                                  "as scratch, all tokens", "as scratch, final-stage tokens"], g_rows), ""]
     if result["extrapolated"]:
-        ax.plot([r["params"] for r in result["extrapolated"]], [r["predicted"] for r in result["extrapolated"]],
-                "x", color="grey", label="predicted")
-    if staged:
-        ax.plot([staged["final_params"]], [staged["val_loss"]], "D", color="C2", label="growth run (measured)")
+        lines += ["## Predicted only\n", markdown_table(
+            ["width", "N", "D", "predicted", f"{level}% interval", "gain", f"gain {level}%"],
+            [[str(r["width"]), f"{r['params']:,}", f"{r['tokens']:,.0f}", f"{r['predicted']:.4f}", _interval(r),
+              f"{r['predicted_gain']:+.4f}", _interval(r, "gain_low", "gain_high")] for r in result["extrapolated"]]), ""]
+    tail = summary_tail(result)
+    if tail:
+        lines += ["## Summary\n"] + [f"- {line}" for line in tail]
+    fig = plot(result)
+    return write_outputs(out_dir, "predict", result, "\n".join(lines) + "\n", fig)
+
+
+def _law(law: dict, params: dict | None = None) -> laws.Fit:
+    form = laws.FORMS[law["form"]]
+    theta = form.from_params(params or law["params"])
+    return laws.Fit(form, theta, laws.Scales(**law["scales"]), 0.0, law["at_tokens"])
+
+
+def plot(result: dict[str, Any]) -> Any:
+    """Left: loss against N, one curve per fitted D with the longest D's interval band; measured points filled
+    (fit) or open (held out), predictions of the held-out points with their intervals. Right: predicted against
+    measured for every held-out point and growth run."""
+    plt = figure()
+    law = result["law"]
+    fit = _law(law)
+    reps = [_law(law, r["params"]) for r in law["replicates"]]
+    level = result["bootstrap"]["interval"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    pts = result["points"]
+    ns = [r["params"] for r in pts] + [r["params"] for r in result["extrapolated"]]
+    grid = np.geomspace(min(ns), max(ns), 120)
+    ds = sorted({r["tokens"] for r in pts})
+    fpt = {r["params"]: r["flops"] / r["tokens"] for r in pts}
+    fpt_grid = np.interp(np.log(grid), np.log(sorted(fpt)), [fpt[k] for k in sorted(fpt)])
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(ds)))
+    for d, color in zip(ds, colors):
+        ys = fit.predict(grid, np.full_like(grid, d), fpt_grid * d)
+        if np.all(np.isnan(ys)):
+            continue
+        ax.plot(grid, ys, "-", color=color, lw=1, label=f"fit, D = {d:,.0f}")
+        if d == max(ds) or d == law["reference"]["tokens"]:
+            band = np.array([r.predict(grid, np.full_like(grid, d), fpt_grid * d) for r in reps])
+            tail = (1 - level) / 2
+            ax.fill_between(grid, np.nanquantile(band, tail, axis=0), np.nanquantile(band, 1 - tail, axis=0),
+                            color=color, alpha=0.15)
+        for r in pts:
+            if r["tokens"] != d:
+                continue
+            if r["role"] == "fit":
+                ax.plot(r["params"], r["val_loss"], "o", color=color, ms=4)
+            else:
+                ax.plot(r["params"], r["val_loss"], "o", mfc="none", color=color, ms=8)
+                if "predicted" in r:
+                    ax.errorbar(r["params"] * 1.04, r["predicted"], yerr=[[r["predicted"] - r["low"]],
+                                [r["high"] - r["predicted"]]], fmt="x", color=color, capsize=3)
+    for r in result["extrapolated"]:
+        ax.errorbar(r["params"], r["predicted"], yerr=[[r["predicted"] - r["low"]], [r["high"] - r["predicted"]]],
+                    fmt="x", color="grey", capsize=3)
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel(f"validation loss after {result['steps']} steps")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{result['best']}: {law['formula']}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    checks = [(r, "held-out run") for r in pts if r["role"] != "fit" and "predicted" in r]
+    checks += [(g, g["kind"]) for g in result["growth_runs"] if "predicted" in g]
+    if checks:
+        markers = {"held-out run": "o", "growth": "s", "growth_holdout": "D", "staged": "^"}
+        seen = set()
+        for r, kind in checks:
+            bx.errorbar(r["val_loss"], r["predicted"], yerr=[[r["predicted"] - r["low"]], [r["high"] - r["predicted"]]],
+                        fmt=markers.get(kind, "o"), capsize=3, color="C0" if kind == "held-out run" else "C2",
+                        label=None if kind in seen else kind)
+            seen.add(kind)
+        lo = min(min(r["val_loss"], r["low"]) for r, _ in checks)
+        hi = max(max(r["val_loss"], r["high"]) for r, _ in checks)
+        line = np.array([lo, hi])
+        bx.plot(line, line, "-", color="grey", lw=1)
+        bx.fill_between(line, line * 0.98, line * 1.02, color="grey", alpha=0.12, label="±2%")
+        bx.legend(fontsize=7)
+    bx.set_xlabel("measured validation loss")
+    bx.set_ylabel(f"predicted ({round(100 * level)}% interval)")
+    bx.set_title("held-out checks" if checks else "held-out checks: none (run with --holdout)", fontsize=9)
+    bx.grid(alpha=0.3)
     fig.tight_layout()
-    return write_outputs(out_dir, "predict", result, "\n".join(lines) + "\n", fig)
+    return fig

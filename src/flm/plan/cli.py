@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-dollars", type=float, metavar="USD", help="search budget in dollars")
     p.add_argument("--budget-gpu-days", type=float, metavar="DAYS", help="search budget in GPU-days")
     p.add_argument("--final-preset", metavar="NAME", help="final shape for --search (default: the config's last stage)")
+    p.add_argument("--predict", metavar="FIT.json",
+                   help="with a law written by `flm predict`: the predicted final loss (and interval) of training the "
+                        "final shape from scratch and of each schedule the search considers, within the budget "
+                        "(--budget-*, else plan.budget_flops, else the config's schedule's FLOPs); which to choose")
+    p.add_argument("--eta", type=float, metavar="ETA",
+                   help="with --predict: the growth model's eta instead of the fitted one (1: every token counts)")
     p.set_defaults(func=cmd_plan)
 
 
@@ -71,13 +77,17 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from flm.plan.memory import stage_memory
     from flm.plan.report import (format_memory, format_plan, format_search, memory_to_dict, plan_to_dict,
                                  save_png, search_to_dict)
-    from flm.plan.search import budget_gpu_hours, search_schedule
+    from flm.plan.predict import choose, compare, flops_to_gpu_hours, format_comparison, load_law
+    from flm.plan.predict import to_dict as predict_to_dict
+    from flm.plan.search import budget_gpu_hours, search_schedule, search_tflops
 
     cfg = load_config(args.config, args.overrides)
     cfg.plan = plan_from_args(cfg.plan, args)
     gpu = get_gpu(cfg.plan.gpu)
-    if not args.search and (args.budget_dollars is not None or args.budget_gpu_days is not None):
-        raise FlmError("--budget-dollars / --budget-gpu-days need --search")
+    if not (args.search or args.predict) and (args.budget_dollars is not None or args.budget_gpu_days is not None):
+        raise FlmError("--budget-dollars / --budget-gpu-days need --search or --predict")
+    if args.eta is not None and not args.predict:
+        raise FlmError("--eta needs --predict")
     result = plan_costs(cfg)
     doc: dict = {"plan": plan_to_dict(result)}
     print(format_plan(result))
@@ -86,12 +96,37 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print()
         print(format_memory(rows, gpu, cfg.plan.n_gpus))
         doc["memory"] = memory_to_dict(rows)
-    if args.search:
+    hours = None
+    if args.budget_dollars is not None or args.budget_gpu_days is not None:
         hours = budget_gpu_hours(cfg.plan, args.budget_dollars, args.budget_gpu_days)
-        found = search_schedule(final_shape(cfg, args.final_preset), cfg.plan, gpu, cfg.train.seq_len, hours)
+    elif cfg.plan.budget_flops is not None:
+        hours = flops_to_gpu_hours(cfg.plan.budget_flops, cfg.plan, search_tflops(cfg.plan, gpu))
+    if args.search or args.predict:
+        if hours is None and args.search:
+            hours = budget_gpu_hours(cfg.plan, None, None)  # the one-line error: no budget given
+        if hours is None:  # --predict alone: the budget the config's schedule spends
+            hours = flops_to_gpu_hours(result.total_flops, cfg.plan, search_tflops(cfg.plan, gpu))
+        final = final_shape(cfg, args.final_preset)
+        found = search_schedule(final, cfg.plan, gpu, cfg.train.seq_len, hours)
+    if args.search:
         print()
         print(format_search(found, gpu))
         doc["search"] = search_to_dict(found)
+    if args.predict:
+        law = load_law(args.predict)
+        candidates = [("from scratch", [(found.scratch.model, found.scratch.tokens)])]
+        candidates += [(f"search, {len(o.stages)} stages", [(st.model, st.tokens) for st in o.stages])
+                       for o in found.options if len(o.stages) > 1]
+        if len(result.stages) > 1:
+            candidates.append((f"config ({result.total_flops:.3g} FLOPs)", [(st.model, st.tokens) for st in result.stages]))
+        if len(candidates) > 1 and not law.get("growth") and args.eta is None:
+            raise FlmError(f"{args.predict} has no growth model (eta): fit one with mup.growth_widths in `flm predict`, "
+                           "or give --eta (1: every token counts as the final model's)")
+        rows = compare(law, candidates, cfg.train.seq_len, args.eta)
+        print()
+        print(format_comparison(law, rows, hours, final, cfg.train.seq_len,
+                                None if args.eta is None else f"eta = {args.eta:g} given on the command line"))
+        doc["predict"] = predict_to_dict(rows, choose(rows)[1])
     if args.json:
         write_json_report(args.json, doc)
     if args.png:
