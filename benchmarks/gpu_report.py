@@ -34,7 +34,14 @@ def brief(name: str, part: dict) -> str:
                 for key, who in (("flm", "flm"), ("peer", "HF GPT-2")) if key in r]
         if "flm_over_peer" in mfu:
             bits.append(f"flm/HF {mfu['flm_over_peer']:.2f}x")
-        return ", ".join(bits)
+        llama = r.get("llama") or {}
+        lmfu = llama.get("mfu") or {}
+        lbits = [f"{who} {num(llama[key]['tokens_per_s'])} tok/s"
+                 + (f" (MFU {pct(lmfu[key]['datasheet'])})" if isinstance(lmfu.get(key), dict) else "")
+                 for key, who in (("flm", "flm"), ("hf", "HF Llama")) if key in llama]
+        if "flm_over_hf" in llama:
+            lbits.append(f"flm/HF {llama['flm_over_hf']:.2f}x")
+        return ", ".join(bits) + (f"; llama arch: {', '.join(lbits)}" if lbits else "")
     if name == "growth" and part.get("stages"):
         g = part.get("growth")
         rates = " / ".join(num(s["tokens_per_s"]) for s in part["stages"])
@@ -88,30 +95,63 @@ def throughput_section(part: dict) -> list[str]:
              f"flm: {num(r.get('params'))} parameters. Ceilings: datasheet dense bf16 "
              f"{num(r.get('datasheet_peak_tflops'))} TFLOP/s; measured {mm.get('size', '?')}^3 bf16 matmul "
              f"{num(mm.get('tflops'), ',.1f')} TFLOP/s.", "",
-             "| model | tokens/s | step | peak memory | MFU (datasheet) | MFU (measured matmul) | first step "
-             "| graphs |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key, who in (("flm", "flm"), ("peer", "HF GPT-2 (sdpa)")):
-        if key in r:
-            run, m = r[key], mfu.get(key) if isinstance(mfu.get(key), dict) else {}
-            lines.append(f"| {who} | {num(run['tokens_per_s'])} | {run['step_ms']:.1f} ms | "
-                         f"{gib(run['peak_memory_gib'])} | {pct(m.get('datasheet'))} | {pct(m.get('matmul'))} "
-                         f"| {run['first_step_s']:.1f} s | {run['graphs_compiled']} |")
+             *TIMING_HEADER]
+    lines += [timing_row(who, r[key], mfu.get(key)) for key, who in (("flm", "flm"), ("peer", "HF GPT-2 (sdpa)"))
+              if key in r]
     if mfu.get("skipped"):
         lines += ["", f"MFU: skipped: {mfu['skipped']}."]
     if "flm_over_peer" in mfu:
         lines += ["", f"flm / HF GPT-2: {mfu['flm_over_peer']:.3f}x."]
-    lines += [f"- goal {goal}: {'met' if met else 'not met'}" for goal, met in part.get("goals", {}).items()]
     if r.get("host_waits"):
         w = r["host_waits"]
         lines += ["", f"Host-device synchronisations in one flm step: {w['count']}"
                   + (f" ({', '.join(f'{k} x{n}' for k, n in w['where'].items())})" if w["where"] else "") + "."]
     if r.get("profile"):
         pr = r["profile"]
-        lines += ["", f"One flm step profiled: {pr['step_ms']:.1f} ms wall, {pr['busy_ms']:.1f} ms in {pr['of']}. "
-                  "Top by time:", "", "| name | ms | share | calls |", "|---|---|---|---|"]
+        lines += ["", f"One flm step (the FLM shape) profiled: {pr['step_ms']:.1f} ms wall, {pr['busy_ms']:.1f} ms "
+                  f"in {pr['of']}. Top by time:", "", "| name | ms | share | calls |", "|---|---|---|---|"]
         lines += [f"| `{row['name']}` | {row['ms']:.2f} | {pct(row['share'])} | {row['calls']} |" for row in pr["top"]]
+    lines += llama_lines(r.get("llama"))
+    if part.get("goals"):
+        lines += ["", *[f"- goal {goal}: {'met' if met else 'not met'}" for goal, met in part["goals"].items()]]
     lines += [f"- error in {k}: `{v.splitlines()[-1]}`" for k, v in r.get("errors", {}).items()]
+    return lines
+
+
+TIMING_HEADER = ["| model | tokens/s | step | peak memory | MFU (datasheet) | MFU (measured matmul) | first step "
+                 "| graphs |", "|---|---|---|---|---|---|---|---|"]
+
+
+def timing_row(who: str, run: dict, m: dict | None) -> str:
+    m = m if isinstance(m, dict) else {}
+    return (f"| {who} | {num(run['tokens_per_s'])} | {run['step_ms']:.1f} ms | {gib(run['peak_memory_gib'])} | "
+            f"{pct(m.get('datasheet'))} | {pct(m.get('matmul'))} | {run['first_step_s']:.1f} s | "
+            f"{run['graphs_compiled']} |")
+
+
+def llama_lines(llama: dict | None) -> list[str]:
+    """The llama line: flm's llama arch against HF LlamaForCausalLM of the same shape (none in an older JSON)."""
+    if not llama:
+        return []
+    mfu = llama.get("mfu") or {}
+    same = {True: "equal", False: "NOT equal"}.get(llama.get("params_equal"), "not compared")
+    counts = " / ".join(f"{num(llama[k]['params'])} ({who})" for k, who in (("flm", "flm"), ("hf", "HF"))
+                        if k in llama)
+    ratio = llama.get("params_over_flm_shape")
+    lines = ["", "Llama arch: flm's `model.arch = \"llama\"` against HF `LlamaForCausalLM` (sdpa), "
+             f"{llama['n_layers']} layers x {llama['d_model']}, {llama['n_heads']} heads ({llama['n_kv_heads']} "
+             f"key/value) of {llama['head_dim']}, SwiGLU d_ff {llama['d_ff']} ({llama['d_ff_formula']}), RoPE theta "
+             f"{num(llama['rope_theta'], 'g')}, tied head. Parameters: {counts or 'n/a'}, {same}"
+             + (f"; {ratio:.4f} of the FLM shape's {num(llama['params_of_flm_shape'])}" if ratio else "")
+             + f". FLOPs per token: {num(llama.get('flops_per_token'))}, by {llama.get('flops_formula', 'n/a')}.",
+             "", *TIMING_HEADER]
+    lines += [timing_row(who, llama[key], mfu.get(key)) for key, who in (("flm", "flm (llama arch)"),
+                                                                          ("hf", "HF LlamaForCausalLM (sdpa)"))
+              if key in llama]
+    if mfu.get("skipped"):
+        lines += ["", f"MFU: skipped: {mfu['skipped']}."]
+    if "flm_over_hf" in llama:
+        lines += ["", f"flm / HF Llama: {llama['flm_over_hf']:.3f}x."]
     return lines
 
 

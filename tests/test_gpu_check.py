@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402  (a script's module, beside it in benchmarks/)
+from flm.config import load_config  # noqa: E402
 
 
 def cpu_env() -> dict[str, str]:
@@ -48,7 +49,9 @@ def test_tiny_mode_runs_every_part_and_reports_the_cuda_ones_skipped(tiny_check)
     assert report["compatibility"]["filelock"]["used"] is not None
     assert "skipped: no CUDA" in md and "# flm GPU check (tiny mode)" in md and "MFU: skipped: no CUDA." in md
     assert "## Throughput and MFU" in md and "## Growth run" in md and f"torch {torch.__version__}" in md
+    assert "| flm (llama arch) |" in md and "| HF LlamaForCausalLM (sdpa) |" in md and "flm / HF Llama: " in md
     assert "tests      skipped: no CUDA" in stdout and stdout.rstrip().splitlines()[-1].startswith("growth")
+    assert "; llama arch: flm " in next(line for line in stdout.splitlines() if line.startswith("throughput pass"))
     # What comes back from a GPU window: at most 8 files, none in a subfolder.
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md",
                                                      "growth_loss.png", "growth_metrics.jsonl"]
@@ -69,12 +72,72 @@ def test_tiny_throughput_numbers_follow_from_the_shape(tiny_check):
     assert r["profile"]["top"] and r["matmul"]["tflops"] > 0
 
 
+def test_tiny_llama_line_times_flm_and_hf_llama_of_one_shape(tiny_check):
+    """The llama line: flm's llama arch and HF LlamaForCausalLM of the FLM shape's layers, width and heads, with the
+    SwiGLU width of the stated formula, time a step each; both models hold the same parameters (so one FLOPs count,
+    computed here by hand, holds for both), and flm / HF is the ratio of their tokens/s."""
+    r = tiny_check[1]["parts"]["throughput"]["results"]
+    c, llama = r["config"], r["llama"]
+    L, d, heads = (int(v) for v in c["shape"].split("x"))
+    a, V, s = heads * c["head_dim"], c["vocab"], c["seq"]
+    assert "errors" not in r
+    assert (llama["n_layers"], llama["d_model"], llama["n_heads"], llama["head_dim"]) == (L, d, heads, c["head_dim"])
+    assert llama["n_kv_heads"] == heads and llama["rope_theta"] == 10000.0 and llama["tie_embeddings"] is True
+    kv = llama["n_kv_heads"] * llama["head_dim"]
+    f = llama["d_ff"]
+    assert f == 64 * round((2 * a + 2 * 4 * d - 2 * kv) / 192) == 192  # 8 d / 3 = 170.7 at d = 64
+    assert llama["flops_per_token"] == 6 * (L * (2 * d * a + 2 * d * kv + 3 * d * f) + d * V) + 12 * L * a * s
+    params = V * d + L * (2 * d + 2 * d * a + 2 * d * kv + 3 * d * f) + d  # tied head, two gains a block, final gain
+    assert llama["params"] == llama["flm"]["params"] == llama["hf"]["params"] == params and llama["params_equal"]
+    assert llama["params_of_flm_shape"] == r["params"]
+    assert llama["params_over_flm_shape"] == pytest.approx(params / r["params"]) and 0.9 < params / r["params"] < 1.1
+    for key in ("flm", "hf"):
+        run = llama[key]
+        assert set(run) >= {"first_step_s", "step_ms", "tokens_per_s", "peak_memory_gib", "loss_first", "loss_last",
+                            "graphs_compiled", "params"}
+        assert run["tokens_per_s"] > 0
+        assert run["tokens_per_s"] == pytest.approx(c["batch"] * s / (run["step_ms"] / 1e3), rel=1e-9)
+        assert 0 < run["loss_first"] < 2 * torch.log(torch.tensor(float(V))).item()
+    assert llama["hf"]["attention"] == "sdpa" and llama["hf"]["rope_theta"] == 10000.0
+    assert llama["flm_over_hf"] == llama["flm"]["tokens_per_s"] / llama["hf"]["tokens_per_s"]
+    assert llama["mfu"] == {"skipped": "no CUDA"}
+
+
+def test_a_throughput_json_without_the_llama_line_is_judged_and_reported(tiny_check, tmp_path):
+    """An older JSON (or --arch flm) has no "llama": the part is judged on the FLM line and its page has no llama
+    table; a llama line whose two models differ in size fails the part."""
+    from gpu_report import markdown, part_line
+
+    report = tiny_check[1]
+    old = {k: v for k, v in report["parts"]["throughput"]["results"].items() if k != "llama"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    part = gpu_check.judge_throughput({"status": "pass"}, tmp_path / "old.json")
+    assert part == {"status": "pass", "results": old}
+    md = markdown({**report, "parts": {"throughput": part}})
+    assert "| flm |" in md and "| HF GPT-2 (sdpa) |" in md and "Llama" not in md and "llama arch" not in md
+    assert "llama" not in part_line("throughput", part)
+    new = report["parts"]["throughput"]["results"]
+    unequal = {**new, "llama": {**new["llama"], "params_equal": False, "hf": {**new["llama"]["hf"], "params": 1}}}
+    (tmp_path / "unequal.json").write_text(json.dumps(unequal))
+    assert gpu_check.judge_throughput({"status": "pass"}, tmp_path / "unequal.json")["status"] == "fail"
+
+
 def test_tiny_growth_summary_agrees_with_the_runs_metrics(tiny_check):
+    """Also the recipe of docs/growth.md, tiny as in full: WSD, the growth after 2/3 of the steps, the LR continuing at
+    its peak through the growth and decaying only at the end; the loss kept across the growth."""
     out, report = tiny_check[0], tiny_check[1]
     part = report["parts"]["growth"]
     records = [json.loads(line) for line in (out / "growth_metrics.jsonl").read_text().splitlines()]
     assert part["growth"] == next(r for r in records if r["kind"] == "growth")
     assert abs(part["growth"]["loss_after"] - part["growth"]["loss_before"]) <= 1e-3 * part["growth"]["loss_before"]
+    for sets in ([], gpu_check.TINY_GROWTH):
+        cfg = load_config(gpu_check.GROWTH_CONFIG, sets)
+        assert cfg.train.schedule == "wsd" and [s.lr_at_growth for s in cfg.stages] == [None, "continue"]
+        assert 3 * cfg.stages[0].tokens == 2 * (cfg.stages[0].tokens + cfg.stages[1].tokens)
+    train = [r for r in records if r["kind"] == "train"]
+    assert 3 * part["growth"]["step"] == 2 * train[-1]["step"]
+    after = [r["lr"] for r in train if r["step"] > part["growth"]["step"]]
+    assert after[0] == pytest.approx(cfg.train.lr) and after[-1] < cfg.train.lr
     for stage in (1, 2):
         rates = [r["tokens_per_s"] for r in records if r["kind"] == "train" and r["stage"] == stage]
         summary = next(s for s in part["stages"] if s["stage"] == stage)
