@@ -198,7 +198,7 @@ class FlmScorer(TokenScorer):
         return self.tokenizer.decode(ids)
 
     def _extend(self, ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
-        from flm.model.flm import KVCache
+        from flm.model.decoder import KVCache
 
         if state is None:
             state = KVCache(self.model.cfg, 1, self.device, self.model.embed.weight.dtype)

@@ -23,6 +23,7 @@ from torch import nn
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
+from flm.model.decoder import Decoder, KVCache, lm_loss
 from flm.model.xpos import apply_rotary, xpos_tables
 from flm.model.mup_rules import init_std, readout_multiplier
 
@@ -50,19 +51,6 @@ def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor | None,
     var = (m * (x - mu) ** 2).sum(-1, keepdim=True) / total
     out = (x - mu) * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias
     return out * mask if mask is not None else out
-
-
-class KVCache:
-    """Preallocated keys and values for incremental decoding: [layers, batch, key/value heads, max_len, head_dim]
-    (FLM: as many as its heads; the llama arch's grouped-query attention: n_kv_heads)."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 max_len: int | None = None):
-        """`max_len`: the positions to hold (default the model's context, model.max_seq_len)."""
-        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions already filled
 
 
 class Attention(nn.Module):
@@ -193,78 +181,37 @@ class SeparateTeacher:
     weight: float = 1.0
 
 
-class FLM(nn.Module):
+class FLM(Decoder):
     """Decoder-only FLM language model. `forward(tokens, targets)` -> (logits, loss or None)."""
 
+    arch = "flm"
+    rotary_names = ("cos_q", "sin_q", "cos_k", "sin_k")
+    init_order = staticmethod(init_order)
+    init_parameter = staticmethod(init_parameter)
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.vocab_size is None:
-            raise FlmError("model.vocab_size is not set: take it from the prepared data or a preset")
-        cfg.validate()
-        self.cfg = cfg
-        device = torch.empty(0).device  # where the model was asked for (honours `with torch.device(...)`)
-        with torch.device("meta"):  # shapes first: every value is drawn once, by init_weights
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-            self.drop = nn.Dropout(cfg.dropout)
-            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-            self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            # The separate teacher-signal head: logits (false, true), treated as a second LM head by μP and growth.
-            self.cls_head = nn.Linear(cfg.d_model, 2, bias=False) if cfg.teacher_head else None
-            for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), rotary_tables(cfg)):
-                self.register_buffer(name, table, persistent=False)
-        self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
-        self.register_buffer("norm_mask", None, persistent=False)  # [d_model]: LayerNorm statistics only ("zero")
+        super().__init__(cfg)
         self.teacher: SeparateTeacher | None = None  # the label ids and weight a teacher head trains with
-        if device.type != "meta":
-            self.to_empty(device=device)
-        if cfg.tie_embeddings:  # after to_empty, which gives every module a tensor of its own
-            self.lm_head.weight = self.embed.weight
-        if device.type != "meta":
-            self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise parameters (`init_parameter`, in `init_order`) and the rotary tables (also after
-        `to_empty` from meta)."""
-        self.init_rotary()
-        params = dict(self.named_parameters())
-        for name in init_order(self.cfg):
-            init_parameter(self.cfg, name, params[name])
+    def new_block(self, cfg: ModelConfig) -> Block:
+        return Block(cfg)
 
-    @torch.no_grad()
-    def init_rotary(self) -> None:
-        for name, table in zip(("cos_q", "sin_q", "cos_k", "sin_k"), rotary_tables(self.cfg, self.cos_q.device)):
-            getattr(self, name).copy_(table)
+    def new_norm(self, cfg: ModelConfig) -> nn.LayerNorm:
+        return nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tokens [B, T] -> logits [B, T, V]. With targets, also the mean cross-entropy over targets != -100 (with a
-        teacher head: `separate_loss`).
+    def add_heads(self, cfg: ModelConfig) -> None:
+        # The separate teacher-signal head: logits (false, true), treated as a second LM head by μP and growth.
+        self.cls_head = nn.Linear(cfg.d_model, 2, bias=False) if cfg.teacher_head else None
 
-        With a cache, `tokens` continue the cached sequence at position `cache.length`.
-        """
-        h = self.final_norm(self.trunk(tokens, cache))
-        logits = self.readout(h)
-        if targets is None:
-            return logits, None
-        if self.cls_head is None:
-            return logits, lm_loss(logits, targets)
-        return logits, self.separate_loss(h, logits, targets)
+    def rotary_tables(self, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+        return rotary_tables(self.cfg, device)
 
-    def trunk(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The residual stream after the last block, [B, T, d_model]."""
-        T = tokens.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise FlmError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.cfg.max_seq_len})")
-        rope = self.rope(start, T)
-        x = self.embed_tokens(tokens)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, self.hidden_mask, cache, i)
-        if cache is not None:
-            cache.length += T
-        return x
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(self.ln_f, x, self.hidden_mask, self.norm_mask)
+
+    def loss(self, h: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy over targets != -100, or with a teacher head `separate_loss`."""
+        return lm_loss(logits, targets) if self.cls_head is None else self.separate_loss(h, logits, targets)
 
     def teacher_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """The teacher head's logits (false, true) at every position, [B, T, 2]: position t judges the
@@ -289,45 +236,7 @@ class FLM(nn.Module):
                                reduction="sum")
         return (lm + t.weight * head) / (targets != -100).sum()
 
-    # The pieces of `forward`, also run separately by pipeline stages (flm.parallel.pipeline).
-    def rope(self, start: int, length: int) -> tuple[torch.Tensor, ...]:
-        """The rotary tables for positions start..start+length-1."""
-        return tuple(t[start:start + length] for t in (self.cos_q, self.sin_q, self.cos_k, self.sin_k))
-
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.embed(tokens))
-        return x if self.hidden_mask is None else x * self.hidden_mask
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final LayerNorm, LM head and the readout multiplier."""
-        return self.readout(self.final_norm(x))
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(self.ln_f, x, self.hidden_mask, self.norm_mask)
-
-    def readout(self, h: torch.Tensor) -> torch.Tensor:
-        """LM head and the readout multiplier on the final-normed hidden state."""
-        logits = self.lm_head(h)
-        mult = readout_multiplier(self.cfg)
-        if mult != 1.0:  # skip a pass over the [B, T, V] logits when it would change nothing
-            logits = logits * mult
-        return logits
-
     def classify(self, h: torch.Tensor) -> torch.Tensor:
         """The teacher head and the readout multiplier (μP treats it as an LM head) on the final-normed hidden
         state: logits (false, true)."""
         return self.cls_head(h) * readout_multiplier(self.cfg)
-
-
-def held_blocks(model: FLM) -> dict[int, Block]:
-    """The blocks this process holds, by global index: all of them, or a pipeline stage's (a ModuleDict keyed by
-    index, flm.parallel.pipeline)."""
-    if isinstance(model.blocks, nn.ModuleDict):
-        return {int(k): b for k, b in model.blocks.items()}
-    return dict(enumerate(model.blocks))
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of next-token logits [B, T, V] against targets [B, T], skipping targets == -100."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                           reduction=reduction)

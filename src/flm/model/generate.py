@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from flm.errors import FlmError
-from flm.model.flm import FLM, KVCache
+from flm.model.decoder import Decoder, KVCache
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -24,7 +24,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 
 @torch.no_grad()
-def generate(model: FLM, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+def generate(model: Decoder, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eot_id: int | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True,
              vocab_limit: int | None = None) -> list[int]:

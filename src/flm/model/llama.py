@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flm.config import ModelConfig
-from flm.errors import FlmError
-from flm.model.flm import KVCache, lm_loss
-from flm.model.mup_rules import init_std, readout_multiplier
+from flm.model.decoder import Decoder, KVCache
+from flm.model.mup_rules import init_std
 from flm.model.xpos import apply_rotary, rope_tables
 
 
@@ -170,83 +169,23 @@ def init_parameter(cfg: ModelConfig, name: str, t: torch.Tensor,
     return t
 
 
-class Llama(nn.Module):
+class Llama(Decoder):
     """Decoder-only Llama-family language model. `forward(tokens, targets)` -> (logits, loss or None)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.vocab_size is None:
-            raise FlmError("model.vocab_size is not set: take it from the prepared data or a preset")
-        cfg.validate()
-        if cfg.arch != "llama":
-            raise FlmError(f"model.arch {cfg.arch!r} is not 'llama'; build models with flm.model.build_model")
-        self.cfg = cfg
-        device = torch.empty(0).device  # where the model was asked for (honours `with torch.device(...)`)
-        with torch.device("meta"):  # shapes first: every value is drawn once, by init_weights
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-            self.drop = nn.Dropout(cfg.dropout)
-            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-            self.ln_f = RMSNorm(cfg.d_model, cfg.ln_eps)
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            for name, table in zip(("cos", "sin"), self.rotary_tables()):
-                self.register_buffer(name, table, persistent=False)
-        self.register_buffer("hidden_mask", None, persistent=False)  # [d_model] while new width ramps in
-        self.register_buffer("norm_mask", None, persistent=False)  # [d_model]: norm statistics only
-        if device.type != "meta":
-            self.to_empty(device=device)
-        if cfg.tie_embeddings:  # after to_empty, which gives every module a tensor of its own
-            self.lm_head.weight = self.embed.weight
-        if device.type != "meta":
-            self.init_weights()
+    arch = "llama"
+    rotary_names = ("cos", "sin")
+    init_order = staticmethod(init_order)
+    init_parameter = staticmethod(init_parameter)
+
+    def new_block(self, cfg: ModelConfig) -> Block:
+        return Block(cfg)
+
+    def new_norm(self, cfg: ModelConfig) -> RMSNorm:
+        return RMSNorm(cfg.d_model, cfg.ln_eps)
 
     def rotary_tables(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise parameters (`init_parameter`, in `init_order`) and the rotary tables (also after `to_empty`)."""
-        self.init_rotary()
-        params = dict(self.named_parameters())
-        for name in init_order(self.cfg):
-            init_parameter(self.cfg, name, params[name])
-
-    @torch.no_grad()
-    def init_rotary(self) -> None:
-        for name, table in zip(("cos", "sin"), self.rotary_tables(self.cos.device)):
-            getattr(self, name).copy_(table)
-
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tokens [B, T] -> logits [B, T, V]. With targets, also the mean cross-entropy over targets != -100.
-
-        With a cache, `tokens` continue the cached sequence at position `cache.length`.
-        """
-        T = tokens.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise FlmError(f"sequence of {start + T} tokens exceeds model.max_seq_len ({self.cfg.max_seq_len})")
-        rope = self.rope(start, T)
-        x = self.embed_tokens(tokens)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, self.hidden_mask, cache, i)
-        if cache is not None:
-            cache.length += T
-        logits = self.logits(x)
-        return logits, (lm_loss(logits, targets) if targets is not None else None)
-
-    # The pieces of `forward`, also run separately by pipeline stages (flm.parallel.pipeline).
-    def rope(self, start: int, length: int) -> tuple[torch.Tensor, ...]:
-        """The rotary tables (cos, sin) for positions start..start+length-1."""
-        return self.cos[start:start + length], self.sin[start:start + length]
-
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.embed(tokens))
-        return x if self.hidden_mask is None else x * self.hidden_mask
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final RMSNorm, LM head and the readout multiplier (1 without μP: then exactly transformers' logits)."""
-        logits = self.lm_head(self.ln_f(x, self.hidden_mask, self.norm_mask))
-        mult = readout_multiplier(self.cfg)
-        if mult != 1.0:
-            logits = logits * mult
-        return logits
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm (with growth's masks); then the LM head gives exactly transformers' logits."""
+        return self.ln_f(x, self.hidden_mask, self.norm_mask)

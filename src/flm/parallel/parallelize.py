@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from flm.config import ParallelConfig
 from flm.config.layout import Layout
 from flm.model import FLM
-from flm.model.flm import held_blocks
+from flm.model.decoder import held_blocks
 from flm.parallel.fsdp import apply_fsdp
 from flm.parallel.mesh import dp_mesh
 from flm.parallel.pipeline import StageModule, keep_stage

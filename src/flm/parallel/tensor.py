@@ -25,7 +25,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from flm.config import ModelConfig
 from flm.errors import FlmError
 from flm.model import FLM
-from flm.model.flm import held_blocks
+from flm.model.decoder import held_blocks
 
 
 # Each architecture's block plan: the linear layers split by output rows (colwise: whole heads, whole FFN units),

@@ -27,7 +27,7 @@ from flm.data.loader import IGNORE
 from flm.errors import FlmError
 from flm.growth import Ramp, apply_masks, layer_sources
 from flm.model import FLM, build_model
-from flm.model.flm import held_blocks, lm_loss
+from flm.model.decoder import held_blocks, lm_loss
 from flm.model.registry import init_order
 from flm.checkpoint import is_sharded, load_model, load_train_state
 from flm.checkpoint.pieces import gather, write_pieces

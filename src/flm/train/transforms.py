@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch.utils.checkpoint import checkpoint
 
 from flm.model import FLM
-from flm.model.flm import held_blocks
+from flm.model.decoder import held_blocks
 
 
 def apply_activation_checkpointing(model: FLM) -> None:
