@@ -64,7 +64,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
 
 # The one-shot check for a short GPU window (docs/results/gpu.md): CUDA tests, throughput and MFU of a ~1B model
-# against HF GPT-2, a growth run; results in OUT (gpu_check.json, gpu_check.md, logs). No set-up: it runs from the
+# against HF GPT-2 (and of the llama arch against HF Llama), a growth run; results in OUT (gpu_check.json, gpu_check.md, logs). No set-up: it runs from the
 # source tree with the machine's own Python (this one if it has torch, else /opt/torch/.venv/bin/python3, else
 # python3) and installs nothing from an index. Without CUDA it runs its tiny mode (seconds). More options in ARGS,
 # e.g. ARGS="--throughput-args '--batch 16'".
