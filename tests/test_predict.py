@@ -297,14 +297,16 @@ def test_plan_predict_prints_scratch_and_each_schedule_with_intervals(cli, tmp_p
 def test_flm_predict_holdout_smoke(tiny, cli, tmp_path):
     """`flm predict --holdout` end to end on a tiny ladder (widths 16..128, 2 seeds at 16 and 32, WSD branches at
     4, 8 and 12 steps of 4 x 32 tokens, growth runs 16 -> 32 and 32 -> 64 at f = 0.5, 20 bootstrap replicates):
-    every run, held-out width (256, 368: 4x and 8x the widest fitted N), longer D (24 steps), held-out growth
-    run (64 -> 128) and the report. About 30-40 s on a loaded 2-core machine; the numbers mean nothing at
+    every run, held-out width (256, 368: 4x and 8x the widest fitted N, each at 12 and 24 steps), longer D at the
+    widest fitted width (24 steps, the default twice the longest branch), held-out growth run (64 -> 128) and the
+    report. About 30-40 s on a loaded 2-core machine; the numbers mean nothing at
     this size."""
     t0 = time.perf_counter()
     args = tiny.args(tmp_path / "unused", *TOOLS, "model.d_model=32", "model.n_heads=2", "train.schedule=wsd",
                      "train.decay_fraction=0.25", "train.warmup_steps=1", "train.lr=1e-2", "train.min_lr=1e-3",
                      "mup.ladder=[16,32,48,64,128]", "mup.branch_steps=[4,8,12]", "mup.extrapolate=[256]",
-                     "mup.bootstrap=20", "mup.growth_widths=[32,64]", "mup.growth_fractions=[0.5]")
+                     "mup.bootstrap=20", "mup.growth_widths=[32,64]", "mup.growth_fractions=[0.5]",
+                     "mup.holdout_steps=[12,24]")
     out = tmp_path / "predict"
     result = cli("predict", *args, "--out", out, "--holdout")
     assert result.status == 0, result.err

@@ -46,10 +46,11 @@ class MupConfig:
     bootstrap: int = 200  # bootstrap replicates (widths, then seed-runs, drawn with replacement), seeded by train.seed
     interval: float = 0.8  # central interval of the bootstrap printed for every prediction
     # `flm predict --holdout` also trains, to check the predictions: widths whose N is about each factor x the
-    # widest fitted N, evaluated at `holdout_steps` (empty: the longest branch and twice it), and the longer of
-    # those lengths branched off the widest fitted width too (D beyond the fit at a fitted N).
+    # widest fitted N, evaluated at `holdout_steps` (empty: the longest branch), and `longer_steps` (empty: twice the
+    # longest branch) branched off the widest fitted width's first run (D beyond the fit at a fitted N).
     holdout_factors: list[float] = field(default_factory=lambda: [4.0, 8.0])
     holdout_steps: list[int] = field(default_factory=list)
+    longer_steps: list[int] = field(default_factory=list)
     # Growth model: runs that grow width `w // growth_ratio` -> `w` (heads and FFN with it, `growth_operator`,
     # masks ramped over `growth_ramp` of the grown stage, LR carried on: lr_at_growth "continue") after each of
     # `growth_fractions` of `growth_steps` steps (0: the longest branch), for each w of `growth_widths`; eta of
@@ -82,8 +83,8 @@ class MupConfig:
         _require(self.holdout >= 0, f"mup.holdout must be >= 0, got {self.holdout}")
         _require(len(self.ladder) - self.holdout >= 3,
                  f"mup.ladder needs at least 3 widths left for the fit after holding out {self.holdout}")
-        _require(all(t > 0 for t in self.branch_steps + self.holdout_steps),
-                 "mup.branch_steps and mup.holdout_steps must hold positive step counts")
+        _require(all(t > 0 for t in self.branch_steps + self.holdout_steps + self.longer_steps),
+                 "mup.branch_steps, holdout_steps and longer_steps must hold positive step counts")
         _require(self.seeds >= 1 and self.seed_widths >= 0, "mup.seeds must be >= 1 and mup.seed_widths >= 0")
         _require(bool(self.forms) and all(f in LAW_FORMS for f in self.forms),
                  f"mup.forms must be a non-empty list of {LAW_FORMS}, got {self.forms}")

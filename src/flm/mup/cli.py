@@ -39,8 +39,11 @@ def register(subparsers: argparse._SubParsersAction, config_args: Callable[..., 
                                           "The JSON it writes is what `flm plan --predict` reads.")
     tool_args(p)
     p.add_argument("--holdout", action="store_true",
-                   help="also train the held-out checks: widths at mup.holdout_factors x the widest fitted N, a "
-                        "longer D, held-out growth runs and the config's [[stages]]; report the errors")
+                   help="also train the held-out checks: widths at mup.holdout_factors x the widest fitted N, "
+                        "mup.longer_steps at the widest fitted width, held-out growth runs and the config's [[stages]]; "
+                        "report the errors")
+    p.add_argument("--plan", action="store_true",
+                   help="print the runs, their steps and the time projected from 3 measured steps per shape; no training")
     p.set_defaults(func=lambda args: _run(args, "predict"))
 
 
@@ -70,8 +73,11 @@ def _run(args: argparse.Namespace, tool: str) -> None:
             if "grid_steps" in t:
                 print(f"{p}: best lr by width {t['best_lr']}: {t['grid_steps']} grid step(s) apart")
     else:
-        from flm.mup.predict import predict, summary_lines, write_report
+        from flm.mup.predict import predict, projection, summary_lines, write_report
 
+        if args.plan:
+            projection(cfg, holdout=args.holdout)
+            return
         result = predict(cfg, holdout=args.holdout)
         for line in summary_lines(result):
             print(line)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from flm.checkpoint import list_checkpoints, step_of
 from flm.config import Config, config_to_dict
 from flm.errors import FlmError
 from flm.files import atomic_write
@@ -48,10 +47,6 @@ class Branch:
     steps: int  # T: the run's length; evaluated after step T
     decay_steps: int  # d = max(1, round(decay_fraction x T))
     start: int  # s = T - d: the trunk's step the branch resumes from
-
-    @property
-    def tokens_factor(self) -> int:
-        return self.steps
 
 
 def branch_plan(cfg: Config, lengths: list[int]) -> list[Branch]:
@@ -75,6 +70,14 @@ def run_key(cfg: Config) -> str:
     for key in _UNKEYED_TRAIN:
         doc["train"].pop(key, None)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _checkpoints(root: Path) -> dict[int, Path]:
+    """The trunk's complete checkpoints by step: Trainer.save() writes ROOT/step_<8 digits>/ with meta.json last
+    (flm.checkpoint; read here by name so that flm.mup keeps to config, model, data and train)."""
+    found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").is_file()] \
+        if root.is_dir() else []
+    return {int(p.name[5:]): p for p in found}
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -138,6 +141,7 @@ def branch_results(cfg: Config, folder: Path, lengths: list[int], log: Callable[
             t0 = time.perf_counter()
             with Trainer(_with(cfg, folder / f"run-{b.steps}", b.steps), log=quiet, guard=False) as trainer:
                 val = trainer.evaluate() if _steps(trainer, b.steps) else math.inf
+            shutil.rmtree(folder / f"run-{b.steps}", ignore_errors=True)  # it holds only the run lock
             record(b, val if math.isfinite(val) else math.inf, time.perf_counter() - t0)
         return out
 
@@ -145,7 +149,7 @@ def branch_results(cfg: Config, folder: Path, lengths: list[int], log: Callable[
     last = max(b.steps for b in plan)
     t0 = time.perf_counter()
     with Trainer(_with(cfg, trunk_dir, last, keep_last=10**6), log=quiet, guard=False) as trunk:
-        saved = {step_of(p): p for p in list_checkpoints(trunk.ckpt_root)}
+        saved = _checkpoints(trunk.ckpt_root)
         usable = [s for s in saved if s <= todo[0].start]
         if usable:
             trunk.resume(str(saved[max(usable)]))
@@ -160,10 +164,12 @@ def branch_results(cfg: Config, folder: Path, lengths: list[int], log: Callable[
             with Trainer(_with(cfg, folder / f"branch-{b.steps}", b.steps), log=quiet, guard=False) as branch:
                 branch.resume(str(saved[b.start]))
                 val = branch.evaluate() if _steps(branch, b.steps) else math.inf
+            shutil.rmtree(folder / f"branch-{b.steps}", ignore_errors=True)  # it holds only the run lock
             record(b, val if math.isfinite(val) else math.inf, time.perf_counter() - t0)
             t0 = time.perf_counter()
         if not keep_checkpoints and all(b.steps in out for b in plan):
-            for path in list_checkpoints(trunk.ckpt_root)[:-1]:
+            steps = sorted(_checkpoints(trunk.ckpt_root).items())
+            for _, path in steps[:-1]:
                 shutil.rmtree(path, ignore_errors=True)
     return out
 
@@ -180,6 +186,7 @@ def whole_run(cfg: Config, folder: Path, log: Callable[[str], None] = quiet) -> 
     with Trainer(_with(cfg, folder / "run", cfg.train.max_steps), log=quiet, guard=False) as trainer:
         end = trainer.max_steps
         val = trainer.evaluate() if _steps(trainer, end) else math.inf
+    shutil.rmtree(folder / "run", ignore_errors=True)  # it holds only the run lock
     doc = {"key": key, "steps": end, "val_loss": val if math.isfinite(val) else math.inf,
            "seconds": time.perf_counter() - t0}
     _write(path, doc)

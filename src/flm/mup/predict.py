@@ -5,8 +5,9 @@ The plan of runs (all with the config's transferred hyperparameters, the same da
 - the ladder: every width of mup.ladder, each evaluated at every length of mup.branch_steps (WSD: one run per
   width, decays branched off its stable phase, flm.mup.ladder), mup.seeds seeds at the mup.seed_widths smallest;
 - growth runs (mup.growth_widths): one growth w / growth_ratio -> w after each of mup.growth_fractions;
-- with --holdout: widths at mup.holdout_factors x the widest fitted N, a longer D than any fitted (also branched
-  off the widest fitted width's run), the growth recipe at mup.growth_holdout widths and the config's [[stages]].
+- with --holdout: widths at mup.holdout_factors x the widest fitted N (evaluated at mup.holdout_steps), longer
+  D than any fitted (mup.longer_steps, branched off the widest fitted width's run), the growth recipe at
+  mup.growth_holdout widths and the config's [[stages]].
 
 Then every form of mup.forms is fitted (flm.mup.laws: Huber on log-loss residuals, a grid of starts) on the
 fitted widths' points and scored by leave-one-width-out cross-validation; the best (lowest root mean square
@@ -21,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from scipy.optimize import least_squares
 
 from flm.config import Config, StageConfig
@@ -33,9 +37,10 @@ from flm.data import load_prepared
 from flm.errors import FlmError
 from flm.model import flops_per_token, non_embedding_params
 from flm.mup import laws
-from flm.mup.ladder import branch_results, run_folder, whole_run
+from flm.mup.ladder import branch_plan, branch_results, run_folder, whole_run
 from flm.mup.report import NAMES, figure, markdown_table, write_outputs
-from flm.mup.runs import at_width
+from flm.mup.runs import at_width, quiet
+from flm.train import Trainer
 from flm.train.schedule import plan_stages
 from flm.train.trainer import resolve_model_config
 
@@ -127,8 +132,8 @@ def run_plan(cfg: Config, holdout: bool, data) -> tuple[list[RunSpec], dict[str,
     total = plan_stages(cfg, resolve_model_config(cfg.model, data))[-1].end if cfg.stages else tc.max_steps
     base = sorted(set(m.branch_steps)) or [total]
     longest = max(base)
-    hold_steps = sorted(set(m.holdout_steps)) or [longest, 2 * longest]
-    longer = [t for t in hold_steps if t > longest]
+    hold_steps = sorted(set(m.holdout_steps)) or [longest]
+    longer = [t for t in sorted(set(m.longer_steps)) or [2 * longest] if t not in base]
     specs: list[RunSpec] = []
     for i, width in enumerate(ladder):
         for k in range(m.seeds if i < m.seed_widths else 1):
@@ -137,7 +142,8 @@ def run_plan(cfg: Config, holdout: bool, data) -> tuple[list[RunSpec], dict[str,
             lengths = base + (longer if holdout and width == fitted[-1] and k == 0 else [])
             specs.append(RunSpec(f"w{width}-s{k}", "ladder", run, width, k, lengths))
     info: dict[str, Any] = {"branch_steps": base, "fitted_widths": fitted, "ladder_holdout_widths": ladder[len(fitted):],
-                            "holdout_steps": hold_steps if holdout else [], "holdout_widths": []}
+                            "holdout_steps": hold_steps if holdout else [], "longer_steps": longer if holdout else [],
+                            "holdout_widths": []}
     if holdout:
         n_max = _params(cfg, fitted[-1], data)
         for factor in m.holdout_factors:
@@ -160,6 +166,73 @@ def run_plan(cfg: Config, holdout: bool, data) -> tuple[list[RunSpec], dict[str,
     if holdout and cfg.stages:
         specs.append(RunSpec("staged", "staged", cfg, cfg.stage_models()[-1].d_model, 0))
     return specs, info
+
+
+# ---- projecting the time --------------------------------------------------------------------------------------
+def run_steps(spec: RunSpec, data) -> tuple[dict[tuple, int], int]:
+    """Optimizer steps a run trains at each shape (n_layers, d_model, n_heads), and its evaluations. A WSD run:
+    its trunk to the last branch start, then every branch's decay; cosine: every length; a staged run: its stages."""
+    tc = spec.cfg.train
+    if spec.lengths is not None:
+        shape = (spec.cfg.model.n_layers, spec.cfg.model.d_model, spec.cfg.model.n_heads)
+        plan = branch_plan(spec.cfg, spec.lengths)
+        steps = (max(b.start for b in plan) + sum(b.decay_steps for b in plan) if tc.schedule == "wsd"
+                 else sum(b.steps for b in plan))
+        return {shape: steps}, len(plan)
+    out: dict[tuple, int] = {}
+    for st in plan_stages(spec.cfg, resolve_model_config(spec.cfg.model, data)):
+        key = (st.model.n_layers, st.model.d_model, st.model.n_heads)
+        out[key] = out.get(key, 0) + st.steps * st.grad_accum
+    return out, 1
+
+
+def measure_shape(cfg: Config, shape: tuple, folder: Path) -> tuple[float, float, float]:
+    """Seconds per optimizer step (the mean of 3 after one untimed, and the fastest of the 3: what an unshared
+    machine gives) and per evaluation, at this shape."""
+    layers, width, heads = shape
+    model = dataclasses.replace(cfg.model, n_layers=layers, d_model=width, n_heads=heads, d_ff=None)
+    run = dataclasses.replace(cfg, model=model, stages=[],
+                              train=dataclasses.replace(cfg.train, run_dir=str(folder), max_steps=8, warmup_steps=1,
+                                                        schedule="cosine"))
+    with Trainer(run, log=quiet, guard=False) as trainer:
+        trainer.train_step()[0].item()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            trainer.train_step()[0].item()
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        trainer.evaluate()
+        return sum(times) / 3, min(times), time.perf_counter() - t0
+
+
+def projection(cfg: Config, holdout: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The runs `flm predict` would train, their steps, and the time projected from measured step times (no
+    training beyond 4 steps per shape; finished runs in the output folder are not subtracted)."""
+    data = load_prepared(Path(cfg.data.dir))
+    specs, info = run_plan(cfg, holdout, data)
+    counted = [(spec, *run_steps(spec, data)) for spec in specs]
+    shapes = sorted({k for _, steps, _ in counted for k in steps})
+    timing = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, shape in enumerate(shapes):
+            timing[shape] = measure_shape(cfg, shape, Path(tmp) / f"m{i}")
+            log(f"{shape[0]} x {shape[1]}: {timing[shape][0]:.3f} s per step (fastest {timing[shape][1]:.3f}), "
+                f"{timing[shape][2]:.3f} s per evaluation")
+    rows, total, fastest = [], 0.0, 0.0
+    for spec, steps, evals in counted:
+        last = max(steps, key=lambda k: k[1])
+        seconds = sum(n * timing[k][0] for k, n in steps.items()) + evals * timing[last][2]
+        quick = sum(n * timing[k][1] for k, n in steps.items()) + evals * timing[last][2]
+        total, fastest = total + seconds, fastest + quick
+        rows.append({"name": spec.name, "kind": spec.kind, "steps": sum(steps.values()), "evaluations": evals,
+                     "lengths": spec.lengths, "seconds": seconds, "seconds_fastest": quick})
+        log(f"  {spec.name:<22} {spec.kind:<15} {sum(steps.values()):>7,} steps, {evals} evaluation(s): "
+            f"{seconds / 60:7.1f} min ({quick / 60:.1f} at the fastest steps)")
+    log(f"projected: {total / 3600:.2f} h for {len(specs)} runs at the mean step times, {fastest / 3600:.2f} h at the "
+        f"fastest ({torch.get_num_threads()} torch threads; the fits and the bootstrap add a minute or two)")
+    return {"plan": info, "runs": rows, "seconds": total, "seconds_fastest": fastest,
+            "step_seconds": {f"{k[0]}x{k[1]}": v[0] for k, v in timing.items()}}
 
 
 # ---- running ------------------------------------------------------------------------------------------------
