@@ -329,3 +329,21 @@ def test_flm_predict_holdout_smoke(tiny, cli, tmp_path):
         pytest.approx(ref["predicted"], rel=1e-12)
     assert (out / "predict.png").stat().st_size > 10_000 and "## Growth runs" in (out / "predict.md").read_text()
     print(f"flm predict --holdout smoke: {time.perf_counter() - t0:.0f} s")
+
+
+def test_the_choice_needs_the_whole_interval_below_scratch_and_more_than_a_tie():
+    """choose(): the lowest loss wins outright only when its difference to scratch is below -5e-5 with the whole
+    interval below 0; a lower point whose interval reaches above 0 is named but not called a win; a difference
+    within 5e-5 (half the last printed digit) is a tie, and scratch is chosen."""
+    def row(name, loss, diff=None):
+        return plan_predict.Prediction(name, ["2x64"], 0.0, 1.0, 1.0, loss, loss, loss, [loss], diff)
+
+    scratch = row("from scratch", 3.0)
+    best, verdict = plan_predict.choose([scratch, row("grow", 2.9, (-0.1, -0.15, -0.05))])
+    assert best.name == "grow" and verdict.startswith("grow: grow")
+    best, verdict = plan_predict.choose([scratch, row("grow", 2.99, (-0.01, -0.05, 0.02))])
+    assert best.name == "grow" and "not a clear win" in verdict
+    best, verdict = plan_predict.choose([scratch, row("grow", 3.0 - 1e-6, (-1e-6, -2e-6, -5e-7))])
+    assert best is scratch and verdict.startswith("train from scratch") and "within" in verdict
+    best, verdict = plan_predict.choose([scratch, row("grow", 3.1, (0.1, 0.05, 0.15))])
+    assert best is scratch and verdict.startswith("train from scratch: no growth schedule")

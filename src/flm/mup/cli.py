@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction, config_args: Callable[..., 
                               description="Train each width of mup.ladder with the config's hyperparameters, evaluated "
                                           "at each of mup.branch_steps (WSD: decays branched off one run per width); "
                                           "fit the forms of mup.forms, choose one by leave-one-width-out "
-                                          "cross-validation, bootstrap 80%% intervals; with mup.growth_widths, fit "
+                                          "cross-validation, bootstrap intervals (mup.interval); with mup.growth_widths, fit "
                                           "the growth model's eta. Finished runs are reused from the output folder. "
                                           "The JSON it writes is what `flm plan --predict` reads.")
     tool_args(p)

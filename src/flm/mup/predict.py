@@ -648,12 +648,13 @@ def plot(result: dict[str, Any]) -> Any:
     checks = [(r, "held-out run") for r in pts if r["role"] != "fit" and "predicted" in r]
     checks += [(g, g["kind"]) for g in result["growth_runs"] if "predicted" in g]
     if checks:
-        markers = {"held-out run": "o", "growth": "s", "growth_holdout": "D", "staged": "^"}
+        style = {"held-out run": ("o", "C0", "held-out run"), "growth": ("s", "C2", "growth run (in eta's fit)"),
+                 "growth_holdout": ("D", "C3", "held-out growth run"), "staged": ("^", "C3", "config's [[stages]]")}
         seen = set()
         for r, kind in checks:
+            marker, color, label = style.get(kind, ("o", "C0", kind))
             bx.errorbar(r["val_loss"], r["predicted"], yerr=[[r["predicted"] - r["low"]], [r["high"] - r["predicted"]]],
-                        fmt=markers.get(kind, "o"), capsize=3, color="C0" if kind == "held-out run" else "C2",
-                        label=None if kind in seen else kind)
+                        fmt=marker, capsize=3, color=color, label=None if kind in seen else label)
             seen.add(kind)
         lo = min(min(r["val_loss"], r["low"]) for r, _ in checks)
         hi = max(max(r["val_loss"], r["high"]) for r, _ in checks)
@@ -663,7 +664,9 @@ def plot(result: dict[str, Any]) -> Any:
         bx.legend(fontsize=7)
     bx.set_xlabel("measured validation loss")
     bx.set_ylabel(f"predicted ({round(100 * level)}% interval)")
-    bx.set_title("held-out checks" if checks else "held-out checks: none (run with --holdout)", fontsize=9)
+    held_any = any(kind != "growth" for _, kind in checks)
+    bx.set_title("predicted against measured" + ("" if held_any else " (no held-out runs: --holdout trains them)"),
+                 fontsize=9)
     bx.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -132,10 +132,18 @@ def compare(law: dict[str, Any], candidates: list[tuple[str, list[tuple[ModelCon
     return [out[0]] + [with_difference(p, out[0], law["interval"]) for p in out[1:]]
 
 
+TIE = 5e-5  # a loss difference below half the last printed digit is no difference
+
+
 def choose(rows: list[Prediction]) -> tuple[Prediction, str]:
-    """The lowest predicted loss, and how sure: whether the difference's interval to scratch excludes 0."""
+    """The lowest predicted loss, and how sure: whether the difference's interval to scratch excludes 0. A schedule
+    less than TIE below scratch ties with it, and scratch, the simpler run, is chosen."""
     best = min(rows, key=lambda r: r.loss)
     scratch = rows[0]
+    if best is not scratch and best.diff[0] > -TIE:
+        return scratch, (f"train from scratch: the best growth schedule ({best.name}) is predicted within {TIE:g} of "
+                         "scratch's loss, no difference at this precision (the law sees no gain from more tokens "
+                         "here), and scratch is the simpler run")
     if best is scratch:
         beaten = [r for r in rows[1:] if r.diff and r.diff[2] < 0]
         verdict = ("train from scratch: no growth schedule is predicted to reach a lower loss"
