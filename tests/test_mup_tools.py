@@ -131,7 +131,7 @@ def test_predict_cli_fits_the_ladder_and_predicts_a_growth_run(tools, cli, tmp_p
                       "[[stages]]\ntokens = 512\n[[stages]]\nd_model = 64\nn_heads = 4\ntokens = 512\nramp_steps = 2\n")
     args = tools.args(tmp_path / "unused", *TOOLS, "model.d_model=32", "mup.ladder=[16,32,48,64]", "mup.holdout=1",
                       "mup.extrapolate=[128]", "train.warmup_steps=1", "mup.bootstrap=10", "mup.holdout_factors=[]",
-                      "mup.holdout_steps=[8]")  # --holdout trains the staged run only
+                      "mup.holdout_steps=[8]", "mup.longer_steps=[8]")  # --holdout trains the staged run only
     assert cli("predict", "-c", config, *args, "--out", out, "--holdout").status == 0
     result = json.loads((out / "predict.json").read_text())
     points = result["points"]
