@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from flm.files import DurableFile, atomic_write
+from flm.files import DurableFile, atomic_write, write_json_report
 
 NAMES = {"mup": "μP", "sp": "SP"}  # how the reports spell each parametrization
 
@@ -30,7 +29,7 @@ def write_outputs(out_dir: Path, name: str, data: dict[str, Any], markdown: str,
     """Write out_dir/name.{json,md,png}; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
-    atomic_write(paths[0], [json.dumps(data, indent=1).encode()])
+    write_json_report(paths[0], data)
     atomic_write(paths[1], [markdown.encode()])
     with DurableFile(paths[2]) as f:
         fig.savefig(f, format="png")
