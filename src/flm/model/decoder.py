@@ -32,6 +32,24 @@ class KVCache:
         self.length = 0  # positions already filled
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int, dropout: float,
+           scale: float | None = None, gqa: bool = False) -> torch.Tensor:
+    """Causal attention of q [B, H, T, hd] over k, v; with a cache, k and v are appended to layer `layer`'s keys and
+    values at position cache.length and the queries see every cached position up to their own."""
+    if cache is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
+                                              enable_gqa=gqa)
+    T, start = q.shape[2], cache.length
+    cache.k[layer, :, :, start:start + T] = k
+    cache.v[layer, :, :, start:start + T] = v
+    k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+    # Query i sits at absolute position start+i and may see keys 0..start+i.
+    mask = None
+    if T > 1:
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of next-token logits [B, T, V] against targets [B, T], skipping targets == -100."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,

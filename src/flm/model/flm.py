@@ -23,7 +23,7 @@ from torch import nn
 
 from flm.config import ModelConfig
 from flm.errors import FlmError
-from flm.model.decoder import Decoder, KVCache, lm_loss
+from flm.model.decoder import Decoder, KVCache, attend, lm_loss
 from flm.model.xpos import apply_rotary, xpos_tables
 from flm.model.mup_rules import init_std, readout_multiplier
 
@@ -72,18 +72,7 @@ class Attention(nn.Module):
         cos_q, sin_q, cos_k, sin_k = rope
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
         dropout = self.dropout if self.training else 0.0
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            start = cache.length
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
-            # Query i sits at absolute position start+i and may see keys 0..start+i.
-            mask = None
-            if T > 1:
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = attend(q, k, v, cache, layer, dropout)
         if self.head_mask is not None:
             y = y * self.head_mask.view(1, -1, 1, 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flm.config import ModelConfig
-from flm.model.decoder import Decoder, KVCache
+from flm.model.decoder import Decoder, KVCache, attend
 from flm.model.mup_rules import init_std
 from flm.model.xpos import apply_rotary, rope_tables
 
@@ -79,19 +79,7 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         gqa = q.shape[1] != k.shape[1]  # key/value head j serves query heads j·g .. j·g + g - 1
         scale = self.head_dim ** -0.5
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            start = cache.length
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
-            # Query i sits at absolute position start+i and may see keys 0..start+i.
-            mask = None
-            if T > 1:
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
-                                               enable_gqa=gqa)
+        y = attend(q, k, v, cache, layer, dropout, scale, gqa)
         if self.head_mask is not None:
             y = y * self.head_mask.view(1, -1, 1, 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

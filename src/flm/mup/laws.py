@@ -32,6 +32,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from flm.errors import FlmError
+from flm.plan.predict import quantile  # the planner evaluates intervals the same way
 
 LOG_FLOOR = -30.0  # bounds of the log-scale parameters (e, a, b)
 ETA_BOUNDS = (0.0, 2.0)  # eta's range: 0 (pre-growth tokens worthless) .. 2 (worth twice a final-model token)
@@ -408,15 +409,6 @@ def bootstrap(fit: Fit, pts: Points, replicates: int, seed: int, delta: float = 
         if g_sample is not None:
             etas.append(fit_eta(rep, g_sample, delta))
     return Bootstrap(thetas, etas, redraws)
-
-
-def quantile(values: list[float], q: float) -> float:
-    """numpy's default (linear) quantile, in plain Python (flm.plan.predict computes intervals the same way)."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def interval(values: list[float], level: float) -> tuple[float, float]:
