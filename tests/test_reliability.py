@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from flm.errors import TrainingHalted
 from flm.checkpoint import list_checkpoints
 from flm.train import Trainer
 from flm.inference import load_for_inference
+from flm.parallel.trainer import Torchrun
 from flm.train.metrics import read_metrics
 from flm.train.progress import perplexity
 
@@ -331,6 +333,26 @@ def ranks_of(job: subprocess.Popen) -> dict[int, int]:
     return out
 
 
+@pytest.mark.parametrize("kind, message, expected", [
+    (RuntimeError,
+     "[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation to complete",
+     "rank 1: a collective did not finish within parallel.timeout_s = 5 s: another rank is stuck"),
+    (RuntimeError,
+     "Wait timeout\n[gloo] Timed out waiting 5000ms for send\nException raised from recv at unbound_buffer.cc:81",
+     "rank 1: a collective did not finish within parallel.timeout_s = 5 s: another rank is stuck"),
+    (torch.distributed.DistBackendError,
+     "[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500",
+     "rank 1: lost another rank ([gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500)"),
+    (RuntimeError, "expected a tensor of dtype float", None),
+])
+def test_a_collective_s_failure_is_named_from_anywhere_in_its_message(kind, message, expected):
+    """The timeout is recognised on any line of a multi-line message; a lost peer names the last line; any other
+    RuntimeError is a bug and is left alone (None)."""
+    placement = SimpleNamespace(rank=1, cfg=SimpleNamespace(parallel=SimpleNamespace(timeout_s=5.0)))
+    got = Torchrun.peer_failure(placement, kind(message))
+    assert (got is None) if expected is None else got.startswith(expected)
+
+
 def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tiny, tmp_path, torchrun):
     """SIGSTOP on one of two gloo ranks: the other rank's next collective times out after parallel.timeout_s
     and it exits with one line and status 3; torchrun then removes the frozen rank (after its own grace time)."""
@@ -348,7 +370,9 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tiny, tmp_path
         if job.poll() is None:
             job.kill()
     assert job.returncode != 0 and took < 5 + 30 + 30  # timeout + torchrun's grace before SIGKILL + margin
-    line = next(line for line in err.splitlines() if "did not finish" in line)
+    lines = [line for line in err.splitlines() if "did not finish" in line]
+    assert lines, err[-4000:]
+    line = lines[0]
     assert line.startswith("error: rank 0: a collective did not finish within parallel.timeout_s = 5 s")
     assert "exitcode  : 3" in err  # rank 0 ended with TrainingHalted's status
 

@@ -315,9 +315,11 @@ class Torchrun:
         return f"parallel: {self.world} processes, {self.layout.describe()}" + "".join(f", {e}" for e in extras)
 
     def peer_failure(self, error: RuntimeError) -> str | None:
-        """gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError too)."""
-        text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        if "timed out" in text.lower():
+        """gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError too); the timeout may be named on any
+        line of a multi-line message."""
+        whole = str(error).strip()
+        text = whole.splitlines()[-1] if whole else type(error).__name__
+        if "timed out" in whole.lower():
             return (f"rank {self.rank}: a collective did not finish within parallel.timeout_s = "
                     f"{self.cfg.parallel.timeout_s:g} s: another rank is stuck (stopped, swapping, a hung GPU) or gone")
         if isinstance(error, dist.DistError):
