@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from flm.config import config_to_dict, load_config
+from flm.config import config_to_dict, config_toml, load_config
 from flm.errors import FlmError
 
 
@@ -27,6 +27,30 @@ def test_config_round_trips_through_dict():
     from flm.config import config_from_dict
 
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_a_config_written_as_toml_reads_back_equal(tmp_path):
+    """config_toml -> load_config is the identity on a config with sources, stages, lists, a quoted string with a
+    non-ASCII character, and values at and off their defaults; the file names only what differs (and [model])."""
+    path = write(tmp_path, """[model]\nn_layers = 2\nd_model = 96\nn_heads = 3\nhead_dim = 32
+[data]\ncorpus = "bundled"\nvocab_size = 4096
+[[data.sources]]\nkind = "text"\nweight = 0.75
+[[data.sources]]\nkind = "teacher"\npath = "bundled"\nweight = 0.25\nval_fraction = 0.2
+[train]\nschedule = "wsd"\ndecay_fraction = 0.2\nlr = 3e-3\nmin_lr = 3e-4\nsample_prompt = 'He said "好" \\ left'
+[mup]\nladder = [32, 64, 96]
+[[stages]]\nname = "2x96"\ntokens = 800_000
+[[stages]]\nname = "4x128"\nn_layers = 4\nd_model = 128\nn_heads = 4\ntokens = 600_000\nlr_at_growth = "continue"
+copy_noise = 0.2\nramp_steps = 0
+""")
+    cfg = load_config(path)
+    text = config_toml(cfg, ["a recipe", "", "its second line"])
+    assert text.startswith("# a recipe\n#\n# its second line\n\n[model]\n")
+    again = write(tmp_path, text)
+    assert load_config(again) == cfg
+    assert "[parallel]" not in text and "[plan]" not in text  # all at their defaults
+    assert text.count("[[stages]]") == 2 and text.count("[[data.sources]]") == 2
+    assert "\nramp_steps = 0\n" in text and "\nladder = [32, 64, 96]\n" in text
+    assert load_config(write(tmp_path, config_toml(load_config(None), []))) == load_config(None)
 
 
 @pytest.mark.parametrize("text, message", [

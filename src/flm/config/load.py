@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import tomllib
 import types
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flm.config.presets import PRESETS
-from flm.config.schema import Config, ModelConfig
+from flm.config.schema import Config, ModelConfig, SourceConfig, StageConfig
 from flm.errors import FlmError
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -149,3 +150,34 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         elif value is not None:
             out[f.name] = value
     return out
+
+
+def config_toml(cfg: Config, header: list[str]) -> str:
+    """`cfg` as a TOML file that load_config reads back to an equal Config: `header` as comments, every [model]
+    value, and elsewhere only what differs from the defaults (tables, [[data.sources]] and [[stages]] entries)."""
+    defaults = config_to_dict(Config())
+    doc = config_to_dict(cfg)
+    lines = [f"# {line}" if line else "#" for line in header]
+
+    def table(name: str, values: dict[str, Any], default: dict[str, Any], every: bool = False) -> None:
+        keep = [(k, v) for k, v in values.items() if not isinstance(v, list) or not v or not isinstance(v[0], dict)]
+        keep = [(k, v) for k, v in keep if every or v != default.get(k)]
+        if keep or every:
+            lines.extend(["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in keep)])
+
+    for section in ("model", "data", "train", "plan", "mup", "parallel"):
+        table(section, doc[section], defaults[section], every=section == "model")
+        if section == "data":
+            for source in doc["data"]["sources"]:
+                table("[data.sources]", source, config_to_dict(SourceConfig()), every=True)
+    for stage in doc["stages"]:
+        table("[stages]", stage, config_to_dict(StageConfig()), every=True)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    """A flat TOML value: JSON spells strings (ASCII, the rest escaped), integers, the finite floats a validated
+    config holds, booleans and arrays as TOML does."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    return json.dumps(value)

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from flm.checkpoint import CheckpointReader, RunLock, WholeWriter, save_streamed
 from flm.checkpoint.state import rng_state
-from flm.config import Config, DataConfig, ModelConfig, TrainConfig, config_to_dict, model_config_from_dict
+from flm.config import Config, DataConfig, ModelConfig, TrainConfig, config_to_dict, config_toml, model_config_from_dict
 from flm.data.tokenizer import HF_FILE, Tokenizer, load_tokenizer_dir
 from flm.errors import FlmError
 from flm.export.folder import INDEX_FILE, WEIGHTS_FILE, write_json, write_weights
@@ -271,7 +271,9 @@ def import_stock(src: Path, out_run_dir: str | Path, hf: dict[str, Any]) -> Path
     try:
         path = save_streamed(run / "checkpoints", 0, write_tensors, meta, keep_last=1 << 30, write_extra=tok.save)
         tok.save(run / TOKENIZER_DIR)
-        atomic_write(run / IMPORT_CONFIG, [config_toml(config, src).encode()])
+        atomic_write(run / IMPORT_CONFIG, [config_toml(config, [
+            f"Written by `flm import hf {src}`: the imported model (keep [model] as it is to resume the",
+            "imported checkpoint) and a starting point for [data] and [train]; see docs/llama.md."]).encode()])
         return path
     finally:
         lock.release()
@@ -283,19 +285,6 @@ def run_config(cfg: ModelConfig, run: Path) -> Config:
                         warmup_steps=10)
     data = DataConfig(tokenizer=str(run / TOKENIZER_DIR), dir=str(run / "data"))
     return Config(model=cfg, data=data, train=train)
-
-
-def config_toml(cfg: Config, src: Path) -> str:
-    """`cfg` as TOML: every [model] value, and the [data] and [train] values that differ from the defaults (flat
-    values, which JSON spells as TOML does)."""
-    lines = [f"# Written by `flm import hf {src}`: the imported model (keep [model] as it is to resume the",
-             "# imported checkpoint) and a starting point for [data] and [train]; see docs/llama.md."]
-    tables, defaults = config_to_dict(cfg), config_to_dict(Config())
-    for section in ("model", "data", "train"):
-        lines += ["", f"[{section}]"]
-        lines += [f"{key} = {json.dumps(value)}" for key, value in tables[section].items()
-                  if section == "model" or value != defaults[section].get(key)]
-    return "\n".join(lines) + "\n"
 
 
 # ---- export ----------------------------------------------------------------------------------------------------
