@@ -162,16 +162,16 @@ def config_toml(cfg: Config, header: list[str]) -> str:
     def table(name: str, values: dict[str, Any], default: dict[str, Any], every: bool = False) -> None:
         keep = [(k, v) for k, v in values.items() if not isinstance(v, list) or not v or not isinstance(v[0], dict)]
         keep = [(k, v) for k, v in keep if every or v != default.get(k)]
-        if keep or every:
+        if keep or every or name.startswith("["):  # an array's entry stands even at its defaults
             lines.extend(["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in keep)])
 
     for section in ("model", "data", "train", "plan", "mup", "parallel"):
         table(section, doc[section], defaults[section], every=section == "model")
         if section == "data":
             for source in doc["data"]["sources"]:
-                table("[data.sources]", source, config_to_dict(SourceConfig()), every=True)
+                table("[data.sources]", source, config_to_dict(SourceConfig()))
     for stage in doc["stages"]:
-        table("[stages]", stage, config_to_dict(StageConfig()), every=True)
+        table("[stages]", stage, config_to_dict(StageConfig()))
     return "\n".join(lines) + "\n"
 
 
