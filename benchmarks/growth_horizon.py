@@ -317,37 +317,46 @@ def round_lr(lr: float) -> float:
     return float(f"{lr:.4g}")
 
 
-def run_all(sweeps: Sweeps, setup: dict, cache: Path, jobs: int, run=None) -> None:
-    """Run every sweep to its end on `jobs` worker processes, reusing results already in `cache`; `run(*key,
-    setup)` (a module-level function, default run_one) trains one run and returns its result record."""
+KEY = ("arm", "horizon", "lr", "seed")  # what names a run in the cache: what it does, not who asked for it
+
+
+def run_all(sweeps, setup: dict, cache: Path, jobs: int, run=None, key=KEY, describe=None) -> None:
+    """Run every sweep to its end on `jobs` worker processes, reusing results already in `cache` (one JSON record
+    a line, named by its `key` fields); `run(*key, setup)` (a module-level function, default run_one) trains one
+    run and returns its record, `describe(key, record)` the line printed when it ends. `sweeps` has start(),
+    after(key, pending) -> the keys it unlocks, and a results dict (growth_horizon.Sweeps, objective_ablation.Sweep)."""
     done = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
             r = json.loads(line)
-            done[(r["arm"], r["horizon"], r["lr"], r["seed"])] = r
-    run = run or run_one
+            done[tuple(r[k] for k in key)] = r
+    run, describe = run or run_one, describe or _describe
     ready = sweeps.start()
     pending: dict[cf.Future, tuple] = {}
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, cache.open("a") as log:
         while ready or pending:
             while ready:
-                key = ready.pop(0)
-                if key in done:
-                    sweeps.results[key] = done[key]
-                    ready += sweeps.after(key, set(pending.values()) | set(ready))
+                k = ready.pop(0)
+                if k in done:
+                    sweeps.results[k] = done[k]
+                    ready += sweeps.after(k, set(pending.values()) | set(ready))
                 else:
-                    pending[pool.submit(run, *key, setup)] = key
+                    pending[pool.submit(run, *k, setup)] = k
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for future in finished:
-                key = pending.pop(future)
+                k = pending.pop(future)
                 result = future.result()
-                sweeps.results[key] = result
+                sweeps.results[k] = result
                 log.write(json.dumps(result) + "\n")
                 log.flush()
-                print(f"H {key[1]:g} {key[0]:>10} lr {key[2]:.3g} seed {key[3]}: final {result['final_val_loss']:.4f} "
-                      f"({sum(result['steps'])} steps, {result['wall_s']:.0f} s)", flush=True)
-                ready += sweeps.after(key, set(pending.values()) | set(ready))
+                print(describe(k, result), flush=True)
+                ready += sweeps.after(k, set(pending.values()) | set(ready))
+
+
+def _describe(key: tuple, result: dict) -> str:
+    return (f"H {key[1]:g} {key[0]:>10} lr {key[2]:.3g} seed {key[3]}: final {result['final_val_loss']:.4f} "
+            f"({sum(result['steps'])} steps, {result['wall_s']:.0f} s)")
 
 
 # ---- figures of merit ------------------------------------------------------------------------------------------

@@ -49,13 +49,11 @@ where it stopped.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import datetime
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -64,7 +62,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from growth_horizon import machine, round_lr  # noqa: E402  (the same machine description and rate rounding)
+from growth_horizon import machine, round_lr, run_all  # noqa: E402  (the same machine, rate rounding and runner)
 
 ARMS = ("unified", "separate", "none")
 SEEDS = (1337, 2024)
@@ -163,6 +161,9 @@ def build_config(size: str, arm: str, lr: float, seed: int, setup: dict, run_dir
                               ramp_steps=max(1, round(RAMP_FRAC * steps)))]
     cfg.validate()
     return cfg
+
+
+KEY = ("size", "arm", "lr", "seed")  # a run in the cache
 
 
 def run_one(size: str, arm: str, lr: float, seed: int, setup: dict) -> dict:
@@ -269,36 +270,12 @@ def largest_stable(runs: dict[float, dict]) -> float | None:
     return stable
 
 
-def run_all(sweep: Sweep, setup: dict, cache: Path, jobs: int) -> None:
-    """Every run the sweep asks for, on `jobs` worker processes, reusing the results in `cache`."""
-    done = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["size"], r["arm"], r["lr"], r["seed"])] = r
-    ready, pending = sweep.start(), {}
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, cache.open("a") as log:
-        while ready or pending:
-            while ready:
-                key = ready.pop(0)
-                if key in done:
-                    sweep.results[key] = done[key]
-                    ready += sweep.after(key, set(pending.values()) | set(ready))
-                else:
-                    pending[pool.submit(run_one, *key, setup)] = key
-            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                key = pending.pop(future)
-                r = future.result()
-                sweep.results[key] = r
-                log.write(json.dumps(r) + "\n")
-                log.flush()
-                loss = "diverged" if r["diverged"] else f"{r['final_val_loss']:.4f}"
-                print(f"{key[0]:>7} {key[1]:>8} lr {key[2]:.3g} seed {key[3]}: {loss}, teacher "
-                      f"{r['final_teacher'].get('statements', float('nan')):.3f}, bad steps {r['bad_steps']}, "
-                      f"rollbacks {r['rollbacks']} ({r['wall_s']:.0f} s)", flush=True)
-                ready += sweep.after(key, set(pending.values()) | set(ready))
+def describe(key: tuple, r: dict) -> str:
+    """The line a finished run prints."""
+    loss = "diverged" if r["diverged"] else f"{r['final_val_loss']:.4f}"
+    return (f"{key[0]:>7} {key[1]:>8} lr {key[2]:.3g} seed {key[3]}: {loss}, teacher "
+            f"{r['final_teacher'].get('statements', float('nan')):.3f}, bad steps {r['bad_steps']}, "
+            f"rollbacks {r['rollbacks']} ({r['wall_s']:.0f} s)")
 
 
 # ---- figures of merit -------------------------------------------------------------------------------------------
@@ -572,7 +549,7 @@ def main() -> None:
     sweep = Sweep([n for n, _ in sizes], arms, lrs, seeds)
     if smoke:  # one rate: no extension, no second seed
         sweep.after = lambda key, pending: []
-    run_all(sweep, setup, out / f"runs-{fingerprint}.jsonl", jobs)
+    run_all(sweep, setup, out / f"runs-{fingerprint}.jsonl", jobs, run=run_one, key=KEY, describe=describe)
     summary = summarize(sweep, setup)
     from flm.data.teacher import read_items
 
