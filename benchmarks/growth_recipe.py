@@ -67,10 +67,6 @@ every finished run (third line below, about 2 h more).
     python benchmarks/growth_recipe.py --smoke    # end to end in a few minutes (tiny horizon, one rate, one seed)
     python benchmarks/growth_recipe.py --preset gpu --corpus 'CORPUS' --out runs/growth_recipe_gpu
 
-The best arm (lowest mean final loss at B) is also written as a config a user trains with,
-configs/recipes/ARM_wsd.toml (`--recipe`): its measured model, stages, schedule and rate, on the bundled corpus, its
-figures in the comments.
-
 Finished runs are kept in OUT/runs-*.jsonl (keyed by what a run does, not by which runs are asked for), so an
 interrupted benchmark continues where it stopped, and a later invocation with more arms or fractions reuses every
 run it shares.
@@ -378,52 +374,6 @@ def best_arm(h: dict) -> str | None:
     return min(scored)[1] if scored else None
 
 
-# ---- the recipe --------------------------------------------------------------------------------------------
-RECIPE_TRAIN = ("seed", "lr", "min_lr", "batch_size", "seq_len", "warmup_steps", "max_steps", "schedule",
-                "decay_fraction", "decay_shape", "log_every", "eval_every")  # what a run's schedule is made of
-
-
-def recipe_config(h: dict, setup: dict, arm: str, run_dir: str, data_dir: str):
-    """The Config of `arm`'s best measured setting (its f and rate, seed 1) as a user runs it: the benchmark's
-    model, stages and schedule; the bundled corpus at the benchmark's vocabulary (it runs anywhere; the
-    measurement's corpus is the report's); everything else at flm's defaults (checkpoints, progress, the guard)."""
-    from flm.config import Config, DataConfig, TrainConfig
-
-    a = h["arms"][arm]
-    name = Variant(arm, "wsd", Fraction(a["best_f"])).name
-    cfg, _ = build_config(name, h["tokens_per_param"], a["best_lr"], SEEDS[0], setup)
-    train = TrainConfig(run_dir=run_dir, **{k: getattr(cfg.train, k) for k in RECIPE_TRAIN})
-    data = DataConfig(corpus="bundled", dir=data_dir, vocab_size=setup["preset"].vocab)
-    recipe = Config(model=cfg.model, data=data, train=train, stages=cfg.stages)
-    recipe.validate()
-    return recipe
-
-
-def recipe_header(summary: dict, h: dict, arm: str, report_path: Path) -> list[str]:
-    """What the recipe is, what it measured and how to carry it to another size, as the file's comments."""
-    a, sc, fm = h["arms"][arm], h["scratch"], summary["final_model"]
-    saving = a["saving_finished"] or a["saving_curve"]
-    per_seed = ", ".join(f"{v:.2f}" for v in saving["per_seed"])
-    return [f"Growth recipe: {arm}, one growth after f = {a['best_f']} of the tokens, under warmup-stable-decay.",
-            f"Written by `{summary['command']}` ({summary['date'][:10]}); the measurement: {report_path}.",
-            "",
-            f"Measured at {h['tokens_per_param']:g} tokens per non-embedding parameter of the final model "
-            f"({fm['n_layers']} x {fm['d_model']}, N = {fm['non_embedding_params']:,}),",
-            f"against the best-tuned scratch run ({sc['best']}, lr {sc['best_lr']:.3g}): it needs {saving['geomean']:.2f}x "
-            f"less compute to reach scratch's final loss",
-            f"(seeds: {per_seed}; bound of this schedule 1 / (1 - f(1 - r)) = {a['bound']:.2f}x, r = {a['r']:.3f}).",
-            "",
-            "The schedule: the source trains f of the tokens, one growth (the second stage's operator) makes the",
-            "final model, the LR carries on through it (lr_at_growth = \"continue\") and decays over the last",
-            f"{summary['setup']['decay_fraction']:.0%} of the steps. At another size keep [train]'s schedule and "
-            "decay and the second stage's",
-            f"operator and lr_at_growth; set the shapes, about {h['tokens_per_param']:g} x N tokens in all with f of "
-            "them before the growth",
-            "(equal FLOPs: the source's steps are cheaper), and read the bound with `flm plan` on the file.",
-            "The measurement read the Python sources of the installed packages; this file trains on the bundled",
-            "corpus so that it runs anywhere: set [data] to your corpus."]
-
-
 # ---- sizing ----------------------------------------------------------------------------------------------------
 def projection(setup: dict, timing: dict, horizons: list[float]) -> dict:
     """Steps and seconds of every run the sweeps start (first grids, the best settings' other seeds and B/2 runs)
@@ -636,8 +586,6 @@ def main() -> None:
     p.add_argument("--out", default=None, help="run folders and cache (default runs/growth_recipe_PRESET)")
     p.add_argument("--report", default=None, help="Markdown report (default docs/results/growth_recipe.md; with "
                                                    "--smoke, OUT/growth_recipe.md)")
-    p.add_argument("--recipe", default=None, help="where the best arm's config goes (default configs/recipes/ARM_wsd"
-                                                   ".toml; with --smoke, OUT/recipe.toml; 'none': not written)")
     p.add_argument("--plan", action="store_true", help="measure step times and print the projection only")
     p.add_argument("--smoke", action="store_true", help=f"horizon {SMOKE_HORIZON:g}, one rate, one seed, small "
                                                         "evaluations, the first 5 MB of the corpus")
@@ -756,15 +704,6 @@ def main() -> None:
     write_json_report(report_path.with_suffix(".json"), summary)
     plot(summary, report_path.with_suffix(".png"))
     report(summary, report_path)
-    arm = best_arm(horizons[0])
-    if arm and args.recipe != "none":
-        from flm.config import config_toml
-
-        recipe = Path(args.recipe or (out / "recipe.toml" if args.smoke else f"configs/recipes/{arm}_wsd.toml"))
-        cfg = recipe_config(horizons[0], setup, arm, f"runs/recipes/{recipe.stem}", f"data/recipes/{recipe.stem}")
-        recipe.parent.mkdir(parents=True, exist_ok=True)
-        recipe.write_text(config_toml(cfg, recipe_header(summary, horizons[0], arm, report_path)))
-        print(f"wrote the best arm's recipe to {recipe}")
     print(answer(horizons[0]))
     print(f"wrote {report_path} (+ .json, .png) in {summary['wall_s'] / 60:.1f} min")
 

@@ -149,38 +149,6 @@ def test_copy_noise_reaches_the_grown_stage():
     assert cfg.stages[1].copy_noise == 0.2
 
 
-def test_the_recipe_is_the_best_setting_as_a_user_runs_it(tmp_path, cli):
-    """The written recipe reads back as the benchmark's run of the best (f, rate): same model, stages, schedule,
-    LR and steps; flm's own defaults for checkpoints and the guard; the bundled corpus; `flm plan` on it prints
-    the f, r and bound the header states."""
-    from flm.config import config_toml, load_config
-
-    setup = make_setup()
-    h = {"tokens_per_param": 20.0, "scratch": {"best": "wsd", "best_lr": 4e-3},
-         "arms": {"width-depth": {"best_f": "4/5", "best_lr": 8e-3, "bound": 2.4, "r": 0.271, "saving_curve": None,
-                                  "saving_finished": {"geomean": 2.1, "per_seed": [2.0, 2.1, 2.2]}}}}
-    summary = {"command": "python benchmarks/growth_recipe.py", "date": "2026-12-07T05:00:00",
-               "final_model": {"n_layers": 4, "d_model": 64, "non_embedding_params": 200_064},
-               "setup": {"decay_fraction": 0.2}}
-    cfg = gr.recipe_config(h, setup, "width-depth", "runs/r", "data/r")
-    bench, (n1, n2) = gr.build_config("width-depth@4/5", 20, 8e-3, 1337, setup)
-    path = tmp_path / "recipe.toml"
-    path.write_text(config_toml(cfg, gr.recipe_header(summary, h, "width-depth", Path("docs/results/x.md"))))
-    back = load_config(path)
-    assert back == cfg and back.model == bench.model and back.stages == bench.stages
-    assert [getattr(back.train, k) for k in gr.RECIPE_TRAIN] == [getattr(bench.train, k) for k in gr.RECIPE_TRAIN]
-    assert back.train.schedule == "wsd" and back.train.lr == 8e-3 and back.train.max_steps == n1 + n2
-    assert back.train.ckpt_every == type(back.train)().ckpt_every and back.train.on_bad_step != "stop"
-    assert back.data.corpus == "bundled" and back.data.vocab_size == 2048 and back.train.run_dir == "runs/r"
-    text = path.read_text()
-    assert "# Growth recipe: width-depth, one growth after f = 4/5" in text and "2.10x less compute" in text
-    result = cli("plan", path)
-    assert result.status == 0, result.err
-    f = n1 / (n1 + n2)
-    assert f"f = {f:.2f}, r = {gr.flops_ratio('width-depth', setup):.2f}" in result.out
-    assert f"saving bound {gr.saving_bound(f, gr.flops_ratio('width-depth', setup)):.2f}x" in result.out
-
-
 def test_variant_names_round_trip():
     for v in [gr.Variant("scratch", "cosine"), gr.Variant("scratch", "wsd"), gr.Variant("width-depth", "wsd",
               Fraction(2, 3)), gr.Variant("msg-width", "wsd", Fraction(4, 5), gr.HALF)]:
