@@ -20,13 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import growth_horizon as gh  # noqa: E402  (scripts' modules, beside it in benchmarks/)
+import growth_recipe as gr  # noqa: E402
 import recipes  # noqa: E402
 
 from flm.config import TrainConfig, load_config  # noqa: E402
 from flm.errors import FlmError  # noqa: E402
+from flm.train.schedule import plan_stages  # noqa: E402
 
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.toml"))
 HORIZON = json.loads((ROOT / recipes.HORIZON_JSON).read_text())
+RECIPE = json.loads((ROOT / recipes.RECIPE_JSON).read_text())
 
 
 def test_the_checked_in_recipes_are_what_the_measurements_write(tmp_path):
@@ -38,20 +41,18 @@ def test_the_checked_in_recipes_are_what_the_measurements_write(tmp_path):
         assert mine.read_text() == theirs.read_text(), theirs.name
 
 
-def test_winners_are_the_largest_saving_per_horizon_and_only_above_one():
+def test_winners_are_the_best_worst_seed_per_horizon_and_only_when_every_seed_saved():
     doc = copy.deepcopy(HORIZON)
-    found = recipes.candidates(doc, None)
-    for h in doc["horizons"]:
-        arms = {a: v["saving"]["geomean"] for a, v in h["arms"].items() if v.get("saving") and
-                v["saving"].get("geomean")}
-        best = max(arms, key=arms.get)
-        assert {c["arm"] for c in found[float(h["tokens_per_param"])]} == set(arms)
-        assert recipes.winners(found)[float(h["tokens_per_param"])]["arm"] == best
-    for h in doc["horizons"]:  # nothing saves: no recipe
+    found = recipes.candidates(doc, RECIPE)
+    for h, arms in found.items():
+        best = max(arms, key=lambda c: (min(c["saving"]["per_seed"]), c["saving"]["geomean"]))
+        assert recipes.winners(found)[h] is best
+    assert recipes.winners(found)[20.0]["arm"] == "stack-quarter"  # 1.63 at worst against gradual stacking's 1.59
+    for h in doc["horizons"]:  # one seed that loses disqualifies an arm
         for a in h["arms"].values():
             if a.get("saving") and a["saving"].get("geomean"):
-                a["saving"]["geomean"] = 0.9
-    assert recipes.winners(recipes.candidates(doc, None)) == {}
+                a["saving"]["min"] = 0.99
+    assert set(recipes.winners(recipes.candidates(doc, None))) == set()
 
 
 def test_bound_is_the_token_ratio_at_equal_flops():
@@ -61,11 +62,20 @@ def test_bound_is_the_token_ratio_at_equal_flops():
     assert stack["bound"] == pytest.approx(5667 / 3908)
 
 
-def test_a_recipe_is_the_measured_run_with_flm_defaults_elsewhere():
-    win = recipes.winners(recipes.candidates(HORIZON, None))[20.0]
-    cfg = recipes.recipe_config(win, 20.0, HORIZON, "h20")
-    bench, steps = gh.build_config(win["arm"], 20.0, win["lr"], gh.SEEDS[0], recipes.setup_of(HORIZON))
-    assert steps == win["steps"] and cfg.model == bench.model and cfg.stages == bench.stages
+@pytest.mark.parametrize("source, arm", [("growth_horizon", "stack"), ("growth_recipe", "stack-quarter")])
+def test_a_recipe_is_the_measured_run_with_flm_defaults_elsewhere(source, arm):
+    doc = HORIZON if source == "growth_horizon" else RECIPE
+    win = next(c for c in recipes.candidates(HORIZON, RECIPE)[20.0] if (c["source"], c["arm"]) == (source, arm))
+    cfg = recipes.recipe_config(win, 20.0, doc, "h20")
+    if source == "growth_horizon":
+        bench, steps = gh.build_config(arm, 20.0, win["lr"], gh.SEEDS[0], recipes.setup_of(doc))
+        assert steps == win["steps"] == [2345, 1759, 1563]
+    else:
+        bench, steps = gr.build_config(f"{arm}@{win['f']}", 20.0, win["lr"], gr.SEEDS[0], recipes.setup_of(doc))
+        run = next(r for r in doc["runs"] if (r["arm"], r["lr"], r["seed"]) == (f"{arm}@4/5", win["lr"], 1337))
+        assert steps == run["steps"] and cfg.train.schedule == "wsd" and cfg.stages[1].lr_at_growth == "continue"
+    assert cfg.model == bench.model and cfg.stages == bench.stages
+    assert [s.steps for s in plan_stages(cfg, cfg.model)] == steps
     assert [getattr(cfg.train, k) for k in recipes.RECIPE_TRAIN] == [getattr(bench.train, k)
                                                                      for k in recipes.RECIPE_TRAIN]
     defaults = TrainConfig()
@@ -76,6 +86,7 @@ def test_a_recipe_is_the_measured_run_with_flm_defaults_elsewhere():
 
 def test_a_measurement_the_code_no_longer_rebuilds_is_refused():
     win = dict(recipes.winners(recipes.candidates(HORIZON, None))[20.0], steps=[1, 2, 3])
+    assert win["arm"] == "stack"
     with pytest.raises(FlmError, match=r"today's code builds steps \[2345, 1759, 1563\], the measurement ran "
                                        r"\[1, 2, 3\]: re-measure"):
         recipes.recipe_config(win, 20.0, HORIZON, "h20")
@@ -98,3 +109,18 @@ def test_every_recipe_plans_and_trains(path, tmp_path, tiny, cli):
     result = cli("train", "-c", path, *(a for s in sets for a in ("--set", s)))
     assert result.status == 0, result.err
     assert [f"grew to stage {i + 1}" in result.out for i in range(1, len(cfg.stages))] == [True] * (len(cfg.stages) - 1)
+
+
+def test_the_plan_s_measured_figures_are_the_measurements():
+    """`flm plan` quotes measured savings and bounds (flm.plan.report.MEASURED): each is its JSON's figure."""
+    from flm.plan.report import MEASURED
+
+    found = {(c["source"] + ".md", c["arm"]): c for c in recipes.candidates(HORIZON, RECIPE)[20.0]}
+    arms = {"late stacking L/4 -> L after 4/5 of the tokens, WSD": "stack-quarter",
+            "gradual stacking L/4 -> L/2 -> L": "stack", "width + depth d/2, L/2 -> d, L after 2/3, WSD": "width-depth",
+            "MSG width growth, 3 stages": "msg"}
+    assert [name for name, *_ in MEASURED] == list(arms)
+    for name, got, bound, page in MEASURED:
+        c = found[(page, arms[name])]
+        assert (got, bound) == (round(c["saving"]["geomean"], 2), round(c["bound"], 2)), name
+        assert c.get("f") in (None, name.split("after ")[-1].split(" ")[0].rstrip(","))
