@@ -54,9 +54,9 @@ msg-width 0.38, so at f = 4/5 the bounds are 1.36x, 1.67x, 2.40x and 2.00x and a
 Sizing (`--plan` measures a few steps of each shape and prints every run's steps and the projected time, without
 training). The full grid (4 arms x 3 fractions) projects to 4.7 h on the CPU preset (5.8 h if every grid widens
 once), so the default CPU run is the part that bears on 2x: scratch (cosine and WSD), width-depth at f = 4/5 and
-2/3, msg-width and stack-quarter at f = 4/5, with 3 seeds and the B/2 runs: `--plan` projects 2.7 h (3.2 h if every
-grid widens once) with 2 jobs on this 2-core machine (measured under a load average of 3.5 from other work, so
-idle cores do better). Left out by default: stack-half (its bound is at most 1.36x at this scale), f = 1/2 for
+2/3, msg-width and stack-quarter at f = 4/5, with 3 seeds and the B/2 runs: on 2 idle cores `--plan` projects 1.7 h
+(2.0 h if every grid widens once) with 2 jobs; the measurement of 2026-12-07 took 116 min (three grids widened).
+Left out by default: stack-half (its bound is at most 1.36x at this scale), f = 1/2 for
 every arm and f = 2/3 for stack-quarter and msg-width (bounds below 2x); `--arms`/`--fractions` run them, reusing
 every finished run (third line below, about 2 h more).
 
