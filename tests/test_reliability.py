@@ -340,14 +340,16 @@ def ranks_of(job: subprocess.Popen) -> dict[int, int]:
     (RuntimeError,
      "Wait timeout\n[gloo] Timed out waiting 5000ms for send\nException raised from recv at unbound_buffer.cc:81",
      "rank 1: a collective did not finish within parallel.timeout_s = 5 s: another rank is stuck"),
+    (RuntimeError, "Application timeout caused pair closure",  # gloo, a peer stopped during an all_reduce
+     "rank 1: a collective did not finish within parallel.timeout_s = 5 s: another rank is stuck"),
     (torch.distributed.DistBackendError,
      "[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500",
      "rank 1: lost another rank ([gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500)"),
     (RuntimeError, "expected a tensor of dtype float", None),
 ])
 def test_a_collective_s_failure_is_named_from_anywhere_in_its_message(kind, message, expected):
-    """The timeout is recognised on any line of a multi-line message; a lost peer names the last line; any other
-    RuntimeError is a bug and is left alone (None)."""
+    """The timeout is recognised on any line of a multi-line message, in both of gloo's wordings; a lost peer names
+    the last line; any other RuntimeError is a bug and is left alone (None)."""
     placement = SimpleNamespace(rank=1, cfg=SimpleNamespace(parallel=SimpleNamespace(timeout_s=5.0)))
     got = Torchrun.peer_failure(placement, kind(message))
     assert (got is None) if expected is None else got.startswith(expected)

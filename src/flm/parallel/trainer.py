@@ -319,7 +319,7 @@ class Torchrun:
         line of a multi-line message."""
         whole = str(error).strip()
         text = whole.splitlines()[-1] if whole else type(error).__name__
-        if "timed out" in whole.lower():
+        if any(word in whole.lower() for word in ("timed out", "timeout")):  # gloo says either
             return (f"rank {self.rank}: a collective did not finish within parallel.timeout_s = "
                     f"{self.cfg.parallel.timeout_s:g} s: another rank is stuck (stopped, swapping, a hung GPU) or gone")
         if isinstance(error, dist.DistError):
