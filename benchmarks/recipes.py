@@ -4,9 +4,9 @@ beat the best-tuned scratch run.
 It reads the measurements, not the code's hopes: docs/results/growth_horizon.json (three-stage growth, each family,
 at 1, 5 and 20 tokens per non-embedding parameter) and docs/results/growth_recipe.json (one late growth under WSD at
 20). At each horizon the arm whose worst seed saved the most compute to reach scratch's final loss wins (the
-geometric mean over seeds breaks ties), if every seed saved; its best rate and seed-1 schedule are rebuilt with the benchmark's own
-build_config (refused if the steps differ from the measured run's: the code moved under the measurement) and
-written with flm.config.config_toml: the measured model, stages, schedule and rate, on the bundled corpus at the
+geometric mean over seeds breaks ties), if every seed saved; its best rate and seed-1 schedule are rebuilt with the
+benchmark's own build_config (refused if the steps differ from the measured run's: the code moved under the
+measurement; nothing is then written or removed) and written with flm.config.config_toml: the measured model, stages, schedule and rate, on the bundled corpus at the
 measurement's vocabulary (it runs anywhere in minutes on a CPU), everything else at flm's defaults (checkpoints,
 progress, the step guard). The file's comments say what it measured and how to carry it to another size.
 
@@ -60,7 +60,8 @@ def candidates(horizon_doc: dict | None, recipe_doc: dict | None) -> dict[float,
 
 def gh_stage_names(arm: str, doc: dict) -> list[str]:
     final = {k: doc["final_model"][k] for k in ("n_layers", "d_model", "n_heads", "d_ff")}
-    return ["{n_layers}x{d_model}/{n_heads}h/{d_ff}".format(**s) for s in gh.stage_shapes(final, gh.FAMILY_ARMS[arm][1])]
+    shapes = gh.stage_shapes(final, gh.FAMILY_ARMS[arm][1])
+    return ["{n_layers}x{d_model}/{n_heads}h/{d_ff}".format(**s) for s in shapes]
 
 
 def winners(found: dict[float, list[dict]]) -> dict[float, dict]:
@@ -133,27 +134,27 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("configs/recipes"))
     args = p.parse_args()
     from flm.config import config_toml
-
-    docs = {src: json.loads(path.read_text()) if path.is_file() else None
-            for src, path in (("growth_horizon", args.horizon_json), ("growth_recipe", args.recipe_json))}
-    paths = {"growth_horizon": args.horizon_json, "growth_recipe": args.recipe_json}
-    chosen = winners(candidates(docs["growth_horizon"], docs["growth_recipe"]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("*.toml"):
-        old.unlink()
     from flm.errors import FlmError
 
-    for horizon, win in chosen.items():
+    paths = {"growth_horizon": args.horizon_json, "growth_recipe": args.recipe_json}
+    docs = {src: json.loads(path.read_text()) if path.is_file() else None for src, path in paths.items()}
+    written = {}  # every recipe is built before any old one is removed: a refusal leaves the folder as it was
+    for horizon, win in winners(candidates(docs["growth_horizon"], docs["growth_recipe"])).items():
         name = f"h{horizon:g}_{win['arm']}"
         doc = docs[win["source"]]
         try:
             cfg = recipe_config(win, horizon, doc, name)
         except FlmError as e:
             sys.exit(f"error: {e}")
-        path = args.out / f"{name}.toml"
-        path.write_text(config_toml(cfg, header(win, horizon, doc, paths[win["source"]])))
-        print(f"{path}: {win['what']}, {win['saving']['geomean']:.2f}x at {horizon:g} tokens/param")
-
+        written[args.out / f"{name}.toml"] = (config_toml(cfg, header(win, horizon, doc, paths[win["source"]])),
+                                              f"{win['what']}, {win['saving']['geomean']:.2f}x at {horizon:g} "
+                                              "tokens/param")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.glob("*.toml"):
+        old.unlink()
+    for path, (text, what) in written.items():
+        path.write_text(text)
+        print(f"{path}: {what}")
 
 if __name__ == "__main__":
     main()
