@@ -6,9 +6,10 @@ at 1, 5 and 20 tokens per non-embedding parameter) and docs/results/growth_recip
 20). At each horizon the arm whose worst seed saved the most compute to reach scratch's final loss wins (the
 geometric mean over seeds breaks ties), if every seed saved; its best rate and seed-1 schedule are rebuilt with the
 benchmark's own build_config (refused if the steps differ from the measured run's: the code moved under the
-measurement; nothing is then written or removed) and written with flm.config.config_toml: the measured model, stages, schedule and rate, on the bundled corpus at the
-measurement's vocabulary (it runs anywhere in minutes on a CPU), everything else at flm's defaults (checkpoints,
-progress, the step guard). The file's comments say what it measured and how to carry it to another size.
+measurement; nothing is then written or removed) and written with flm.config.config_toml: the measured model,
+stages, schedule and rate, on the bundled corpus at the measurement's vocabulary (it runs anywhere in minutes on a
+CPU), everything else at flm's defaults (checkpoints, progress, the step guard). The file's comments say what it
+measured and how to carry it to another size.
 
     python benchmarks/recipes.py              # -> configs/recipes/*.toml (old recipes there are replaced)
     python benchmarks/recipes.py --out DIR    # elsewhere
