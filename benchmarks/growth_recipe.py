@@ -55,7 +55,8 @@ Sizing (`--plan` measures a few steps of each shape and prints every run's steps
 training). The full grid (4 arms x 3 fractions) projects to 4.7 h on the CPU preset (5.8 h if every grid widens
 once), so the default CPU run is the part that bears on 2x: scratch (cosine and WSD), width-depth at f = 4/5 and
 2/3, msg-width and stack-quarter at f = 4/5, with 3 seeds and the B/2 runs: on 2 idle cores `--plan` projects 1.7 h
-(2.0 h if every grid widens once) with 2 jobs; the measurement of 2026-12-07 took 116 min (three grids widened).
+(2.0 h if every grid widens once) with 2 jobs; the measurement of 2026-12-07 took 116 min (three widenings:
+scratch under cosine once, stack-quarter twice).
 Left out by default: stack-half (its bound is at most 1.36x at this scale), f = 1/2 for
 every arm and f = 2/3 for stack-quarter and msg-width (bounds below 2x); `--arms`/`--fractions` run them, reusing
 every finished run (third line below, about 2 h more).
