@@ -17,6 +17,7 @@ from flm.config import load_config
 from flm.model import flops_per_token, non_embedding_params
 from flm.mup import laws
 from flm.mup.ladder import branch_plan, branch_results
+from flm.mup.predict import Predictor
 from flm.mup.runs import at_width, train_and_evaluate
 from flm.plan import predict as plan_predict
 from flm.train.schedule import lr_at, plan_stages
@@ -96,6 +97,99 @@ def test_the_fit_recovers_a_known_law_and_broken_variants_do_not():
     n, d = n_of(384), 1.6e8
     assert float(fit.predict(n, d, 0)[0]) == pytest.approx(true_loss(n, d), rel=3e-3)
     assert not recovered(natural(laws.fit_form(DAtN(), noisy)), 0.03, 0.01)
+
+
+def test_every_form_s_jacobian_is_its_finite_difference():
+    """Each form's analytic Jacobian against central differences of its own log loss (step 1e-6, agreement to 1e-6
+    absolute; measured: below 1e-9), at two parameter points inside the bounds and N, D, C spanning 100x; a
+    Jacobian with one sign wrong is caught."""
+    rng = np.random.default_rng(0)
+    n, d = np.geomspace(1, 100, 7), np.geomspace(1, 100, 7)[::-1]
+    c = n * d
+
+    def worst(form):
+        out = 0.0
+        for _ in range(2):
+            lo, hi = form.bounds(np.array([3.0, 5.0]))
+            theta = np.array([rng.uniform(max(a, -3.0), min(b, 1.0)) for a, b in zip(lo, hi)])
+            _, jac = form.log_loss(theta, n, d, c)
+            for k in range(len(theta)):
+                step = np.zeros_like(theta)
+                step[k] = 1e-6
+                numeric = (form.log_loss(theta + step, n, d, c)[0] - form.log_loss(theta - step, n, d, c)[0]) / 2e-6
+                out = max(out, float(np.max(np.abs(numeric - jac[:, k]))))
+        return out
+
+    for name, form in laws.FORMS.items():
+        assert worst(form) < 1e-6, name
+    assert worst(SwappedJacobian()) > 1e-3
+
+
+def interaction_loss(n, d, gamma):
+    """The known law with its data term scaled by (N/1e5)^gamma: wider models gain more from more tokens."""
+    x_n, x_d = n / 1e5, d / 1e7
+    return TRUE["E"] + TRUE["A"] * x_n ** -TRUE["alpha"] + TRUE["B"] * x_n ** gamma * x_d ** -TRUE["beta"]
+
+
+def test_the_interaction_form_recovers_a_law_where_width_gains_more_from_data():
+    """Noise-free points of the known law with gamma = 0.05: the interaction fit recovers gamma to 1e-5 and predicts
+    the gain of 4x the widest N over the widest fitted point, at the longest D, to 0.5%; leave-one-width-out
+    cross-validation prefers it to chinchilla, whose gain at 4x is off by more than 5% (measured: exact to 1e-14,
+    and 20% too large); on points with gamma = 0 it fits gamma within 1e-5 of 0 (chinchilla is its special case)."""
+    base = ladder(0, 0.0)
+    for gamma in (0.05, 0.0):
+        pts = laws.Points(base.n, base.d, base.c, interaction_loss(base.n, base.d, gamma), base.width, base.run)
+        fit = laws.fit_form(laws.FORMS["interaction"], pts)
+        assert fit.params["gamma"] == pytest.approx(gamma, abs=1e-5)
+    n_ref, n_far, d = n_of(WIDTHS[-1]), 4 * n_of(WIDTHS[-1]), 8e7
+    truth = interaction_loss(n_ref, d, 0.05) - interaction_loss(n_far, d, 0.05)
+    pts = laws.Points(base.n, base.d, base.c, interaction_loss(base.n, base.d, 0.05), base.width, base.run)
+
+    def gain(name):
+        f = laws.fit_form(laws.FORMS[name], pts)
+        return float(f.predict(n_ref, d, 0)[0] - f.predict(n_far, d, 0)[0])
+
+    assert gain("interaction") == pytest.approx(truth, rel=5e-3)
+    assert abs(gain("chinchilla") / truth - 1) > 0.05
+    cv = {name: laws.cross_validate(laws.FORMS[name], pts)["rms_rel"] for name in ("interaction", "chinchilla")}
+    assert cv["interaction"] < cv["chinchilla"]
+
+
+def test_a_run_s_own_scatter_is_the_pooled_seed_deviation():
+    """Two widths at two D, seeds at (32, D1) x 3 and (32, D2) x 2, one run at width 64: by hand, the sum of the
+    squared deviations of log loss from each group's mean over 2 + 1 degrees of freedom; without repeats (0, 0)."""
+    rows = [(32, 1e6, 4.0), (32, 1e6, 4.1), (32, 1e6, 3.9), (32, 2e6, 3.5), (32, 2e6, 3.6), (64, 1e6, 3.8)]
+    pts = laws.Points.of([{"params": w * 100, "tokens": d, "flops": 1, "val_loss": v, "width": w, "run": str(i)}
+                          for i, (w, d, v) in enumerate(rows)])
+    a = [math.log(v) for v in (4.0, 4.1, 3.9)]
+    b = [math.log(v) for v in (3.5, 3.6)]
+    ss = sum((x - sum(a) / 3) ** 2 for x in a) + sum((x - sum(b) / 2) ** 2 for x in b)
+    sigma, df = laws.run_noise(pts)
+    assert df == 3 and sigma == pytest.approx(math.sqrt(ss / 3), rel=1e-12)
+    assert laws.run_noise(pts.take(np.array([0, 3, 5]))) == (0.0, 0)
+
+
+def test_an_interval_for_one_run_holds_its_scatter():
+    """Replicates that all agree (no uncertainty in the law) and a run scatter of 1%: the 80% interval of a loss
+    is the point times exp(±1.2816 x 0.01) (4,000 replicates: within 3% of its width); a gain's over a reference
+    measured as the mean of k runs is 2 x 1.2816 x 0.01 x sqrt(L_ref²/k + L²) wide (the runs scatter
+    independently; k = 1 and 4, within 4%); with no scatter the interval is the point itself."""
+    pts = ladder(0, 0.0)
+    fit = laws.fit_form(laws.FORMS["chinchilla"], pts)
+    boot = laws.Bootstrap([fit.theta] * 4000, None, 0)
+    n, d, c = n_of(96), 4e7, 0.0
+    point = float(fit.predict(n, d, c)[0])
+    z = 1.2815516
+    one = Predictor(fit, boot, None, 0.8, 0.01, seed=3).loss(n, d, c)
+    assert one["high"] - one["low"] == pytest.approx(point * (math.exp(z * 0.01) - math.exp(-z * 0.01)), rel=0.03)
+    ref = (n_of(32), 1e7, 0.0)
+    l_ref = float(fit.predict(*ref)[0])
+    for runs in (1, 4):
+        g = Predictor(fit, boot, None, 0.8, 0.01, seed=3, ref_runs=runs).gain(ref, n, d, c)
+        sd = 0.01 * math.hypot(l_ref / math.sqrt(runs), point)
+        assert g["gain_high"] - g["gain_low"] == pytest.approx(2 * z * sd, rel=0.04)
+    none = Predictor(fit, boot, None, 0.8, 0.0).loss(n, d, c)
+    assert none["low"] == pytest.approx(point, rel=1e-12) and none["high"] == pytest.approx(point, rel=1e-12)
 
 
 def test_the_huber_loss_down_weights_an_outlier():
@@ -287,6 +381,11 @@ def test_plan_predict_prints_scratch_and_each_schedule_with_intervals(cli, tmp_p
     result = cli("plan", config, "--predict", fit, "--eta", "1", "--json", tmp_path / "one.json")
     rows = json.loads((tmp_path / "one.json").read_text())["predict"]["candidates"]
     assert all(r["tokens_eff"] == pytest.approx(r["tokens_before"] + r["tokens_last"]) for r in rows)
+    assert "one run lands" not in result.out
+    # A law that measured a run's own scatter says how far one run lands from the expected loss.
+    fit.write_text(json.dumps({"law": {**law, "run_noise": 0.0025}}))
+    result = cli("plan", config, "--predict", fit)
+    assert "note: the intervals are for the expected loss: one run lands a further 0.25% (1 sd)" in result.out
     # A fit without growth model cannot rank growth schedules.
     fit.write_text(json.dumps({"law": {**law, "growth": None,
                                        "replicates": [{"params": params}, {"params": params}]}}))
@@ -302,11 +401,11 @@ def test_flm_predict_holdout_smoke(tiny, cli, tmp_path):
     report. About 30-40 s on a loaded 2-core machine; the numbers mean nothing at
     this size."""
     t0 = time.perf_counter()
-    args = tiny.args(tmp_path / "unused", *TOOLS, "model.d_model=32", "model.n_heads=2", "train.schedule=wsd",
-                     "train.decay_fraction=0.25", "train.warmup_steps=1", "train.lr=1e-2", "train.min_lr=1e-3",
-                     "mup.ladder=[16,32,48,64,128]", "mup.branch_steps=[4,8,12]", "mup.extrapolate=[256]",
-                     "mup.bootstrap=20", "mup.growth_widths=[32,64]", "mup.growth_fractions=[0.5]",
-                     "mup.holdout_steps=[12,24]")
+    settings = (*TOOLS, "model.d_model=32", "model.n_heads=2", "train.schedule=wsd", "train.decay_fraction=0.25",
+                "train.warmup_steps=1", "train.lr=1e-2", "train.min_lr=1e-3", "mup.ladder=[16,32,48,64,128]",
+                "mup.branch_steps=[4,8,12]", "mup.extrapolate=[256]", "mup.bootstrap=20",
+                "mup.growth_widths=[32,64]", "mup.growth_fractions=[0.5]", "mup.holdout_steps=[12,24]")
+    args = tiny.args(tmp_path / "unused", *settings)
     out = tmp_path / "predict"
     result = cli("predict", *args, "--out", out, "--holdout")
     assert result.status == 0, result.err
@@ -322,12 +421,38 @@ def test_flm_predict_holdout_smoke(tiny, cli, tmp_path):
     assert [g["kind"] for g in doc["growth_runs"]] == ["growth", "growth", "growth_holdout"]
     assert doc["eta"] is not None and len(doc["law"]["replicates"]) == 20
     assert doc["best"] in doc["forms"] and doc["summary"]["points"] == 6
+    assert all(type(doc["summary"][k]) is int for k in ("covered", "gain_covered"))
     assert "held-out checks:" in result.out and "best form" in result.out
     law = plan_predict.load_law(out / "predict.json")
     ref = doc["reference"]
     assert plan_predict.law_loss(law, law["params"], ref["params"], ref["tokens"], ref["flops"]) == \
         pytest.approx(ref["predicted"], rel=1e-12)
     assert (out / "predict.png").stat().st_size > 10_000 and "## Growth runs" in (out / "predict.md").read_text()
+    assert doc["run_noise"]["df"] == 2 * 3 and doc["run_noise"]["sigma"] > 0  # 2 seeds at widths 16, 32; 3 D each
+    assert "one run's own scatter" in result.out
+
+    # --from: the same measurement refitted without training gives the same document; refitted with one form
+    # only, that form; a config it was not measured with, or a file that is no measurement, is refused in a line.
+    again = cli("predict", *args, "--out", tmp_path / "refit", "--holdout", "--from", out / "predict.json")
+    assert again.status == 0, again.err
+    assert "no training" in again.out
+    redo = json.loads((tmp_path / "refit" / "predict.json").read_text())
+    assert redo == doc
+    only = cli("predict", *tiny.args(tmp_path / "unused", *settings, "mup.forms=['kaplan']"),
+               "--out", tmp_path / "kaplan", "--from", out / "predict.json")
+    assert only.status == 0, only.err
+    kaplan = json.loads((tmp_path / "kaplan" / "predict.json").read_text())
+    assert kaplan["best"] == "kaplan"
+    assert [p["val_loss"] for p in kaplan["points"]] == [p["val_loss"] for p in doc["points"]]
+    for extra, message in ((["train.lr=2e-2"], "measured with lr 0.01, this config has 0.02"),
+                           (["model.n_layers=3"], "measured with family")):
+        bad = cli("predict", *tiny.args(tmp_path / "unused", *settings, *extra), "--out", tmp_path / "bad", "--from",
+                  out / "predict.json")
+        assert bad.status != 0 and message in bad.err and "Traceback" not in bad.err
+        assert len(bad.err.strip().splitlines()) == 1
+    (tmp_path / "other.json").write_text('{"law": {}}')
+    bad = cli("predict", *args, "--out", tmp_path / "bad", "--from", tmp_path / "other.json")
+    assert bad.status != 0 and "is not the predict.json of `flm predict`" in bad.err
     print(f"flm predict --holdout smoke: {time.perf_counter() - t0:.0f} s")
 
 

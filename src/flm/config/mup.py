@@ -14,7 +14,7 @@ from flm.config.growth import OPERATORS
 
 PARAMETRIZATIONS = ("mup", "sp")
 SEARCHES = ("grid", "random")
-LAW_FORMS = ("chinchilla", "kaplan", "compute", "n_only")  # flm.mup.laws.FORMS
+LAW_FORMS = ("chinchilla", "interaction", "kaplan", "compute", "n_only")  # flm.mup.laws.FORMS
 
 
 @dataclass

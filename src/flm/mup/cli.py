@@ -44,12 +44,17 @@ def register(subparsers: argparse._SubParsersAction, config_args: Callable[..., 
                         "report the errors")
     p.add_argument("--plan", action="store_true",
                    help="print the runs, their steps and the time projected from 3 measured steps per shape; no training")
+    p.add_argument("--from", dest="source", metavar="PREDICT_JSON",
+                   help="refit the runs measured in an earlier predict.json (no training): other mup.forms, "
+                        "mup.bootstrap or mup.interval on a finished measurement; the config must be the one it "
+                        "was measured with")
     p.set_defaults(func=lambda args: _run(args, "predict"))
 
 
 def _run(args: argparse.Namespace, tool: str) -> None:
     from flm.config import load_config
     from flm.data import prepare
+    from flm.errors import FlmError
 
     overrides = list(args.overrides) + ([f"mup.out_dir='{args.out}'"] if args.out else [])
     cfg = load_config(args.config, overrides)
@@ -76,9 +81,11 @@ def _run(args: argparse.Namespace, tool: str) -> None:
         from flm.mup.predict import predict, projection, summary_lines, write_report
 
         if args.plan:
+            if args.source:
+                raise FlmError("--plan projects the time of training; --from trains nothing")
             projection(cfg, holdout=args.holdout)
             return
-        result = predict(cfg, holdout=args.holdout)
+        result = predict(cfg, holdout=args.holdout, source=Path(args.source) if args.source else None)
         for line in summary_lines(result):
             print(line)
     paths = write_report(result, out)

@@ -11,6 +11,9 @@ Forms (the JSON names of their parameters in brackets; n = N/n0, d = D/d0, c = C
 - chinchilla   L = E + A·n^-alpha + B·d^-beta                        [E, A, alpha, B, beta]
 - kaplan       L = E + (A·n^-alpha + B/d)^gamma                      [E, A, alpha, B, gamma]
   (Kaplan et al. 2020's L(N, D) plus an irreducible E: N and D interact, the terms do not add)
+- interaction  L = E + A·n^-alpha + B·n^gamma·d^-beta               [E, A, alpha, B, beta, gamma]
+  (chinchilla whose data term scales with N: gamma > 0 when a wider model gains more from more tokens, so that
+  the gain of width grows with D; gamma = 0 is chinchilla)
 - compute      L = E + A·c^-alpha                                    [E, A, alpha]
 - n_only       L = E + A·n^-alpha, at one D only (the old `flm predict`: fitted on the longest fitted D)
 
@@ -134,6 +137,35 @@ class Chinchilla(Form):
         return out
 
 
+class Interaction(Form):
+    name = "interaction"
+    names = ("E", "A", "alpha", "B", "beta", "gamma")
+    needs_d = True
+    formula = "L = E + A·(N/n0)^-alpha + B·(N/n0)^gamma·(D/d0)^-beta"
+
+    def log_loss(self, theta, n, d, c):
+        e, a, alpha, b, beta, gamma = theta
+        ln_n, ln_d = np.log(n), np.log(d)
+        t0 = np.full_like(ln_n, math.exp(e))
+        t1 = np.exp(a - alpha * ln_n)
+        t2 = np.exp(b + gamma * ln_n - beta * ln_d)
+        total = t0 + t1 + t2
+        jac = np.stack([t0, t1, -ln_n * t1, t2, -ln_d * t2, ln_n * t2], axis=1) / total[:, None]
+        return np.log(total), jac
+
+    def bounds(self, loss):
+        top = math.log(float(loss.max()))
+        return [LOG_FLOOR, LOG_FLOOR, 0.0, LOG_FLOOR, 0.0, -2.0], [top, 30.0, 3.0, 30.0, 3.0, 2.0]
+
+    def starts(self, loss):
+        out = []
+        for e, split, alpha, beta, gamma in itertools.product(_e_starts(loss), (0.3, 0.7), (0.1, 0.4, 1.0),
+                                                              (0.1, 0.4, 1.0), (-0.1, 0.0, 0.1)):
+            r = _spread(loss, e)
+            out.append(np.array([e, math.log(split * r), alpha, math.log((1 - split) * r), beta, gamma]))
+        return out
+
+
 class Kaplan(Form):
     name = "kaplan"
     names = ("E", "A", "alpha", "B", "gamma")
@@ -193,7 +225,7 @@ class PowerForm(Form):
 
 
 FORMS: dict[str, Form] = {f.name: f for f in (
-    Chinchilla(), Kaplan(), PowerForm("compute", "L = E + A·(C/c0)^-alpha"),
+    Chinchilla(), Interaction(), Kaplan(), PowerForm("compute", "L = E + A·(C/c0)^-alpha"),
     PowerForm("n_only", "L = E + A·(N/n0)^-alpha at D = the longest fitted D"))}
 
 
@@ -326,6 +358,23 @@ def cross_validate(form: Form, pts: Points, delta: float = 1e-3, starts: list[np
     rms = float(np.sqrt(np.mean(np.square(errors)))) if errors else math.inf
     return {"rms_rel": rms, "per_width": per_width, "widest_left_out": per_width.get(int(widths[-1])),
             "points": len(errors), "skipped_widths": skipped}
+
+
+# ---- a run's own scatter -------------------------------------------------------------------------------------
+def run_noise(pts: Points) -> tuple[float, int]:
+    """How far one run lands from its expectation: the pooled standard deviation of log loss over the seed-runs of
+    the same width at the same D, and its degrees of freedom; (0.0, 0) without repeated seeds.
+
+    The bootstrap of the law's parameters gives an interval for the expected loss; a measured run adds its own
+    scatter (its seed: initialisation and data order), which a held-out check compares against."""
+    groups: dict[tuple[int, float], list[float]] = {}
+    for w, d, log_loss in zip(pts.width.tolist(), pts.d.tolist(), np.log(pts.loss).tolist()):
+        groups.setdefault((int(w), float(d)), []).append(log_loss)
+    repeated = [np.array(v) for v in groups.values() if len(v) > 1]
+    df = sum(len(v) - 1 for v in repeated)
+    if df == 0:
+        return 0.0, 0
+    return math.sqrt(sum(float(np.sum((v - v.mean()) ** 2)) for v in repeated) / df), df
 
 
 # ---- the growth model ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ fitted point (its predicted loss minus the point's, per replicate). The JSON's "
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tempfile
 import time
@@ -286,32 +287,41 @@ def train_plan(cfg: Config, specs: list[RunSpec], info: dict[str, Any], data, ro
 
 # ---- predictions with intervals -----------------------------------------------------------------------------
 class Predictor:
-    """The best fit, its bootstrap replicates and eta: every prediction as (point, low, high)."""
+    """The best fit, its bootstrap replicates and eta: every prediction as (point, low, high).
 
-    def __init__(self, fit: laws.Fit, boot: laws.Bootstrap, eta: float | None, level: float):
-        self.fit, self.eta, self.level = fit, eta, level
+    The intervals are for one run, as a held-out check measures it: each replicate's expected loss times
+    exp(eps), eps ~ Normal(0, noise) (laws.run_noise, the seed-to-seed scatter), drawn once per replicate from
+    `seed`; a gain's reference is the mean of `ref_runs` runs, so its scatter is noise / sqrt(ref_runs). With
+    noise 0 they are the intervals of the expected loss."""
+
+    def __init__(self, fit: laws.Fit, boot: laws.Bootstrap, eta: float | None, level: float, noise: float = 0.0,
+                 seed: int = 0, ref_runs: int = 1):
+        self.fit, self.eta, self.level, self.noise = fit, eta, level, noise
         self.reps = [laws.Fit(fit.form, theta, fit.scales, 0.0, fit.at_d) for theta in boot.thetas]
         self.rep_etas = boot.etas
+        rng = np.random.default_rng(seed)
+        self.scatter = np.exp(rng.normal(0.0, noise, len(self.reps)))
+        self.ref_scatter = np.exp(rng.normal(0.0, noise / math.sqrt(ref_runs), len(self.reps)))
 
-    def samples(self, n: float, d: float, c: float) -> list[float]:
-        return [float(r.predict(n, d, c)[0]) for r in self.reps]
+    def samples(self, n: float, d: float, c: float) -> np.ndarray:
+        return np.array([float(r.predict(n, d, c)[0]) for r in self.reps])
 
     def loss(self, n: float, d: float, c: float) -> dict[str, float]:
         point = float(self.fit.predict(n, d, c)[0])
-        lo, hi = laws.interval(self.samples(n, d, c), self.level)
+        lo, hi = laws.interval((self.samples(n, d, c) * self.scatter).tolist(), self.level)
         return {"predicted": point, "low": lo, "high": hi}
 
     def gain(self, ref: tuple[float, float, float], n: float, d: float, c: float) -> dict[str, float]:
         point = float(self.fit.predict(*ref)[0] - self.fit.predict(n, d, c)[0])
-        values = [a - b for a, b in zip(self.samples(*ref), self.samples(n, d, c))]
-        lo, hi = laws.interval(values, self.level)
+        values = self.samples(*ref) * self.ref_scatter - self.samples(n, d, c) * self.scatter
+        lo, hi = laws.interval(values.tolist(), self.level)
         return {"predicted_gain": point, "gain_low": lo, "gain_high": hi}
 
     def growth(self, row: dict) -> dict[str, float]:
         g = laws.GrowthPoints.of([row])
         point = float(laws.growth_predict(self.fit, self.eta, g)[0])
         etas = self.rep_etas or [self.eta] * len(self.reps)
-        values = [float(laws.growth_predict(r, e, g)[0]) for r, e in zip(self.reps, etas)]
+        values = [float(laws.growth_predict(r, e, g)[0] * s) for r, e, s in zip(self.reps, etas, self.scatter)]
         lo, hi = laws.interval(values, self.level)
         return {"predicted": point, "low": lo, "high": hi}
 
@@ -329,7 +339,6 @@ def _check(row: dict, pred: dict) -> dict:
 def law_document(cfg: Config, fit: laws.Fit, pred: Predictor, ref: dict, fit_pts: laws.Points,
                  growth_recipe: dict | None, data) -> dict[str, Any]:
     """What `flm plan --predict` reads: the best law, its replicates, eta, and what N, D and C mean."""
-    model = resolve_model_config(cfg.model, data)
     reps = [{"params": r.params, **({"eta": e} if e is not None else {})}
             for r, e in zip(pred.reps, pred.rep_etas or [None] * len(pred.reps))]
     return {"version": LAW_VERSION, "form": fit.form.name, "formula": fit.form.formula, "params": fit.params,
@@ -343,19 +352,76 @@ def law_document(cfg: Config, fit: laws.Fit, pred: Predictor, ref: dict, fit_pts
             "n": "non-embedding parameters (flm.model.non_embedding_params)",
             "c": "training FLOPs: flm.model.flops_per_token(shape, seq_len) x tokens",
             "seq_len": cfg.train.seq_len,
-            "family": {"n_layers": model.n_layers, "head_dim": model.head_dim, "vocab_size": model.vocab_size,
-                       "arch": getattr(model, "arch", "flm"), "mup": model.mup}}
+            "run_noise": pred.noise, "family": family(cfg, data)}
 
 
-def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+def settings(cfg: Config) -> dict[str, Any]:
+    """What every run of a measurement was trained with (the JSON's first keys; a refit checks them)."""
+    tc = cfg.train
+    return {"parametrization": "mup" if cfg.model.mup else "sp", "lr": tc.lr, "init_std": cfg.model.init_std,
+            "output_mult": cfg.model.output_mult,
+            "schedule": {"name": tc.schedule, "decay_fraction": tc.decay_fraction, "decay_shape": tc.decay_shape,
+                         "warmup_steps": tc.warmup_steps, "tokens_per_step": tc.tokens_per_step}}
+
+
+# What a report adds to a measured point or growth run (_check, the gains, the scratch bounds): dropped on a refit.
+PREDICTED_KEYS = frozenset({"predicted", "low", "high", "predicted_gain", "gain_low", "gain_high", "rel_error",
+                            "covered", "measured_gain", "gain_error", "gain_covered", "as_scratch_all_tokens",
+                            "as_scratch_final_tokens"})
+
+
+def measured(path: Path, cfg: Config, data) -> tuple[list[dict], list[dict], list[dict], dict, bool]:
+    """The runs an earlier `flm predict` measured (its predict.json: points, growth runs, runs, plan, held out or
+    not), without what was predicted of them: a refit tries other forms, bootstrap or interval on a finished
+    measurement. Refused when this config would have trained other runs (hyperparameters, schedule, shapes)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise FlmError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise FlmError(f"{path} is not JSON: {e}") from None
+    keys = ("points", "growth_runs", "runs", "plan", "holdout", "law")
+    if not isinstance(doc, dict) or any(k not in doc for k in keys) or not isinstance(doc["points"], list):
+        raise FlmError(f"{path} is not the predict.json of `flm predict`")
+    mine = {**settings(cfg), "family": family(cfg, data), "seq_len": cfg.train.seq_len}
+    theirs = {**doc, "family": doc["law"].get("family"), "seq_len": doc["law"].get("seq_len")}
+    for key, value in mine.items():
+        if theirs.get(key) != value:
+            raise FlmError(f"{path} was measured with {key} {theirs.get(key)}, this config has {value}: refit it with "
+                           "the config it was measured with")
+
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in PREDICTED_KEYS} for r in rows]
+
+    return strip(doc["points"]), strip(doc["growth_runs"]), doc["runs"], doc["plan"], bool(doc["holdout"])
+
+
+def family(cfg: Config, data) -> dict[str, Any]:
+    """The shape family the ladder's widths share (what `flm plan --predict` warns about when it differs)."""
+    model = resolve_model_config(cfg.model, data)
+    return {"n_layers": model.n_layers, "head_dim": model.head_dim, "vocab_size": model.vocab_size,
+            "arch": getattr(model, "arch", "flm"), "mup": model.mup}
+
+
+def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = print,
+            source: Path | None = None) -> dict[str, Any]:
+    """Train the plan's runs (reusing finished ones) and fit; or, with `source` (an earlier predict.json), refit
+    that measurement's runs without training."""
     m, tc = cfg.mup, cfg.train
     p = "mup" if cfg.model.mup else "sp"
     data = load_prepared(Path(cfg.data.dir))
-    specs, info = run_plan(cfg, holdout, data)
-    n_branches = sum(len(s.lengths) for s in specs if s.lengths is not None)
-    log(f"{len(specs)} runs ({n_branches} evaluation points from {sum(s.lengths is not None for s in specs)} "
-        f"single-stage runs, {sum(s.lengths is None for s in specs)} growth runs) in {Path(m.out_dir) / 'runs'}")
-    points, growth_rows, runs = train_plan(cfg, specs, info, data, Path(m.out_dir) / "runs", log)
+    if source is None:
+        specs, info = run_plan(cfg, holdout, data)
+        n_branches = sum(len(s.lengths) for s in specs if s.lengths is not None)
+        log(f"{len(specs)} runs ({n_branches} evaluation points from {sum(s.lengths is not None for s in specs)} "
+            f"single-stage runs, {sum(s.lengths is None for s in specs)} growth runs) in {Path(m.out_dir) / 'runs'}")
+        points, growth_rows, runs = train_plan(cfg, specs, info, data, Path(m.out_dir) / "runs", log)
+    else:
+        points, growth_rows, runs, info, measured_holdout = measured(source, cfg, data)
+        if holdout and not measured_holdout:
+            raise FlmError(f"{source} was measured without --holdout: it has no held-out runs to check")
+        holdout = measured_holdout
+        log(f"refitting the {len(points)} points and {len(growth_rows)} growth runs measured in {source} (no training)")
     notes = []
     fit_rows = [r for r in points if r["role"] == "fit"]
     fit_pts = laws.Points.of(fit_rows)
@@ -406,15 +472,19 @@ def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = pri
                 notes.append(f"eta = {eta:g} sits at a bound of its range {laws.ETA_BOUNDS}: the growth model does not "
                              "describe these growth runs")
     boot = laws.bootstrap(fit, fit_pts, m.bootstrap, tc.seed, m.huber_delta, growth=g_pts)
-    pred = Predictor(fit, boot, eta, m.interval)
+    noise, noise_df = laws.run_noise(fit_pts)
+    if noise_df == 0:
+        notes.append("no width was trained with several seeds: the intervals hold the law's uncertainty only, not "
+                     "a run's own scatter (mup.seeds >= 2 measures it)")
 
     # The reference: the widest fitted width at the longest fitted D (measured: the mean over its seed-runs).
     d_ref = float(fit_pts.d.max())
     n_ref = float(fit_pts.n.max())
     ref_rows = [r for r in fit_rows if r["params"] == n_ref and r["tokens"] == d_ref]
     ref = {"width": ref_rows[0]["width"], "params": n_ref, "tokens": d_ref, "flops": ref_rows[0]["flops"],
-           "val_loss": float(np.mean([r["val_loss"] for r in ref_rows])),
+           "val_loss": float(np.mean([r["val_loss"] for r in ref_rows])), "runs": len(ref_rows),
            "predicted": float(fit.predict(n_ref, d_ref, ref_rows[0]["flops"])[0])}
+    pred = Predictor(fit, boot, eta, m.interval, noise, tc.seed, len(ref_rows))
     ref_x = (n_ref, d_ref, ref["flops"])
     for r in points:
         if r["role"] != "fit":
@@ -443,13 +513,11 @@ def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = pri
                   "lr_at_growth": "continue", "schedule": tc.schedule, "fractions": m.growth_fractions,
                   "widths": m.growth_widths}
     held = [r for r in points if r["role"] != "fit"] + [g for g in growth_rows if g["kind"] != "growth" and "rel_error" in g]
-    out = {"parametrization": p, "lr": tc.lr, "init_std": cfg.model.init_std, "output_mult": cfg.model.output_mult,
-           "schedule": {"name": tc.schedule, "decay_fraction": tc.decay_fraction, "decay_shape": tc.decay_shape,
-                        "warmup_steps": tc.warmup_steps, "tokens_per_step": tc.tokens_per_step},
-           "plan": info, "holdout": holdout, "runs": runs, "points": points, "growth_runs": growth_rows,
-           "forms": forms, "best": best, "eta": eta,
+    out = {**settings(cfg), "plan": info, "holdout": holdout, "runs": runs, "points": points,
+           "growth_runs": growth_rows, "forms": forms, "best": best, "eta": eta,
            "eta_interval": list(laws.interval(boot.etas, m.interval)) if boot.etas else None,
            "bootstrap": {"replicates": m.bootstrap, "redraws": boot.redraws, "seed": tc.seed, "interval": m.interval},
+           "run_noise": {"sigma": noise, "df": noise_df},
            "reference": ref, "extrapolated": extrapolated, "notes": notes,
            "summary": summarize(held, m.interval),
            "law": law_document(cfg, fit, pred, ref, fit_pts, recipe, data)}
@@ -528,6 +596,12 @@ def summary_tail(result: dict[str, Any]) -> list[str]:
     """The held-out checks in one line (with --holdout), then the notes."""
     level = round(100 * result["bootstrap"]["interval"])
     lines = []
+    noise, ref = result.get("run_noise", {}), result["reference"]
+    if noise.get("df"):
+        spread = ref["val_loss"] * noise["sigma"] * math.sqrt(1 + 1 / ref.get("runs", 1))
+        lines.append(f"one run's own scatter (seed to seed, pooled over {noise['df']} repeated points): "
+                     f"{100 * noise['sigma']:.2f}% of its loss, in every interval; a measured gain over the "
+                     f"reference scatters by {spread:.4f} (1 sd)")
     s = result["summary"]
     if s:
         lines.append(f"held-out checks: largest loss error {100 * s['max_abs_rel_error']:.2f}% (goal <= 2%), "
@@ -565,7 +639,9 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
              f"Best: **{result['best']}**, `{law['formula']}` with n0 = {law['scales']['n0']:,.0f}, "
              f"d0 = {law['scales']['d0']:,.0f}, c0 = {law['scales']['c0']:.4g}. Intervals: {level}% of "
              f"{result['bootstrap']['replicates']} bootstrap replicates (widths, then seed-runs, with replacement; "
-             f"seed {result['bootstrap']['seed']}, {result['bootstrap']['redraws']} draws with too few widths redrawn).\n",
+             f"seed {result['bootstrap']['seed']}, {result['bootstrap']['redraws']} draws with too few widths "
+             "redrawn), "
+             "each times one run's own scatter (below), so that an interval is where one measured run should land.\n",
              "## Points\n",
              f"Gain = the reference's loss (width {result['reference']['width']} at D {result['reference']['tokens']:,.0f}) "
              "minus the point's.\n",

@@ -7,6 +7,7 @@ evaluated here with plain arithmetic (flm.mup.laws fits them with numpy; tests/t
 two agree):
 
     chinchilla  L = E + A·n^-alpha + B·d^-beta         n = N/n0, d = D/d0, c = C/c0
+    interaction L = E + A·n^-alpha + B·n^gamma·d^-beta
     kaplan      L = E + (A·n^-alpha + B/d)^gamma
     compute     L = E + A·c^-alpha
     n_only      L = E + A·n^-alpha (only at the one D it was fitted at)
@@ -30,7 +31,8 @@ from flm.errors import FlmError
 from flm.model.counting import flops_per_token, non_embedding_params
 
 LAW_VERSION = 1
-FORM_PARAMS = {"chinchilla": ("E", "A", "alpha", "B", "beta"), "kaplan": ("E", "A", "alpha", "B", "gamma"),
+FORM_PARAMS = {"chinchilla": ("E", "A", "alpha", "B", "beta"), "interaction": ("E", "A", "alpha", "B", "beta", "gamma"),
+               "kaplan": ("E", "A", "alpha", "B", "gamma"),
                "compute": ("E", "A", "alpha"), "n_only": ("E", "A", "alpha")}
 
 
@@ -61,6 +63,8 @@ def law_loss(law: dict[str, Any], params: dict[str, float], n: float, d: float, 
     form, p = law["form"], params
     if form == "chinchilla":
         return p["E"] + p["A"] * x_n ** -p["alpha"] + p["B"] * x_d ** -p["beta"]
+    if form == "interaction":
+        return p["E"] + p["A"] * x_n ** -p["alpha"] + p["B"] * x_n ** p["gamma"] * x_d ** -p["beta"]
     if form == "kaplan":
         return p["E"] + (p["A"] * x_n ** -p["alpha"] + p["B"] / x_d) ** p["gamma"]
     if form == "compute":
@@ -179,6 +183,9 @@ def notes(law: dict[str, Any], final: ModelConfig, seq_len: int, rows: list[Pred
     if n > n_max or d > d_max:
         out.append(f"extrapolating: N is {n / n_max:,.3g}x the widest fitted N, D_eff up to {d / d_max:,.3g}x the "
                    "longest fitted D; the intervals cover the fit's uncertainty, not a change of regime")
+    if law.get("run_noise"):
+        out.append(f"the intervals are for the expected loss: one run lands a further {100 * law['run_noise']:.2f}% "
+                   "(1 sd) above or below it, as seeds did on the ladder")
     return out
 
 
