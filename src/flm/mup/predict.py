@@ -289,31 +289,35 @@ def train_plan(cfg: Config, specs: list[RunSpec], info: dict[str, Any], data, ro
 class Predictor:
     """The best fit, its bootstrap replicates and eta: every prediction as (point, low, high).
 
-    The intervals are for one run, as a held-out check measures it: each replicate's expected loss times
-    exp(eps), eps ~ Normal(0, noise) (laws.run_noise, the seed-to-seed scatter), drawn once per replicate from
-    `seed`; a gain's reference is the mean of `ref_runs` runs, so its scatter is noise / sqrt(ref_runs). With
-    noise 0 they are the intervals of the expected loss."""
+    The intervals are for what is measured: each replicate's expected loss times exp(eps), eps ~ Normal(0,
+    noise / sqrt(runs)) (laws.run_noise, the seed-to-seed scatter; `runs` seed-runs averaged, one by default),
+    drawn once per replicate from `seed`; a gain's reference is the mean of `ref_runs` runs. With noise 0 they
+    are the intervals of the expected loss."""
 
     def __init__(self, fit: laws.Fit, boot: laws.Bootstrap, eta: float | None, level: float, noise: float = 0.0,
                  seed: int = 0, ref_runs: int = 1):
-        self.fit, self.eta, self.level, self.noise = fit, eta, level, noise
+        self.fit, self.eta, self.level, self.noise, self.ref_runs = fit, eta, level, noise, ref_runs
         self.reps = [laws.Fit(fit.form, theta, fit.scales, 0.0, fit.at_d) for theta in boot.thetas]
         self.rep_etas = boot.etas
         rng = np.random.default_rng(seed)
-        self.scatter = np.exp(rng.normal(0.0, noise, len(self.reps)))
-        self.ref_scatter = np.exp(rng.normal(0.0, noise / math.sqrt(ref_runs), len(self.reps)))
+        self.z, self.z_ref = rng.standard_normal(len(self.reps)), rng.standard_normal(len(self.reps))
+
+    def scatter(self, runs: int, z: np.ndarray | None = None) -> np.ndarray:
+        """exp(eps) per replicate for the mean of `runs` runs."""
+        return np.exp(self.noise / math.sqrt(runs) * (self.z if z is None else z))
 
     def samples(self, n: float, d: float, c: float) -> np.ndarray:
         return np.array([float(r.predict(n, d, c)[0]) for r in self.reps])
 
-    def loss(self, n: float, d: float, c: float) -> dict[str, float]:
+    def loss(self, n: float, d: float, c: float, runs: int = 1) -> dict[str, float]:
         point = float(self.fit.predict(n, d, c)[0])
-        lo, hi = laws.interval((self.samples(n, d, c) * self.scatter).tolist(), self.level)
+        lo, hi = laws.interval((self.samples(n, d, c) * self.scatter(runs)).tolist(), self.level)
         return {"predicted": point, "low": lo, "high": hi}
 
-    def gain(self, ref: tuple[float, float, float], n: float, d: float, c: float) -> dict[str, float]:
+    def gain(self, ref: tuple[float, float, float], n: float, d: float, c: float, runs: int = 1) -> dict[str, float]:
         point = float(self.fit.predict(*ref)[0] - self.fit.predict(n, d, c)[0])
-        values = self.samples(*ref) * self.ref_scatter - self.samples(n, d, c) * self.scatter
+        values = (self.samples(*ref) * self.scatter(self.ref_runs, self.z_ref)
+                  - self.samples(n, d, c) * self.scatter(runs))
         lo, hi = laws.interval(values.tolist(), self.level)
         return {"predicted_gain": point, "gain_low": lo, "gain_high": hi}
 
@@ -321,7 +325,7 @@ class Predictor:
         g = laws.GrowthPoints.of([row])
         point = float(laws.growth_predict(self.fit, self.eta, g)[0])
         etas = self.rep_etas or [self.eta] * len(self.reps)
-        values = [float(laws.growth_predict(r, e, g)[0] * s) for r, e, s in zip(self.reps, etas, self.scatter)]
+        values = [float(laws.growth_predict(r, e, g)[0] * s) for r, e, s in zip(self.reps, etas, self.scatter(1))]
         lo, hi = laws.interval(values, self.level)
         return {"predicted": point, "low": lo, "high": hi}
 
