@@ -332,7 +332,9 @@ def summarize(sweep: Sweep, setup: dict) -> dict:
                 "val_loss": mean_of([r["final_val_loss"] for r in at_best]),
                 "val_loss_per_seed": [r["final_val_loss"] for r in at_best],
                 "teacher_statements": mean_of([r["final_teacher"].get("statements") for r in at_best]),
+                "teacher_statements_per_seed": [r["final_teacher"].get("statements") for r in at_best],
                 "teacher_questions": mean_of([r["final_teacher"].get("questions") for r in at_best]),
+                "teacher_questions_per_seed": [r["final_teacher"].get("questions") for r in at_best],
                 "bad_steps_at_best": mean_of([r["bad_steps"] for r in at_best]),
                 "rollbacks_at_best": mean_of([r["rollbacks"] for r in at_best]),
                 "bad_steps_all": sum(r["bad_steps"] for k, r in sweep.results.items() if k[:2] == (size, arm)),
@@ -433,6 +435,14 @@ def _f(value, fmt: str = ".4f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _spread(mean, values: list, fmt: str) -> str:
+    """The mean over seeds and, with several, their range: '4.4751 [4.4702, 4.4800]'."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return _f(mean, fmt)
+    return f"{_f(mean, fmt)} [{_f(min(values), fmt)}, {_f(max(values), fmt)}]"
+
+
 def report(summary: dict, path: Path) -> None:
     m, s = summary["machine"], summary["setup"]
     gpu = f", {m['gpu']}" if "gpu" in m else ""
@@ -462,6 +472,7 @@ def report(summary: dict, path: Path) -> None:
         lines += [f"## Final model {size['size']} ({f['n_layers']} layers, d_model {f['d_model']}, {f['n_heads']} heads)",
                   "", f"Training FLOPs per run: {_f(size['arms'][summary['arms'][0]]['flops'], '.3g')}; the separate "
                   f"head adds {100 * size['head_flops_share']:.3f}% (6 x 2 x d_model per token).", "",
+                  "Means over the seeds at the best rate, their range in brackets.", "",
                   "| arm | best lr | largest stable lr | val loss | teacher acc (statements) | two-option questions | "
                   "bad steps / rollbacks (best lr) | val rise at growth | teacher acc fall at growth |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -469,8 +480,10 @@ def report(summary: dict, path: Path) -> None:
             g = a["growth"]
             stable = ("" if a["diverged_any"] else ">= ") + _f(a["largest_stable_lr"], ".3g")
             stable += "" if a["largest_stable_all_seeds"] else " (seed 2 diverged)"
-            lines.append(f"| {arm} | {_f(a['best_lr'], '.3g')} | {stable} | {_f(a['val_loss'])} | "
-                         f"{_f(a['teacher_statements'], '.3f')} | {_f(a['teacher_questions'], '.3f')} | "
+            lines.append(f"| {arm} | {_f(a['best_lr'], '.3g')} | {stable} | "
+                         f"{_spread(a['val_loss'], a['val_loss_per_seed'], '.4f')} | "
+                         f"{_spread(a['teacher_statements'], a['teacher_statements_per_seed'], '.3f')} | "
+                         f"{_spread(a['teacher_questions'], a['teacher_questions_per_seed'], '.3f')} | "
                          f"{_f(a['bad_steps_at_best'], '.1f')} / {_f(a['rollbacks_at_best'], '.1f')} | "
                          f"{_f(g['val_rise'])} | {_f(g['acc_fall'], '.3f')} |")
         lines += ["", "Final validation loss by peak rate (seeds averaged; D: diverged; [bad steps/rollbacks] summed):", ""]
