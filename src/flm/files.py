@@ -87,3 +87,14 @@ def write_json_report(path: str | Path, data: object) -> None:
         atomic_write(path, [text.encode("utf-8")])
     except OSError as e:
         raise FlmError(f"cannot write {path}: {e.strerror}") from None
+
+
+def read_json_report(path: str | Path) -> object:
+    """Read a report written by `write_json_report` (or any JSON file); a file that is missing, unreadable or not
+    JSON is one line naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise FlmError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise FlmError(f"{path} is not JSON: {e}") from None

@@ -21,7 +21,6 @@ fitted point (its predicted loss minus the point's, per replicate). The JSON's "
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time
@@ -36,6 +35,7 @@ from scipy.optimize import least_squares
 from flm.config import Config, StageConfig
 from flm.data import load_prepared
 from flm.errors import FlmError
+from flm.files import read_json_report
 from flm.model import flops_per_token, non_embedding_params
 from flm.mup import laws
 from flm.mup.ladder import branch_plan, branch_results, run_folder, whole_run
@@ -378,12 +378,7 @@ def measured(path: Path, cfg: Config, data) -> tuple[list[dict], list[dict], lis
     """The runs an earlier `flm predict` measured (its predict.json: points, growth runs, runs, plan, held out or
     not), without what was predicted of them: a refit tries other forms, bootstrap or interval on a finished
     measurement. Refused when this config would have trained other runs (hyperparameters, schedule, shapes)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise FlmError(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise FlmError(f"{path} is not JSON: {e}") from None
+    doc = read_json_report(path)
     keys = ("points", "growth_runs", "runs", "plan", "holdout", "law")
     if not isinstance(doc, dict) or any(k not in doc for k in keys) or not isinstance(doc["points"], list):
         raise FlmError(f"{path} is not the predict.json of `flm predict`")

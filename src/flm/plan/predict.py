@@ -20,7 +20,6 @@ token trained before the last growth). The point prediction is the fitted law's;
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 from flm.config import ModelConfig, PlanConfig
 from flm.errors import FlmError
+from flm.files import read_json_report
 from flm.model.counting import flops_per_token, non_embedding_params
 
 LAW_VERSION = 1
@@ -38,12 +38,7 @@ FORM_PARAMS = {"chinchilla": ("E", "A", "alpha", "B", "beta"), "interaction": ("
 
 def load_law(path: str | Path) -> dict[str, Any]:
     """The "law" section of `flm predict`'s JSON (or a bare law document), checked."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise FlmError(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise FlmError(f"{path} is not JSON: {e}") from None
+    doc = read_json_report(path)
     law = doc.get("law", doc) if isinstance(doc, dict) else None
     if not isinstance(law, dict) or law.get("version") != LAW_VERSION or law.get("form") not in FORM_PARAMS:
         raise FlmError(f"{path} holds no fitted law (write one with `flm predict`)")
