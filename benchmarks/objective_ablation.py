@@ -270,6 +270,14 @@ def largest_stable(runs: dict[float, dict]) -> float | None:
     return stable
 
 
+def lr_sensitivity(losses: dict[float, float], ceiling: float) -> float:
+    """Wortsman et al. 2023's LR sensitivity over a grid of rates: the mean of min(L(lr), L0) - L*, L* the best final
+    loss of the grid and L0 = `ceiling` (the loss of a uniform prediction, ln of the vocabulary): 0 when every rate
+    does as well as the best, growing as rates away from the best lose more (a diverged run counts as L0)."""
+    best = min(losses.values())
+    return statistics.fmean(min(v, ceiling) - best for v in losses.values())
+
+
 def describe(key: tuple, r: dict) -> str:
     """The line a finished run prints."""
     loss = "diverged" if r["diverged"] else f"{r['final_val_loss']:.4f}"
@@ -343,7 +351,14 @@ def summarize(sweep: Sweep, setup: dict) -> dict:
                            for key in ("val_at_growth", "val_rise", "probe_jump", "acc_at_growth", "acc_fall")},
                 "flops": at_best[0]["flops"] if at_best else None, "tokens": at_best[0]["tokens"] if at_best else None,
                 "wall_s": mean_of([r["wall_s"] for r in at_best]), "grid": grid}
+        # LR sensitivity on the rates every arm ran with the first seed (the same grid for all).
+        ceiling = math.log(setup["model_vocab"])
+        firsts = {arm: {lr: r["final_val_loss"] for lr, r in sweep.first_seed(size, arm).items()} for arm in sweep.arms}
+        shared = sorted(set.intersection(*(set(v) for v in firsts.values()))) if firsts else []
+        for arm, a in arms.items():
+            a["lr_sensitivity"] = lr_sensitivity({lr: firsts[arm][lr] for lr in shared}, ceiling) if shared else None
         out["sizes"].append({"size": size, "final": dict(setup["sizes"])[size], "arms": arms,
+                             "sensitivity_rates": shared, "uniform_loss": ceiling,
                              "head_flops_share": (head - flops_per_token(final, setup["seq_len"])) / head})
     return out
 
@@ -473,19 +488,26 @@ def report(summary: dict, path: Path) -> None:
                   "", f"Training FLOPs per run: {_f(size['arms'][summary['arms'][0]]['flops'], '.3g')}; the separate "
                   f"head adds {100 * size['head_flops_share']:.3f}% (6 x 2 x d_model per token).", "",
                   "Means over the seeds at the best rate, their range in brackets.", "",
-                  "| arm | best lr | largest stable lr | val loss | teacher acc (statements) | two-option questions | "
-                  "bad steps / rollbacks (best lr) | val rise at growth | teacher acc fall at growth |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| arm | best lr | largest stable lr | LR sensitivity | val loss | teacher acc (statements) | "
+                  "two-option questions | bad steps / rollbacks (best lr) | val rise at growth | "
+                  "teacher acc fall at growth |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for arm, a in size["arms"].items():
             g = a["growth"]
             stable = ("" if a["diverged_any"] else ">= ") + _f(a["largest_stable_lr"], ".3g")
             stable += "" if a["largest_stable_all_seeds"] else " (seed 2 diverged)"
-            lines.append(f"| {arm} | {_f(a['best_lr'], '.3g')} | {stable} | "
+            lines.append(f"| {arm} | {_f(a['best_lr'], '.3g')} | {stable} | {_f(a['lr_sensitivity'], '.3f')} | "
                          f"{_spread(a['val_loss'], a['val_loss_per_seed'], '.4f')} | "
                          f"{_spread(a['teacher_statements'], a['teacher_statements_per_seed'], '.3f')} | "
                          f"{_spread(a['teacher_questions'], a['teacher_questions_per_seed'], '.3f')} | "
                          f"{_f(a['bad_steps_at_best'], '.1f')} / {_f(a['rollbacks_at_best'], '.1f')} | "
                          f"{_f(g['val_rise'])} | {_f(g['acc_fall'], '.3f')} |")
+        rates = size["sensitivity_rates"]
+        if rates:
+            lines += ["", f"LR sensitivity (Wortsman et al. 2023): the mean over the {len(rates)} rates every arm ran "
+                      f"with the first seed ({rates[0]:g} to {rates[-1]:g}) of min(L(lr), L0) - L*, L* the arm's best "
+                      f"final loss there and L0 = ln {summary['setup']['model_vocab']} = {size['uniform_loss']:.3f} "
+                      "(a uniform prediction): lower is a flatter, more forgiving curve."]
         lines += ["", "Final validation loss by peak rate (seeds averaged; D: diverged; [bad steps/rollbacks] summed):", ""]
         for arm, a in size["arms"].items():
             cells = []
@@ -572,6 +594,7 @@ def main() -> None:
                    run_s=sum(r["wall_s"] for r in sweep.results.values()) / jobs, runs_done=len(sweep.results),
                    load_before=load_before, load_after=", ".join(f"{v:.2f}" for v in os.getloadavg()))
     summary["setup"] = {"preset": args.preset + (" --smoke" if smoke else ""), "vocab": data["vocab"],
+                        "model_vocab": setup["model_vocab"],
                         "max_chars": setup["max_chars"], "val_tokens": data["val_tokens"],
                         "eval_batches": setup["eval_batches"], "steps": setup["steps"], "batch": setup["batch"],
                         "seq_len": setup["seq_len"], "jobs": jobs, "threads": setup["threads"],

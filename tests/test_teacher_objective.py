@@ -313,6 +313,9 @@ def test_the_ablation_sweep_extends_to_divergence_then_runs_the_second_seed():
     assert sorted(k[2] for k in asked if k[3] == 2) == [0.02, 0.04]  # the second seed: best and largest stable
     assert (sweep.best[("s", "unified")], sweep.stable[("s", "unified")]) == (0.02, 0.04)
     assert oa.largest_stable({0.01: {"diverged": False}, 0.02: {"diverged": True}, 0.04: {"diverged": False}}) == 0.01
+    # LR sensitivity by hand: best 3.0; min(L, L0 = 5) - 3 over the grid = (0.5 + 0 + 1.5 + 2 [diverged: L0]) / 4.
+    assert oa.lr_sensitivity({0.01: 3.5, 0.02: 3.0, 0.04: 4.5, 0.08: math.inf}, 5.0) == pytest.approx(1.0)
+    assert oa.lr_sensitivity({0.01: 3.0, 0.02: 3.0}, 5.0) == 0.0
 
     run = {"diverged": False, "ramp_steps": 4, "growth": {"step": 10, "loss_before": 5.0, "loss_after": 5.0},
            "evals": [{"step": s, "val_loss": v, "teacher_acc": a} for s, v, a in
