@@ -19,8 +19,8 @@ Design (every arm of a size reads the same number of tokens, in runs of the same
   PRESETS. The step guard is on as in a default run (`rollback`, spike factor 3; a spike window of 25 steps so that
   it is armed early in short runs; at most 3 rollbacks, then the run halts).
 - Learning rates: a grid of factor 2 for the first seed, extended upwards by factors of 2 until a rate diverges
-  (at most MAX_EXTENSIONS times, never above 1); then the second seed at each arm's best rate and at its largest
-  stable rate.
+  (at most MAX_EXTENSIONS times, never above 1) and downwards while the best rate is the lowest run (at most
+  MAX_EXTENSIONS times); then the second seed at each arm's best rate and at its largest stable rate.
   Diverged: the run halted (guard: too many rollbacks, or a bad step before the first checkpoint), a loss was not
   finite at the end, or the final validation loss ended above the first evaluation's.
 - FLOPs: training FLOPs from flm.model.flops_per_token of each stage's shape (6 x matmul weights per token + the
@@ -223,13 +223,15 @@ def run_one(size: str, arm: str, lr: float, seed: int, setup: dict) -> dict:
 
 # ---- the sweep --------------------------------------------------------------------------------------------------
 class Sweep:
-    """What each (size, arm) needs next: its grid (first seed), a higher rate while none diverged, then the second
-    seed at its best and its largest stable rate."""
+    """What each (size, arm) needs next: its grid (first seed), a higher rate while none diverged, a lower one while
+    the best is the lowest (so that the best is never at the grid's edge), then the second seed at its best and its
+    largest stable rate."""
 
     def __init__(self, sizes: list[str], arms: list[str], lrs: tuple[float, ...], seeds: tuple[int, ...]):
         self.sizes, self.arms, self.lrs, self.seeds = sizes, arms, [round_lr(x) for x in lrs], seeds
         self.results: dict[tuple, dict] = {}
         self.extended: dict[tuple, int] = {}
+        self.lowered: dict[tuple, int] = {}
         self.best: dict[tuple, float | None] = {}
         self.stable: dict[tuple, float | None] = {}
 
@@ -250,6 +252,10 @@ class Sweep:
             self.extended[(size, arm)] = n + 1
             return [(size, arm, round_lr(top * GRID_FACTOR), self.seeds[0])]
         self.decide(size, arm)
+        best, low, n = self.best[(size, arm)], min(runs), self.lowered.get((size, arm), 0)
+        if best is not None and best == low and n < MAX_EXTENSIONS:  # bracket the best from below too
+            self.lowered[(size, arm)] = n + 1
+            return [(size, arm, round_lr(low / GRID_FACTOR), self.seeds[0])]
         chosen = {self.best[(size, arm)], self.stable[(size, arm)]} - {None}
         return [(size, arm, lr, s) for lr in sorted(chosen) for s in self.seeds[1:]]
 

@@ -313,6 +313,18 @@ def test_the_ablation_sweep_extends_to_divergence_then_runs_the_second_seed():
     assert sorted(k[2] for k in asked if k[3] == 2) == [0.02, 0.04]  # the second seed: best and largest stable
     assert (sweep.best[("s", "unified")], sweep.stable[("s", "unified")]) == (0.02, 0.04)
     assert oa.largest_stable({0.01: {"diverged": False}, 0.02: {"diverged": True}, 0.04: {"diverged": False}}) == 0.01
+
+    # The best at the grid's bottom edge: the grid goes down until the best is inside (lowest loss at 0.0025 here).
+    sweep = oa.Sweep(["s"], ["unified"], (0.005, 0.01, 0.02), (1, 2))
+    ready, asked = sweep.start(), []
+    while ready:
+        key = ready.pop(0)
+        asked.append(key)
+        lr, seed = key[2], key[3]
+        sweep.results[key] = result(lr, seed, None if lr > 0.03 else 3 + abs(math.log2(lr / 0.0025)))
+        ready += sweep.after(key, set(ready))
+    assert [k[2] for k in asked if k[3] == 1] == [0.005, 0.01, 0.02, 0.04, 0.0025, 0.00125]
+    assert sweep.best[("s", "unified")] == 0.0025 and sorted(k[2] for k in asked if k[3] == 2) == [0.0025, 0.02]
     # LR sensitivity by hand: best 3.0; min(L, L0 = 5) - 3 over the grid = (0.5 + 0 + 1.5 + 2 [diverged: L0]) / 4.
     assert oa.lr_sensitivity({0.01: 3.5, 0.02: 3.0, 0.04: 4.5, 0.08: math.inf}, 5.0) == pytest.approx(1.0)
     assert oa.lr_sensitivity({0.01: 3.0, 0.02: 3.0}, 5.0) == 0.0
