@@ -298,31 +298,27 @@ def test_the_ablation_sweep_extends_to_divergence_then_runs_the_second_seed():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import objective_ablation as oa
 
-    def result(lr, seed, loss):  # a run at `lr` diverges above 0.05; the loss is lowest at 0.02
-        return {"diverged": loss is None, "final_val_loss": loss, "seed": seed, "lr": lr}
+    def drive(diverges_above: float, best: float) -> tuple[oa.Sweep, list[tuple]]:
+        """Run a sweep on made-up results: a rate above `diverges_above` diverges; the loss is lowest at `best`."""
+        sweep = oa.Sweep(["s"], ["unified"], (0.005, 0.01, 0.02), (1, 2))
+        ready, asked = sweep.start(), []
+        while ready:
+            key = ready.pop(0)
+            asked.append(key)
+            lr, seed = key[2], key[3]
+            loss = None if lr > diverges_above else 3 + abs(math.log2(lr / best))
+            sweep.results[key] = {"diverged": loss is None, "final_val_loss": loss, "seed": seed, "lr": lr}
+            ready += sweep.after(key, set(ready))
+        return sweep, asked
 
-    sweep = oa.Sweep(["s"], ["unified"], (0.005, 0.01, 0.02), (1, 2))
-    ready, asked = sweep.start(), []
-    while ready:
-        key = ready.pop(0)
-        asked.append(key)
-        lr, seed = key[2], key[3]
-        sweep.results[key] = result(lr, seed, None if lr > 0.05 else 3 + abs(math.log2(lr / 0.02)))
-        ready += sweep.after(key, set(ready))
+    sweep, asked = drive(0.05, 0.02)
     assert [k[2] for k in asked if k[3] == 1] == [0.005, 0.01, 0.02, 0.04, 0.08]  # extended until one diverged
     assert sorted(k[2] for k in asked if k[3] == 2) == [0.02, 0.04]  # the second seed: best and largest stable
     assert (sweep.best[("s", "unified")], sweep.stable[("s", "unified")]) == (0.02, 0.04)
     assert oa.largest_stable({0.01: {"diverged": False}, 0.02: {"diverged": True}, 0.04: {"diverged": False}}) == 0.01
 
-    # The best at the grid's bottom edge: the grid goes down until the best is inside (lowest loss at 0.0025 here).
-    sweep = oa.Sweep(["s"], ["unified"], (0.005, 0.01, 0.02), (1, 2))
-    ready, asked = sweep.start(), []
-    while ready:
-        key = ready.pop(0)
-        asked.append(key)
-        lr, seed = key[2], key[3]
-        sweep.results[key] = result(lr, seed, None if lr > 0.03 else 3 + abs(math.log2(lr / 0.0025)))
-        ready += sweep.after(key, set(ready))
+    # The best at the grid's bottom edge: the grid goes down until the best is inside.
+    sweep, asked = drive(0.03, 0.0025)
     assert [k[2] for k in asked if k[3] == 1] == [0.005, 0.01, 0.02, 0.04, 0.0025, 0.00125]
     assert sweep.best[("s", "unified")] == 0.0025 and sorted(k[2] for k in asked if k[3] == 2) == [0.0025, 0.02]
     # LR sensitivity by hand: best 3.0; min(L, L0 = 5) - 3 over the grid = (0.5 + 0 + 1.5 + 2 [diverged: L0]) / 4.
