@@ -13,9 +13,11 @@ Then every form of mup.forms is fitted (flm.mup.laws: Huber on log-loss residual
 fitted widths' points and scored by leave-one-width-out cross-validation; the best (lowest root mean square
 relative error on the left-out widths, among the forms that predict at every D) is bootstrapped (widths, then
 seed-runs, drawn with replacement; B = mup.bootstrap) and eta is fitted on the growth runs (in every replicate
-too). Every prediction is printed with its central mup.interval interval, and so is the gain over the widest
-fitted point (its predicted loss minus the point's, per replicate). The JSON's "law" section is what
-`flm plan --predict` reads (flm.plan.predict evaluates it without numpy).
+too). Every prediction is printed with its central mup.interval interval for one run (the replicates times one
+run's own scatter, measured on the seed-runs: laws.run_noise), and so is the gain over the widest fitted point
+(its predicted loss minus the point's, per replicate). The JSON's "law" section is what `flm plan --predict`
+reads (flm.plan.predict evaluates it without numpy). `--from` refits a finished measurement's runs (its JSON)
+without training.
 """
 
 from __future__ import annotations
@@ -380,7 +382,8 @@ def measured(path: Path, cfg: Config, data) -> tuple[list[dict], list[dict], lis
     measurement. Refused when this config would have trained other runs (hyperparameters, schedule, shapes)."""
     doc = read_json_report(path)
     keys = ("points", "growth_runs", "runs", "plan", "holdout", "law")
-    if not isinstance(doc, dict) or any(k not in doc for k in keys) or not isinstance(doc["points"], list):
+    if (not isinstance(doc, dict) or any(k not in doc for k in keys) or not isinstance(doc["points"], list)
+            or not isinstance(doc["law"], dict)):
         raise FlmError(f"{path} is not the predict.json of `flm predict`")
     mine = {**settings(cfg), "family": family(cfg, data), "seq_len": cfg.train.seq_len}
     theirs = {**doc, "family": doc["law"].get("family"), "seq_len": doc["law"].get("seq_len")}
