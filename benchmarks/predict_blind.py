@@ -70,25 +70,14 @@ class Runs:
         return []
 
 
-def shape_of(cfg, width: int, data) -> tuple[int, float]:
-    """(non-embedding parameters, training FLOPs per token) at `width`, as `flm predict` counts them."""
-    from flm.model import flops_per_token, non_embedding_params
-    from flm.mup.runs import at_width
-    from flm.train.trainer import resolve_model_config
-
-    model = resolve_model_config(at_width(cfg, width, "mup" if cfg.model.mup else "sp").model, data)
-    return non_embedding_params(model), flops_per_token(model, cfg.train.seq_len)
-
-
 def predictor(doc: dict, ref_runs: int):
     """The law of a predict.json with its replicates and run scatter, as flm.mup.predict.Predictor."""
     from flm.mup import laws
-    from flm.mup.predict import Predictor
+    from flm.mup.predict import Predictor, law_fit
 
     law = doc["law"]
-    form = laws.FORMS[law["form"]]
-    fit = laws.Fit(form, form.from_params(law["params"]), laws.Scales(**law["scales"]), 0.0, law["at_tokens"])
-    boot = laws.Bootstrap([form.from_params(r["params"]) for r in law["replicates"]], None, 0)
+    fit = law_fit(law)
+    boot = laws.Bootstrap([law_fit(law, r["params"]).theta for r in law["replicates"]], None, 0)
     return Predictor(fit, boot, None, law["interval"], law.get("run_noise", 0.0), doc["bootstrap"]["seed"], ref_runs)
 
 
@@ -107,13 +96,15 @@ def analyse(doc: dict, cfg, data, runs: list[dict], steps: int, control: tuple[i
         w, s = control
         out["control"] = {"width": w, "seed": s, "fit_value": fitted.get((w, s)),
                           "trained": by_width.pop(w, {}).get(s)}
+    from flm.mup.predict import width_counts
+
     pred = predictor(doc, len(ref_losses))
-    n_ref, fpt_ref = shape_of(cfg, ref["width"], data)
+    n_ref, fpt_ref = width_counts(cfg, ref["width"], data)
     ref_x = (n_ref, tokens, fpt_ref * tokens)
     out["reference"]["predicted"] = float(pred.fit.predict(*ref_x)[0])
     checks, widths = [], []
     for width, losses in sorted(by_width.items()):
-        n, fpt = shape_of(cfg, width, data)
+        n, fpt = width_counts(cfg, width, data)
         x = (n, tokens, fpt * tokens)
         for seed, loss in sorted(losses.items()):
             p = pred.loss(*x)

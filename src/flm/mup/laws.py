@@ -137,7 +137,9 @@ class Chinchilla(Form):
         return out
 
 
-class Interaction(Form):
+class Interaction(Chinchilla):
+    """Chinchilla with gamma appended: its bounds and starts, each start at gamma -0.1, 0 and 0.1."""
+
     name = "interaction"
     names = ("E", "A", "alpha", "B", "beta", "gamma")
     needs_d = True
@@ -154,16 +156,11 @@ class Interaction(Form):
         return np.log(total), jac
 
     def bounds(self, loss):
-        top = math.log(float(loss.max()))
-        return [LOG_FLOOR, LOG_FLOOR, 0.0, LOG_FLOOR, 0.0, -2.0], [top, 30.0, 3.0, 30.0, 3.0, 2.0]
+        lo, hi = super().bounds(loss)
+        return lo + [-2.0], hi + [2.0]
 
     def starts(self, loss):
-        out = []
-        for e, split, alpha, beta, gamma in itertools.product(_e_starts(loss), (0.3, 0.7), (0.1, 0.4, 1.0),
-                                                              (0.1, 0.4, 1.0), (-0.1, 0.0, 0.1)):
-            r = _spread(loss, e)
-            out.append(np.array([e, math.log(split * r), alpha, math.log((1 - split) * r), beta, gamma]))
-        return out
+        return [np.append(x, gamma) for x in super().starts(loss) for gamma in (-0.1, 0.0, 0.1)]
 
 
 class Kaplan(Form):

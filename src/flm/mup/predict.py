@@ -93,14 +93,16 @@ class RunSpec:
     fraction: float | None = None  # growth runs: share of the steps before the growth
 
 
-def _params(cfg: Config, width: int, data) -> int:
-    return non_embedding_params(resolve_model_config(at_width(cfg, width, "mup").model, data))
+def width_counts(cfg: Config, width: int, data) -> tuple[int, float]:
+    """(N, training FLOPs per token) of the config's family at `width`: what the laws are fitted in."""
+    model = resolve_model_config(at_width(cfg, width, "mup" if cfg.model.mup else "sp").model, data)
+    return non_embedding_params(model), flops_per_token(model, cfg.train.seq_len)
 
 
 def width_for(cfg: Config, target: float, data, widest: int) -> int:
     """The multiple of head_dim whose N is nearest `target` (in log)."""
     step = cfg.model.head_dim
-    best = min(range(step, 64 * widest + step, step), key=lambda w: abs(math.log(_params(cfg, w, data) / target)))
+    best = min(range(step, 64 * widest + step, step), key=lambda w: abs(math.log(width_counts(cfg, w, data)[0] / target)))
     return best
 
 
@@ -148,7 +150,7 @@ def run_plan(cfg: Config, holdout: bool, data) -> tuple[list[RunSpec], dict[str,
                             "holdout_steps": hold_steps if holdout else [], "longer_steps": longer if holdout else [],
                             "holdout_widths": []}
     if holdout:
-        n_max = _params(cfg, fitted[-1], data)
+        n_max = width_counts(cfg, fitted[-1], data)[0]
         for factor in m.holdout_factors:
             width = width_for(cfg, factor * n_max, data, fitted[-1])
             if width in ladder or width in info["holdout_widths"]:
@@ -410,7 +412,6 @@ def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = pri
     """Train the plan's runs (reusing finished ones) and fit; or, with `source` (an earlier predict.json), refit
     that measurement's runs without training."""
     m, tc = cfg.mup, cfg.train
-    p = "mup" if cfg.model.mup else "sp"
     data = load_prepared(Path(cfg.data.dir))
     if source is None:
         specs, info = run_plan(cfg, holdout, data)
@@ -504,8 +505,8 @@ def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = pri
 
     extrapolated = []
     for width in m.extrapolate:
-        model = resolve_model_config(at_width(cfg, width, p).model, data)
-        n, c = non_embedding_params(model), flops_per_token(model, tc.seq_len) * d_ref
+        n, fpt = width_counts(cfg, width, data)
+        c = fpt * d_ref
         extrapolated.append({"width": width, "params": n, "tokens": d_ref, "flops": c, **pred.loss(n, d_ref, c),
                              **pred.gain(ref_x, n, d_ref, c)})
 
@@ -671,7 +672,8 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return write_outputs(out_dir, "predict", result, "\n".join(lines) + "\n", fig)
 
 
-def _law(law: dict, params: dict | None = None) -> laws.Fit:
+def law_fit(law: dict, params: dict | None = None) -> laws.Fit:
+    """The fit a JSON law section describes (its own parameters, or a replicate's)."""
     form = laws.FORMS[law["form"]]
     theta = form.from_params(params or law["params"])
     return laws.Fit(form, theta, laws.Scales(**law["scales"]), 0.0, law["at_tokens"])
@@ -683,8 +685,8 @@ def plot(result: dict[str, Any]) -> Any:
     measured for every held-out point and growth run."""
     plt = figure()
     law = result["law"]
-    fit = _law(law)
-    reps = [_law(law, r["params"]) for r in law["replicates"]]
+    fit = law_fit(law)
+    reps = [law_fit(law, r["params"]) for r in law["replicates"]]
     level = result["bootstrap"]["interval"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     pts = result["points"]
