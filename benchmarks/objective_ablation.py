@@ -256,7 +256,7 @@ class Sweep:
         if best is not None and best == low and n < MAX_EXTENSIONS:  # bracket the best from below too
             self.lowered[(size, arm)] = n + 1
             return [(size, arm, round_lr(low / GRID_FACTOR), self.seeds[0])]
-        chosen = {self.best[(size, arm)], self.stable[(size, arm)]} - {None}
+        chosen = {best, self.stable[(size, arm)]} - {None}
         return [(size, arm, lr, s) for lr in sorted(chosen) for s in self.seeds[1:]]
 
     def decide(self, size: str, arm: str) -> None:
