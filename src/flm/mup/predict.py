@@ -22,6 +22,7 @@ without training.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tempfile
@@ -510,6 +511,9 @@ def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = pri
         extrapolated.append({"width": width, "params": n, "tokens": d_ref, "flops": c, **pred.loss(n, d_ref, c),
                              **pred.gain(ref_x, n, d_ref, c)})
 
+    at_d = fixed_d_gains(fit_pts, points, pred, m, tc.seed, [(r["width"], r["params"], r["flops"] / d_ref)
+                                                             for r in extrapolated])
+
     recipe = None
     if m.growth_widths:
         recipe = {"ratio": m.growth_ratio, "operator": m.growth_operator, "ramp": m.growth_ramp,
@@ -521,9 +525,56 @@ def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = pri
            "eta_interval": list(laws.interval(boot.etas, m.interval)) if boot.etas else None,
            "bootstrap": {"replicates": m.bootstrap, "redraws": boot.redraws, "seed": tc.seed, "interval": m.interval},
            "run_noise": {"sigma": noise, "df": noise_df},
-           "reference": ref, "extrapolated": extrapolated, "notes": notes,
+           "reference": ref, "extrapolated": extrapolated, "fixed_d": at_d, "notes": notes,
            "summary": summarize(held, m.interval),
            "law": law_document(cfg, fit, pred, ref, fit_pts, recipe, data)}
+    return out
+
+
+def fixed_d_gains(fit_pts: laws.Points, points: list[dict], joint: Predictor, m, seed: int,
+                  extrapolate: list[tuple[int, float, float]]) -> list[dict[str, Any]]:
+    """The gain of width at a D the ladder measured, read from that D's points alone.
+
+    At each fitted D: L = E + A·(N/n0)^-alpha (n_only) fitted on the points at that D, its bootstrap (widths, then
+    seed-runs) and one run's scatter as in the joint law; the gain is over the widest fitted width at the same D
+    (the mean of its seed-runs). Why: a joint L(N, D) ties the N-slope at one D to the slopes at the others, and on
+    this ladder the slope in N steepens with D, which the joint forms bend too little; a question asked at a
+    measured D ("is 4x the width worth it at my token count?") needs no D term. Every held-out point at that D
+    and every `extrapolate` width (width, N, FLOPs per token) is predicted by both laws, the joint law against the
+    same reference."""
+    form = laws.FORMS["n_only"]
+    scales = fit_pts.scales()
+    out = []
+    for d in sorted(set(fit_pts.d.tolist())):
+        sub = fit_pts.take(np.isclose(fit_pts.d, d, rtol=1e-9))
+        if laws.can_fit(form, sub):
+            continue
+        fit = laws.fit_form(form, sub, scales, m.huber_delta)
+        boot = laws.bootstrap(fit, sub, m.bootstrap, seed, m.huber_delta)
+        n_ref = float(sub.n.max())
+        ref_loss = sub.loss[sub.n == n_ref]
+        ref_x = (n_ref, d, float(sub.c[sub.n == n_ref][0]))
+        pred = Predictor(fit, boot, None, joint.level, joint.noise, seed, len(ref_loss))
+        joint_at = copy.copy(joint)
+        joint_at.ref_runs = len(ref_loss)
+        rows = []
+        held = [(r["width"], r["seed"], r["params"], r["flops"], r["val_loss"]) for r in points
+                if r["role"] != "fit" and math.isclose(r["tokens"], d, rel_tol=1e-9)]
+        held += [(w, None, n, fpt * d, None) for w, n, fpt in extrapolate if w not in {h[0] for h in held}]
+        for width, seed_k, n, c, loss in held:
+            row = {"width": width, "seed": seed_k, "params": n, "val_loss": loss,
+                   "measured_gain": None if loss is None else float(ref_loss.mean()) - loss,
+                   **pred.loss(n, d, c), **pred.gain(ref_x, n, d, c),
+                   "joint": {**joint_at.loss(n, d, c), **joint_at.gain(ref_x, n, d, c)}}
+            if loss is not None:
+                row.update(_check(row, {k: row[k] for k in ("predicted", "low", "high", "predicted_gain", "gain_low",
+                                                             "gain_high")}))
+                row["joint"].update(_check(row, row["joint"]))
+            rows.append(row)
+        out.append({"tokens": d, "formula": form.formula, "params": fit.params, "scales": dataclasses.asdict(scales),
+                    "reference": {"width": int(sub.width[sub.n == n_ref][0]), "params": n_ref,
+                                  "val_loss": float(ref_loss.mean()), "runs": len(ref_loss)},
+                    "replicates": [{"params": r.params} for r in pred.reps], "redraws": boot.redraws, "points": rows})
     return out
 
 
@@ -592,7 +643,25 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"width {r['width']} (N {r['params']:,}) at D {r['tokens']:,.0f}: predicted {r['predicted']:.4f} "
                      f"{_interval(r)}, gain over the reference {r['predicted_gain']:+.4f} "
                      f"{_interval(r, 'gain_low', 'gain_high')}")
-    return lines + summary_tail(result)
+    return lines + fixed_d_lines(result) + summary_tail(result)
+
+
+def fixed_d_lines(result: dict[str, Any]) -> list[str]:
+    """The gains of width at each measured D, by that D's own law and by the joint law (fixed_d_gains)."""
+    level = round(100 * result["bootstrap"]["interval"])
+    lines = []
+    for g in result.get("fixed_d", []):
+        ref = g["reference"]
+        params = ", ".join(f"{k} {v:.4g}" for k, v in g["params"].items())
+        lines.append(f"gain of width at D {g['tokens']:,.0f} over width {ref['width']} ({ref['val_loss']:.4f}, "
+                     f"{ref['runs']} run{'s' * (ref['runs'] > 1)}), this D's law ({params}) and the joint law "
+                     f"[{level}%]:")
+        for r in g["points"]:
+            measured = "" if r["measured_gain"] is None else f"measured {r['measured_gain']:+.4f}, "
+            seed = "" if r["seed"] is None else f" seed {r['seed']}"
+            lines.append(f"  w{r['width']}{seed}: {measured}this D {r['predicted_gain']:+.4f} {_interval(r, 'gain_low', 'gain_high')}, "
+                         f"joint {r['joint']['predicted_gain']:+.4f} {_interval(r['joint'], 'gain_low', 'gain_high')}")
+    return lines
 
 
 def summary_tail(result: dict[str, Any]) -> list[str]:
@@ -665,6 +734,23 @@ def write_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
             ["width", "N", "D", "predicted", f"{level}% interval", "gain", f"gain {level}%"],
             [[str(r["width"]), f"{r['params']:,}", f"{r['tokens']:,.0f}", f"{r['predicted']:.4f}", _interval(r),
               f"{r['predicted_gain']:+.4f}", _interval(r, "gain_low", "gain_high")] for r in result["extrapolated"]]), ""]
+    if result.get("fixed_d"):
+        lines += ["## The gain of width at a measured D\n",
+                  "Each D's own law, L = E + A·(N/n0)^-alpha fitted on that D's points alone (its own bootstrap and "
+                  "the same run scatter), against the joint law; gain = the widest fitted width's loss at that D "
+                  "(mean of its runs) minus the point's.\n"]
+        for g in result["fixed_d"]:
+            ref = g["reference"]
+            params = ", ".join(f"{k} {v:.4g}" for k, v in g["params"].items())
+            lines += [f"D {g['tokens']:,.0f}: {params}; reference width {ref['width']} ({ref['val_loss']:.4f}, "
+                      f"{ref['runs']} run(s)).\n", markdown_table(
+                          ["width", "seed", "N", "gain measured", "this D's law", f"{level}%", "error",
+                           "joint law", f"{level}%", "error"],
+                          [[str(r["width"]), "" if r["seed"] is None else str(r["seed"]), f"{r['params']:,}",
+                            _f(r["measured_gain"], "+.4f"), f"{r['predicted_gain']:+.4f}",
+                            _interval(r, "gain_low", "gain_high"), _f(r.get("gain_error"), "+.4f"),
+                            f"{r['joint']['predicted_gain']:+.4f}", _interval(r["joint"], "gain_low", "gain_high"),
+                            _f(r["joint"].get("gain_error"), "+.4f")] for r in g["points"]]), ""]
     tail = summary_tail(result)
     if tail:
         lines += ["## Summary\n"] + [f"- {line}" for line in tail]
