@@ -9,12 +9,14 @@ form has seen, with the ladder's own config, and compares them with the law in F
   reference's mean loss minus the new width's, is a difference of means over seeds, not of two single runs.
 Each run's loss is compared with the law's interval for one run (the bootstrap's replicates times one run's own
 scatter, `run_noise` in FIT.json), each width's mean with the interval for the mean of its seeds, and each gain with
-the interval of a difference of two such means (flm.mup.predict.Predictor, as `flm predict` prints them).
+the interval of a difference of two such means (flm.mup.predict.Predictor, as `flm predict` prints them). Where
+the fit measured the runs' D, each gain is also read from that D's own law (FIT.json's `fixed_d`).
 
 Control: one run of the fit is trained again (width 32, seed 0) and must give FIT.json's value for it: the runs
 here are the runs `flm predict` trains (same config, seed train.seed + k, same data order and evaluation).
 
-    python benchmarks/predict_blind.py                                  # -> docs/results/predict_blind.{md,json}
+    python benchmarks/predict_blind.py --seeds 4 --ref-seeds 5          # -> docs/results/predict_blind.{md,json}
+    python benchmarks/predict_blind.py --seeds 4 --ref-seeds 5 --steps 800 --report docs/results/predict_blind_800.md
     python benchmarks/predict_blind.py --widths 192 --seeds 1 --ref-seeds 1 --steps 200 --out /tmp/blind \
         --report /tmp/blind/report.md                                   # a minute
 
@@ -52,7 +54,7 @@ def run_one(width: int, seed: int, steps: int, setup: dict) -> dict:
     cfg = load_config(setup["config"], [])
     run = at_width(cfg, width, "mup" if cfg.model.mup else "sp")
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, seed=cfg.train.seed + seed, max_steps=steps,
-                                                             run_dir=str(Path(setup["out"]) / f"w{width}-s{seed}")))
+                                                             run_dir=str(Path(setup["out"]) / f"w{width}-s{seed}-{steps}")))
     result = train_and_evaluate(run)
     return {"width": width, "seed": seed, "steps": steps, "val_loss": result.val_loss, "seconds": result.seconds}
 
@@ -70,12 +72,13 @@ class Runs:
         return []
 
 
-def predictor(doc: dict, ref_runs: int):
-    """The law of a predict.json with its replicates and run scatter, as flm.mup.predict.Predictor."""
+def predictor(doc: dict, ref_runs: int, law: dict | None = None):
+    """A law of a predict.json (its chosen law, or `law`) with its replicates and the fit's run scatter, as
+    flm.mup.predict.Predictor."""
     from flm.mup import laws
     from flm.mup.predict import Predictor, law_fit
 
-    law = doc["law"]
+    law = {**doc["law"], **(law or {})}
     fit = law_fit(law)
     boot = laws.Bootstrap([law_fit(law, r["params"]).theta for r in law["replicates"]], None, 0)
     return Predictor(fit, boot, None, law["interval"], law.get("run_noise", 0.0), doc["bootstrap"]["seed"], ref_runs)
@@ -99,6 +102,10 @@ def analyse(doc: dict, cfg, data, runs: list[dict], steps: int, control: tuple[i
     from flm.mup.predict import width_counts
 
     pred = predictor(doc, len(ref_losses))
+    # this D's own law (flm predict's fixed_d), when the fit measured this D
+    own = [{"form": "n_only", "params": g["params"], "scales": g["scales"], "at_tokens": g["tokens"],
+            "replicates": g["replicates"]} for g in doc.get("fixed_d", []) if math.isclose(g["tokens"], tokens)]
+    pred_d = predictor(doc, len(ref_losses), own[0]) if own else None
     n_ref, fpt_ref = width_counts(cfg, ref["width"], data)
     ref_x = (n_ref, tokens, fpt_ref * tokens)
     out["reference"]["predicted"] = float(pred.fit.predict(*ref_x)[0])
@@ -119,6 +126,10 @@ def analyse(doc: dict, cfg, data, runs: list[dict], steps: int, control: tuple[i
                        "covered": p["low"] <= mean <= p["high"], "measured_gain": gain, **g,
                        "gain_rel_error": g["predicted_gain"] / gain - 1 if gain else math.nan,
                        "gain_covered": g["gain_low"] <= gain <= g["gain_high"]})
+        if pred_d is not None:
+            g = pred_d.gain(ref_x, *x, runs=k)
+            widths[-1]["this_d"] = {**g, "gain_rel_error": g["predicted_gain"] / gain - 1 if gain else math.nan,
+                                    "gain_covered": g["gain_low"] <= gain <= g["gain_high"]}
     out.update(runs=checks, widths=widths, noise=pred.noise, form=doc["law"]["form"],
                interval=doc["law"]["interval"], tokens=tokens)
     return out
@@ -133,7 +144,8 @@ def report(result: dict, setup: dict, path: Path) -> None:
     lines = ["# A blind check of the loss prediction: new widths and seeds against the law\n",
              f"Command: `{setup['command']}` ({setup['date']}, {setup['wall_min']:.0f} min wall on "
              f"{setup['machine']['cpu']}, {setup['machine']['cores']} cores, {setup['jobs']} runs at a time, one "
-             f"thread each). Fit: `{setup['fit']}` ({result['form']} law); config `{setup['config']}`. Every run "
+             f"thread each; the runs, some trained by an earlier call, took {setup['run_min']:.0f} min of one core "
+             f"summed). Fit: `{setup['fit']}` ({result['form']} law); config `{setup['config']}`. Every run "
              f"trains {result['tokens']:,} tokens. Raw figures: "
              f"[{path.with_suffix('.json').name}]({path.with_suffix('.json').name}).\n"]
     if "control" in result:
@@ -158,6 +170,17 @@ def report(result: dict, setup: dict, path: Path) -> None:
           f"[{w['low']:.4f}, {w['high']:.4f}]", f"{100 * w['rel_error']:+.2f}%", f"{w['measured_gain']:+.4f}",
           f"{w['predicted_gain']:+.4f}", f"[{w['gain_low']:+.4f}, {w['gain_high']:+.4f}]",
           f"{100 * w['gain_rel_error']:+.1f}%", "yes" if w["gain_covered"] else "no"] for w in result["widths"]]), ""]
+    own = [w for w in result["widths"] if "this_d" in w]
+    if own:
+        lines += ["## The gain by this D's own law\n",
+                  "flm predict's law for a measured D (`fixed_d` in the fit: L = E + A·(N/n0)^-alpha fitted on the "
+                  "ladder's points at this D alone, its bootstrap, the same run scatter).\n", markdown_table(
+                      ["width", "seeds", "gain measured", "gain predicted", f"gain {level}%", "gain error", "covered"],
+                      [[str(w["width"]), str(w["seeds"]), f"{w['measured_gain']:+.4f}",
+                        f"{w['this_d']['predicted_gain']:+.4f}",
+                        f"[{w['this_d']['gain_low']:+.4f}, {w['this_d']['gain_high']:+.4f}]",
+                        f"{100 * w['this_d']['gain_rel_error']:+.1f}%", "yes" if w["this_d"]["gain_covered"] else "no"]
+                       for w in own]), ""]
     n_cov = sum(r["covered"] for r in result["runs"])
     g_cov = sum(w["gain_covered"] for w in result["widths"])
     lines.append(f"Summary: largest loss error {100 * max(abs(r['rel_error']) for r in result['runs']):.2f}% over "
@@ -211,6 +234,7 @@ def main() -> None:
     run_all(sweep, setup, out / f"runs-{args.steps}.jsonl", args.jobs, run=run_one, key=KEY,
             describe=lambda k, r: f"width {k[0]} seed {k[1]}: {r['val_loss']:.4f} ({r['seconds']:.0f} s)")
     setup["wall_min"] = (time.perf_counter() - t0) / 60
+    setup["run_min"] = sum(sweep.results[k]["seconds"] for k in keys) / 60  # runs cached from earlier calls too
     result = analyse(doc, cfg, data, [sweep.results[k] for k in keys], args.steps, control)
     report(result, setup, Path(args.report))
     print(Path(args.report).read_text())

@@ -154,6 +154,57 @@ def test_the_interaction_form_recovers_a_law_where_width_gains_more_from_data():
     assert cv["interaction"] < cv["chinchilla"]
 
 
+def per_d_loss(n, k):
+    """A law per D (D = k x 1e7): E_k + A·(N/1e5)^-alpha_k, the exponent steepening with D as on the CPU ladder."""
+    return 2.5 + 1.6 * k ** -0.28 + 1.2 * (n / 1e5) ** -(0.25 + 0.05 * math.log2(k))
+
+
+def test_the_gain_at_a_measured_d_is_read_from_that_d_s_own_law():
+    """Noise-free points whose N-exponent differs at each D (0.25 .. 0.40); the widest width run twice (1% above
+    and below the law). At every D the gain of 2x and 4x the widest width over the widest at the same D (the mean
+    of its two runs) is predicted by that D's own law to 1e-4 and its bootstrap interval holds the truth; a held-out
+    run's measured gain is the reference's mean minus its loss, by hand. The joint chinchilla fit, one slope in N
+    for every D, misses the same gain by more than 5% at the shortest and longest D (the test would not see a D's
+    law fitted on the other D's points)."""
+    from types import SimpleNamespace
+
+    from flm.mup.predict import fixed_d_gains
+
+    rows = []
+    for w in WIDTHS:
+        for s, scale in (((0, 1.01), (1, 0.99)) if w == WIDTHS[-1] else ((0, 1.0),)):
+            for k in (1, 2, 4, 8):
+                n, d = n_of(w), 1e7 * k
+                rows.append({"params": n, "tokens": d, "flops": 6 * n * d, "width": w, "run": f"{w}-{s}",
+                             "val_loss": per_d_loss(n, k) * scale})
+    pts = laws.Points.of(rows)
+    joint_fit = laws.fit_form(laws.FORMS["chinchilla"], pts)
+    joint = Predictor(joint_fit, laws.Bootstrap([joint_fit.theta] * 20, None, 0), None, 0.8)
+    n_ref, n_held = n_of(WIDTHS[-1]), 4 * n_of(WIDTHS[-1])
+    held = [{"role": "holdout", "width": 384, "seed": 0, "params": n_held, "tokens": 2e7, "flops": 6 * n_held * 2e7,
+             "val_loss": 3.0}]
+    m = SimpleNamespace(bootstrap=20, huber_delta=1e-3)
+    out = fixed_d_gains(pts, held, joint, m, 0, [(272, 2 * n_ref, 6.0), (384, n_held, 6.0)])
+    assert [g["tokens"] for g in out] == [1e7, 2e7, 4e7, 8e7]
+    for g, k in zip(out, (1, 2, 4, 8)):
+        assert g["reference"]["width"] == WIDTHS[-1] and g["reference"]["runs"] == 2
+        assert g["reference"]["val_loss"] == pytest.approx(per_d_loss(n_ref, k), rel=1e-12)
+        assert g["params"]["alpha"] == pytest.approx(0.25 + 0.05 * math.log2(k), abs=1e-4)
+        by_width = {r["width"]: r for r in g["points"]}
+        assert sorted(by_width) == [272, 384]  # the held-out width once, at its own D only as a measured point
+        for w, n in ((272, 2 * n_ref), (384, n_held)):
+            truth = per_d_loss(n_ref, k) - per_d_loss(n, k)
+            r = by_width[w]
+            assert r["predicted_gain"] == pytest.approx(truth, rel=1e-4)
+            assert r["gain_low"] <= truth <= r["gain_high"]
+            if k in (1, 8) and w == 384:
+                assert abs(r["joint"]["predicted_gain"] / truth - 1) > 0.05
+    measured = [r for r in out[1]["points"] if r["seed"] == 0]
+    assert len(measured) == 1 and measured[0]["measured_gain"] == pytest.approx(per_d_loss(n_ref, 2) - 3.0, rel=1e-12)
+    assert measured[0]["gain_error"] == pytest.approx(measured[0]["predicted_gain"] - measured[0]["measured_gain"])
+    assert all(r["measured_gain"] is None for g in (out[0], out[2], out[3]) for r in g["points"])
+
+
 def test_a_run_s_own_scatter_is_the_pooled_seed_deviation():
     """Two widths at two D, seeds at (32, D1) x 3 and (32, D2) x 2, one run at width 64: by hand, the sum of the
     squared deviations of log loss from each group's mean over 2 + 1 degrees of freedom; without repeats (0, 0)."""

@@ -659,8 +659,9 @@ def fixed_d_lines(result: dict[str, Any]) -> list[str]:
         for r in g["points"]:
             measured = "" if r["measured_gain"] is None else f"measured {r['measured_gain']:+.4f}, "
             seed = "" if r["seed"] is None else f" seed {r['seed']}"
-            lines.append(f"  w{r['width']}{seed}: {measured}this D {r['predicted_gain']:+.4f} {_interval(r, 'gain_low', 'gain_high')}, "
-                         f"joint {r['joint']['predicted_gain']:+.4f} {_interval(r['joint'], 'gain_low', 'gain_high')}")
+            lines.append(f"  w{r['width']}{seed}: {measured}this D {r['predicted_gain']:+.4f} "
+                         f"{_interval(r, 'gain_low', 'gain_high')}, joint {r['joint']['predicted_gain']:+.4f} "
+                         f"{_interval(r['joint'], 'gain_low', 'gain_high')}")
     return lines
 
 
