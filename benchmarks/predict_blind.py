@@ -142,7 +142,7 @@ def report(result: dict, setup: dict, path: Path) -> None:
     level = round(100 * result["interval"])
     ref = result["reference"]
     lines = ["# A blind check of the loss prediction: new widths and seeds against the law\n",
-             f"Command: `{setup['command']}` ({setup['date']}, {setup['wall_min']:.0f} min wall on "
+             f"Command: `{setup['command']}` ({setup['date']}, {setup['wall_min']:.0f} min wall for this call on "
              f"{setup['machine']['cpu']}, {setup['machine']['cores']} cores, {setup['jobs']} runs at a time, one "
              f"thread each; the runs, some trained by an earlier call, took {setup['run_min']:.0f} min of one core "
              f"summed). Fit: `{setup['fit']}` ({result['form']} law); config `{setup['config']}`. Every run "
@@ -186,7 +186,9 @@ def report(result: dict, setup: dict, path: Path) -> None:
     lines.append(f"Summary: largest loss error {100 * max(abs(r['rel_error']) for r in result['runs']):.2f}% over "
                  f"{len(result['runs'])} runs, {n_cov} inside their {level}% interval; gains: "
                  + ", ".join(f"width {w['width']} {100 * w['gain_rel_error']:+.1f}%" for w in result["widths"])
-                 + f", {g_cov} of {len(result['widths'])} inside their interval.")
+                 + f", {g_cov} of {len(result['widths'])} inside their interval"
+                 + ("; by this D's own law: " + ", ".join(f"width {w['width']} {100 * w['this_d']['gain_rel_error']:+.1f}%"
+                                                          for w in own) if own else "") + ".")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     write_json_report(path.with_suffix(".json"), {"setup": setup, **result})
