@@ -166,8 +166,6 @@ def test_the_gain_at_a_measured_d_is_read_from_that_d_s_own_law():
     run's measured gain is the reference's mean minus its loss, by hand. The joint chinchilla fit, one slope in N
     for every D, misses the same gain by more than 5% at the shortest and longest D (the test would not see a D's
     law fitted on the other D's points)."""
-    from types import SimpleNamespace
-
     from flm.mup.predict import fixed_d_gains
 
     rows = []
@@ -183,8 +181,7 @@ def test_the_gain_at_a_measured_d_is_read_from_that_d_s_own_law():
     n_ref, n_held = n_of(WIDTHS[-1]), 4 * n_of(WIDTHS[-1])
     held = [{"role": "holdout", "width": 384, "seed": 0, "params": n_held, "tokens": 2e7, "flops": 6 * n_held * 2e7,
              "val_loss": 3.0}]
-    m = SimpleNamespace(bootstrap=20, huber_delta=1e-3)
-    out = fixed_d_gains(pts, held, joint, m, 0, [(272, 2 * n_ref, 6.0), (384, n_held, 6.0)])
+    out = fixed_d_gains(pts, held, joint, 20, 1e-3, 0, [(272, 2 * n_ref, 6.0), (384, n_held, 6.0)])
     assert [g["tokens"] for g in out] == [1e7, 2e7, 4e7, 8e7]
     for g, k in zip(out, (1, 2, 4, 8)):
         assert g["reference"]["width"] == WIDTHS[-1] and g["reference"]["runs"] == 2
@@ -483,6 +480,9 @@ def test_flm_predict_holdout_smoke(tiny, cli, tmp_path):
     assert (out / "predict.png").stat().st_size > 10_000 and "## Growth runs" in (out / "predict.md").read_text()
     assert doc["run_noise"]["df"] == 2 * 3 and doc["run_noise"]["sigma"] > 0  # 2 seeds at widths 16, 32; 3 D each
     assert "one run's own scatter" in result.out
+    assert [g["tokens"] for g in doc["fixed_d"]] == sorted({p["tokens"] for p in fit})
+    assert "gain of width at D 1,536" in result.out and "## The gain of width at a measured D" in \
+        (out / "predict.md").read_text()
 
     # --from: the same measurement refitted without training gives the same document; refitted with one form
     # only, that form; a config it was not measured with, or a file that is no measurement, is refused in a line.

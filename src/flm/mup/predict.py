@@ -511,8 +511,8 @@ def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = pri
         extrapolated.append({"width": width, "params": n, "tokens": d_ref, "flops": c, **pred.loss(n, d_ref, c),
                              **pred.gain(ref_x, n, d_ref, c)})
 
-    at_d = fixed_d_gains(fit_pts, points, pred, m, tc.seed, [(r["width"], r["params"], r["flops"] / d_ref)
-                                                             for r in extrapolated])
+    at_d = fixed_d_gains(fit_pts, points, pred, m.bootstrap, m.huber_delta, tc.seed,
+                         [(r["width"], r["params"], r["flops"] / d_ref) for r in extrapolated])
 
     recipe = None
     if m.growth_widths:
@@ -531,12 +531,12 @@ def predict(cfg: Config, holdout: bool = False, log: Callable[[str], None] = pri
     return out
 
 
-def fixed_d_gains(fit_pts: laws.Points, points: list[dict], joint: Predictor, m, seed: int,
-                  extrapolate: list[tuple[int, float, float]]) -> list[dict[str, Any]]:
+def fixed_d_gains(fit_pts: laws.Points, points: list[dict], joint: Predictor, replicates: int, delta: float,
+                  seed: int, extrapolate: list[tuple[int, float, float]]) -> list[dict[str, Any]]:
     """The gain of width at a D the ladder measured, read from that D's points alone.
 
-    At each fitted D: L = E + A·(N/n0)^-alpha (n_only) fitted on the points at that D, its bootstrap (widths, then
-    seed-runs) and one run's scatter as in the joint law; the gain is over the widest fitted width at the same D
+    At each fitted D: L = E + A·(N/n0)^-alpha (n_only) fitted on the points at that D (Huber `delta`), its
+    bootstrap (`replicates`: widths, then seed-runs) and one run's scatter as in the joint law; the gain is over the widest fitted width at the same D
     (the mean of its seed-runs). Why: a joint L(N, D) ties the N-slope at one D to the slopes at the others, and on
     this ladder the slope in N steepens with D, which the joint forms bend too little; a question asked at a
     measured D ("is 4x the width worth it at my token count?") needs no D term. Every held-out point at that D
@@ -549,8 +549,8 @@ def fixed_d_gains(fit_pts: laws.Points, points: list[dict], joint: Predictor, m,
         sub = fit_pts.take(np.isclose(fit_pts.d, d, rtol=1e-9))
         if laws.can_fit(form, sub):
             continue
-        fit = laws.fit_form(form, sub, scales, m.huber_delta)
-        boot = laws.bootstrap(fit, sub, m.bootstrap, seed, m.huber_delta)
+        fit = laws.fit_form(form, sub, scales, delta)
+        boot = laws.bootstrap(fit, sub, replicates, seed, delta)
         n_ref = float(sub.n.max())
         ref_loss = sub.loss[sub.n == n_ref]
         ref_x = (n_ref, d, float(sub.c[sub.n == n_ref][0]))
