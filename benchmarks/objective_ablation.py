@@ -276,12 +276,15 @@ def largest_stable(runs: dict[float, dict]) -> float | None:
     return stable
 
 
-def lr_sensitivity(losses: dict[float, float], ceiling: float) -> float:
+def lr_sensitivity(losses: dict[float, float | None], ceiling: float) -> float | None:
     """Wortsman et al. 2023's LR sensitivity over a grid of rates: the mean of min(L(lr), L0) - L*, L* the best final
     loss of the grid and L0 = `ceiling` (the loss of a uniform prediction, ln of the vocabulary): 0 when every rate
-    does as well as the best, growing as rates away from the best lose more (a diverged run counts as L0)."""
-    best = min(losses.values())
-    return statistics.fmean(min(v, ceiling) - best for v in losses.values())
+    does as well as the best, growing as rates away from the best lose more. A diverged run (its final loss None,
+    as run_one records it) counts as L0; with every run diverged there is no L*, and no sensitivity (None)."""
+    capped = [ceiling if v is None else min(v, ceiling) for v in losses.values()]
+    if all(v is None for v in losses.values()):
+        return None
+    return statistics.fmean(v - min(capped) for v in capped)
 
 
 def describe(key: tuple, r: dict) -> str:

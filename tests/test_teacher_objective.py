@@ -321,9 +321,12 @@ def test_the_ablation_sweep_extends_to_divergence_then_runs_the_second_seed():
     sweep, asked = drive(0.03, 0.0025)
     assert [k[2] for k in asked if k[3] == 1] == [0.005, 0.01, 0.02, 0.04, 0.0025, 0.00125]
     assert sweep.best[("s", "unified")] == 0.0025 and sorted(k[2] for k in asked if k[3] == 2) == [0.0025, 0.02]
-    # LR sensitivity by hand: best 3.0; min(L, L0 = 5) - 3 over the grid = (0.5 + 0 + 1.5 + 2 [diverged: L0]) / 4.
-    assert oa.lr_sensitivity({0.01: 3.5, 0.02: 3.0, 0.04: 4.5, 0.08: math.inf}, 5.0) == pytest.approx(1.0)
+    # LR sensitivity by hand: best 3.0; min(L, L0 = 5) - 3 over the grid = (0.5 + 0 + 1.5 + 2 [diverged: L0]) / 4,
+    # a diverged run recorded as run_one records it (no final loss); a loss above L0 counts as L0.
+    assert oa.lr_sensitivity({0.01: 3.5, 0.02: 3.0, 0.04: 4.5, 0.08: None}, 5.0) == pytest.approx(1.0)
+    assert oa.lr_sensitivity({0.01: 3.5, 0.02: 3.0, 0.04: 4.5, 0.08: 7.0}, 5.0) == pytest.approx(1.0)
     assert oa.lr_sensitivity({0.01: 3.0, 0.02: 3.0}, 5.0) == 0.0
+    assert oa.lr_sensitivity({0.01: None, 0.02: None}, 5.0) is None
 
     run = {"diverged": False, "ramp_steps": 4, "growth": {"step": 10, "loss_before": 5.0, "loss_after": 5.0},
            "evals": [{"step": s, "val_loss": v, "teacher_acc": a} for s, v, a in
